@@ -1,0 +1,5 @@
+"""Allow ``python -m socksd``."""
+
+from socksd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""The sans-I/O SOCKS5 core: wire constants, the address type, messages and state machines.
+
+Nothing here touches a socket or an event loop; ``socksd.server`` and ``socksd.client`` wrap it.
+"""
+
+from socksd.protocol.address import Address, is_valid_hostname, parse_address
+from socksd.protocol.connection import (
+    CONNECTION_CLOSED,
+    NEED_DATA,
+    ClientConnection,
+    Event,
+    ServerConnection,
+    State,
+)
+from socksd.protocol.constants import (
+    SOCKS_VERSION,
+    AddressType,
+    AuthMethod,
+    Command,
+    GssapiMessageType,
+    ReplyCode,
+    UserPassStatus,
+)
+from socksd.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from socksd.protocol.messages import (
+    MAX_HANDSHAKE_MESSAGE,
+    Greeting,
+    GssapiMessage,
+    Message,
+    MethodSelection,
+    Reply,
+    Request,
+    UdpDatagram,
+    UserPassReply,
+    UserPassRequest,
+)
+
+__all__ = [
+    "CONNECTION_CLOSED",
+    "MAX_HANDSHAKE_MESSAGE",
+    "NEED_DATA",
+    "SOCKS_VERSION",
+    "Address",
+    "AddressType",
+    "AuthMethod",
+    "ClientConnection",
+    "Command",
+    "Event",
+    "Greeting",
+    "GssapiMessage",
+    "GssapiMessageType",
+    "LocalProtocolError",
+    "Message",
+    "MethodSelection",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Reply",
+    "ReplyCode",
+    "Request",
+    "ServerConnection",
+    "State",
+    "UdpDatagram",
+    "UserPassReply",
+    "UserPassRequest",
+    "UserPassStatus",
+    "is_valid_hostname",
+    "parse_address",
+]

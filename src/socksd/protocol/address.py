@@ -1,0 +1,131 @@
+"""The one address value type of SOCKS5: IPv4, IPv6 or a domain name, with a port.
+
+Wire form (RFC 1928 section 5): ``ATYP`` then ``DST.ADDR`` (4 bytes, 16 bytes, or a length byte and
+1-255 name bytes) then a 2-byte port. Domain names are checked before anything uses them: only the
+characters a host name can have are accepted (a NUL would make getaddrinfo resolve a prefix of the
+name), so ``localhost\\0junk`` is refused with reply 0x04 rather than connected to ``localhost``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+from dataclasses import dataclass
+
+from socksd.protocol.constants import AddressType, ReplyCode
+from socksd.protocol.errors import RemoteProtocolError
+
+_PORT = struct.Struct("!H")
+_LABEL = rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rb"(?:" + _LABEL + rb"\.)*" + _LABEL + rb"\.?")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def is_valid_hostname(name: bytes) -> bool:
+    """True when ``name`` is a syntactically possible host name (or an IP literal)."""
+    if not 0 < len(name) <= 255:
+        return False
+    if _HOSTNAME.fullmatch(name):
+        return True
+    try:
+        ipaddress.ip_address(name.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A SOCKS address: ``atyp`` tells whether ``host`` is an IPv4, IPv6 literal or a domain name.
+
+    IP literals are kept in their canonical text form (``::1``, not ``0:0::1``). Build one with
+    :meth:`of` unless the type is already known.
+    """
+
+    atyp: AddressType
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 0xFFFF:
+            raise ValueError(f"port out of range: {self.port}")
+        if self.atyp is AddressType.DOMAIN and not is_valid_hostname(self.host.encode("ascii", "replace")):
+            raise ValueError(f"not a valid host name: {self.host!r}")
+
+    @classmethod
+    def of(cls, host: str | IPAddress, port: int) -> Address:
+        """Build an address from an IP literal (text or ipaddress object) or a host name."""
+        if isinstance(host, ipaddress.IPv4Address):
+            return cls(AddressType.IPV4, str(host), port)
+        if isinstance(host, ipaddress.IPv6Address):
+            return cls(AddressType.IPV6, str(host), port)
+        try:
+            ip = ipaddress.ip_address(host.strip("[]") if host.startswith("[") else host)
+        except ValueError:
+            return cls(AddressType.DOMAIN, host, port)
+        return cls.of(ip, port)
+
+    @classmethod
+    def unspecified(cls, port: int = 0) -> Address:
+        """``0.0.0.0:port``, the address used in failure replies."""
+        return cls(AddressType.IPV4, "0.0.0.0", port)
+
+    @property
+    def ip(self) -> IPAddress | None:
+        """The IP address, or None for a domain name."""
+        if self.atyp is AddressType.DOMAIN:
+            return None
+        return ipaddress.ip_address(self.host)
+
+    def pack(self) -> bytes:
+        """The wire form: ATYP, ADDR, PORT."""
+        if self.atyp is AddressType.IPV4:
+            body = ipaddress.IPv4Address(self.host).packed
+            return b"\x01" + body + _PORT.pack(self.port)
+        if self.atyp is AddressType.IPV6:
+            return b"\x04" + ipaddress.IPv6Address(self.host).packed + _PORT.pack(self.port)
+        name = self.host.encode("ascii")
+        return b"\x03" + bytes((len(name),)) + name + _PORT.pack(self.port)
+
+    def __str__(self) -> str:
+        if self.atyp is AddressType.IPV6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_address(buf: bytes | bytearray | memoryview, offset: int) -> tuple[Address, int] | None:
+    """Parse ATYP ADDR PORT at ``offset``; return (address, end offset) or None if incomplete.
+
+    Raises RemoteProtocolError with reply 0x08 for an unknown ATYP and 0x04 for a domain name no
+    host can have.
+    """
+    n = len(buf)
+    if n <= offset:
+        return None
+    atyp = buf[offset]
+    if atyp == 0x01:
+        end = offset + 7
+        if n < end:
+            return None
+        host = str(ipaddress.IPv4Address(bytes(buf[offset + 1 : offset + 5])))
+        return Address(AddressType.IPV4, host, (buf[end - 2] << 8) | buf[end - 1]), end
+    if atyp == 0x04:
+        end = offset + 19
+        if n < end:
+            return None
+        host = str(ipaddress.IPv6Address(bytes(buf[offset + 1 : offset + 17])))
+        return Address(AddressType.IPV6, host, (buf[end - 2] << 8) | buf[end - 1]), end
+    if atyp == 0x03:
+        if n < offset + 2:
+            return None
+        length = buf[offset + 1]
+        end = offset + 4 + length
+        if n < end:
+            return None
+        name = bytes(buf[offset + 2 : offset + 2 + length])
+        if not is_valid_hostname(name):
+            raise RemoteProtocolError(f"invalid domain name {name!r}", ReplyCode.HOST_UNREACHABLE)
+        return Address(AddressType.DOMAIN, name.decode("ascii"), (buf[end - 2] << 8) | buf[end - 1]), end
+    raise RemoteProtocolError(f"unknown address type {atyp:#04x}", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)

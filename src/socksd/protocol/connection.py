@@ -1,0 +1,295 @@
+"""The SOCKS5 state machines of both roles: pure code, no sockets, no event loop.
+
+Theory of operation (after h11): a connection object is fed the bytes read from the peer with
+``receive_data()``; ``next_event()`` returns the next whole message the peer sent, or ``NEED_DATA``
+when more bytes are needed or this side must speak first; ``send(message)`` checks that the message
+is allowed now, moves the state on and returns the bytes to write. Everything that affects the
+state lives in the tables below:
+
+* ``_SERVER_EXPECTS`` / ``_CLIENT_EXPECTS``: in which state the peer may send which message. In a
+  state that is not listed the peer's bytes are kept, unparsed, until this side has spoken; that is
+  how a pipelined handshake (greeting + auth + request + first payload in one write) is handled.
+* ``_SERVER_SENDS`` / ``_CLIENT_SENDS``: which message this side may send in which state, and a
+  function of that message giving the next state (the method chosen, the auth status, the reply
+  code and the command decide it).
+
+A method's sub-negotiation may take several round trips (GSSAPI): in ``AUTH_GSSAPI`` both sides
+exchange RFC 1961 messages until the authentication code calls ``authentication_done()``.
+
+Once the request has been answered with success the connection is ``ESTABLISHED``;
+``trailing_data()`` hands over whatever the peer sent after its last handshake message, so no byte
+is lost. For BIND the server sends two replies: the first one leads to ``BIND_WAIT``, the second to
+``ESTABLISHED``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum, auto
+from typing import Any, Final
+
+from socksd.protocol.constants import AuthMethod, Command, ReplyCode
+from socksd.protocol.errors import LocalProtocolError, RemoteProtocolError
+from socksd.protocol.messages import (
+    Greeting,
+    GssapiMessage,
+    Message,
+    MethodSelection,
+    Reply,
+    Request,
+    UserPassReply,
+    UserPassRequest,
+)
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+class _Closed:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CONNECTION_CLOSED"
+
+
+NEED_DATA: Final = _NeedData()
+"""``next_event()``: no whole message yet (or this side must speak first)."""
+
+CONNECTION_CLOSED: Final = _Closed()
+"""``next_event()``: the peer closed the stream cleanly between two messages."""
+
+Event = Message | _NeedData | _Closed
+
+
+class State(Enum):
+    """States of both roles; each role uses the ones its tables name."""
+
+    GREETING = auto()  # server: waits for the greeting; client: must send it
+    METHOD = auto()  # server: must select a method; client: waits for the selection
+    AUTH_USERPASS = auto()  # server: waits for RFC 1929 request; client: must send it
+    AUTH_USERPASS_REPLY = auto()  # server: must answer it; client: waits for the answer
+    AUTH_GSSAPI = auto()  # both: RFC 1961 messages until authentication_done()
+    REQUEST = auto()  # server: waits for the request; client: must send it
+    REPLY = auto()  # server: must reply; client: waits for the reply
+    BIND_WAIT = auto()  # BIND after the first reply: the second reply is due
+    ESTABLISHED = auto()  # the handshake is over; bytes belong to the relay
+    CLOSED = auto()  # the handshake failed or was refused; close the connection
+
+
+def _after_selection(method: int) -> State:
+    if method == AuthMethod.NO_AUTH:
+        return State.REQUEST
+    if method == AuthMethod.USERNAME_PASSWORD:
+        return State.AUTH_USERPASS
+    if method == AuthMethod.GSSAPI:
+        return State.AUTH_GSSAPI
+    return State.CLOSED
+
+
+def _after_reply(command: Command | None, reply: Reply, state: State) -> State:
+    if not reply.ok:
+        return State.CLOSED
+    if command is Command.BIND and state is State.REPLY:
+        return State.BIND_WAIT
+    return State.ESTABLISHED
+
+
+_Parser = Callable[[Any, int], "tuple[Any, int] | None"]
+
+_SERVER_EXPECTS: dict[State, _Parser] = {
+    State.GREETING: Greeting.parse,
+    State.AUTH_USERPASS: UserPassRequest.parse,
+    State.AUTH_GSSAPI: GssapiMessage.parse,
+    State.REQUEST: Request.parse,
+}
+_CLIENT_EXPECTS: dict[State, _Parser] = {
+    State.METHOD: MethodSelection.parse,
+    State.AUTH_USERPASS_REPLY: UserPassReply.parse,
+    State.AUTH_GSSAPI: GssapiMessage.parse,
+    State.REPLY: Reply.parse,
+    State.BIND_WAIT: Reply.parse,
+}
+
+# (state, message type) -> next state as a function of (connection, message)
+_Transition = Callable[[Any, Any], State]
+_SERVER_SENDS: dict[tuple[State, type], _Transition] = {
+    (State.METHOD, MethodSelection): lambda c, m: c._select(m.method),
+    (State.AUTH_USERPASS_REPLY, UserPassReply): lambda c, m: (
+        State.REQUEST if m.ok else State.CLOSED
+    ),
+    (State.AUTH_GSSAPI, GssapiMessage): lambda c, m: State.AUTH_GSSAPI,
+    (State.REPLY, Reply): lambda c, m: _after_reply(c.command, m, State.REPLY),
+    (State.BIND_WAIT, Reply): lambda c, m: _after_reply(c.command, m, State.BIND_WAIT),
+}
+_CLIENT_SENDS: dict[tuple[State, type], _Transition] = {
+    (State.GREETING, Greeting): lambda c, m: State.METHOD,
+    (State.AUTH_USERPASS, UserPassRequest): lambda c, m: State.AUTH_USERPASS_REPLY,
+    (State.AUTH_GSSAPI, GssapiMessage): lambda c, m: State.AUTH_GSSAPI,
+    (State.REQUEST, Request): lambda c, m: State.REPLY,
+}
+
+
+class _Connection:
+    """Buffering and table dispatch shared by both roles."""
+
+    _expects: dict[State, _Parser]
+    _sends: dict[tuple[State, type], _Transition]
+
+    def __init__(self, initial: State) -> None:
+        self.state = initial
+        self.command: Command | None = None
+        self.offered: tuple[int, ...] = ()
+        self.method: int | None = None
+        self._failed_state: State | None = None
+        self._buf = bytearray()
+        self._eof = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the peer; ``b""`` means the peer closed its side."""
+        if data:
+            if self._eof:
+                raise LocalProtocolError("data received after end of stream")
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event:
+        """The next whole message from the peer, ``NEED_DATA`` or ``CONNECTION_CLOSED``.
+
+        Raises RemoteProtocolError (carrying the reply code to answer) for invalid bytes.
+        """
+        parser = self._expects.get(self.state)
+        if parser is None:
+            return NEED_DATA
+        try:
+            parsed = parser(self._buf, 0)
+        except RemoteProtocolError:
+            self._failed_state = self.state
+            self.state = State.CLOSED
+            raise
+        if parsed is None:
+            if self._eof:
+                self.state = State.CLOSED
+                if self._buf:
+                    raise RemoteProtocolError("connection closed in the middle of a message")
+                return CONNECTION_CLOSED
+            return NEED_DATA
+        message, end = parsed
+        del self._buf[:end]
+        self._received(message)
+        return message  # type: ignore[no-any-return]
+
+    def send(self, message: Message) -> bytes:
+        """Check that ``message`` may be sent now, move the state on, return its bytes."""
+        transition = self._sends.get((self.state, type(message)))
+        if transition is None:
+            raise LocalProtocolError(f"cannot send {type(message).__name__} in state {self.state.name}")
+        self.state = transition(self, message)
+        return message.to_bytes()
+
+    def trailing_data(self) -> bytes:
+        """Bytes the peer sent after the handshake; only once ESTABLISHED. Empties the buffer."""
+        if self.state is not State.ESTABLISHED and self.state is not State.BIND_WAIT:
+            raise LocalProtocolError(f"no trailing data in state {self.state.name}")
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    @property
+    def buffered(self) -> int:
+        """How many received bytes are not consumed yet."""
+        return len(self._buf)
+
+    def authentication_done(self) -> None:
+        """End a multi-round-trip sub-negotiation (GSSAPI): the request comes next."""
+        if self.state is not State.AUTH_GSSAPI:
+            raise LocalProtocolError(f"no sub-negotiation in progress (state {self.state.name})")
+        self.state = State.REQUEST
+
+    def _received(self, message: Any) -> None:
+        raise NotImplementedError
+
+
+class ServerConnection(_Connection):
+    """The server role: greeting -> method selection -> sub-negotiation -> request -> reply(s)."""
+
+    _expects = _SERVER_EXPECTS
+    _sends = _SERVER_SENDS
+
+    def __init__(self) -> None:
+        super().__init__(State.GREETING)
+
+    def _received(self, message: Any) -> None:
+        if self.state is State.GREETING:
+            self.offered = message.methods
+            self.state = State.METHOD
+        elif self.state is State.AUTH_USERPASS:
+            self.state = State.AUTH_USERPASS_REPLY
+        elif self.state is State.REQUEST:
+            self.command = message.command
+            self.state = State.REPLY
+
+    def _select(self, method: int) -> State:
+        if method != AuthMethod.NO_ACCEPTABLE and method not in self.offered:
+            raise LocalProtocolError(f"method {method:#04x} was not offered by the client")
+        self.method = method
+        return _after_selection(method)
+
+    def choose_method(self, preference: tuple[int, ...]) -> MethodSelection:
+        """The first method of ``preference`` the client offered, else NO_ACCEPTABLE."""
+        for method in preference:
+            if method in self.offered:
+                return MethodSelection(method)
+        return MethodSelection(AuthMethod.NO_ACCEPTABLE)
+
+    def refusal(self, error: RemoteProtocolError) -> bytes:
+        """The bytes to answer a RemoteProtocolError with, for the phase it happened in.
+
+        A bad greeting gets ``05 FF``, a bad RFC 1929 request a failure status, a bad request a
+        reply carrying the error's code (0x01 when it has none). The state becomes CLOSED.
+        """
+        failed = self._failed_state
+        self.state = State.CLOSED
+        if failed is State.GREETING:
+            return MethodSelection(AuthMethod.NO_ACCEPTABLE).to_bytes()
+        if failed is State.AUTH_USERPASS:
+            return UserPassReply(1).to_bytes()
+        if failed is State.REQUEST:
+            code = error.reply if error.reply is not None else ReplyCode.GENERAL_FAILURE
+            return Reply(code).to_bytes()
+        return b""
+
+
+class ClientConnection(_Connection):
+    """The client role: greeting -> selection -> sub-negotiation -> request -> reply(s)."""
+
+    _expects = _CLIENT_EXPECTS
+    _sends = _CLIENT_SENDS
+
+    def __init__(self) -> None:
+        super().__init__(State.GREETING)
+
+    def send(self, message: Message) -> bytes:
+        if isinstance(message, Greeting):
+            self.offered = message.methods
+        elif isinstance(message, Request):
+            self.command = message.command
+        return super().send(message)
+
+    def _received(self, message: Any) -> None:
+        state = self.state
+        if state is State.METHOD:
+            method = message.method
+            if method != AuthMethod.NO_ACCEPTABLE and method not in self.offered:
+                self.state = State.CLOSED
+                raise RemoteProtocolError(f"server selected method {method:#04x}, not offered")
+            self.method = method
+            self.state = _after_selection(method)
+        elif state is State.AUTH_USERPASS_REPLY:
+            self.state = State.REQUEST if message.ok else State.CLOSED
+        elif state in (State.REPLY, State.BIND_WAIT):
+            self.state = _after_reply(self.command, message, state)

@@ -1,0 +1,24 @@
+"""Exceptions of the protocol core.
+
+``RemoteProtocolError``: the peer sent something the protocol does not allow. It carries the reply
+code that a server should answer with (``None`` when the RFC has no answer and the connection is
+simply closed). ``LocalProtocolError``: this side misused the API (sent a message out of order).
+"""
+
+from socksd.protocol.constants import ReplyCode
+
+
+class ProtocolError(Exception):
+    """Base class of protocol violations."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer violated the protocol; ``reply`` is the REP code to answer with, if any."""
+
+    def __init__(self, message: str, reply: ReplyCode | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried something the protocol state does not allow."""
