@@ -1,0 +1,97 @@
+"""One access-log line per session, written when the session ends.
+
+Fields: client address, user, command, target as the client asked for it (a domain stays a domain),
+the address actually used, reply code, bytes each way, duration. ``text`` is one readable line;
+``json`` is one JSON object a line (JSON Lines). Passwords never reach this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+logger = logging.getLogger("socksd.access")
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """What one session did; filled in as the session goes on."""
+
+    client: str
+    started: float
+    user: str | None = None
+    command: str | None = None
+    target: str | None = None
+    remote: str | None = None
+    reply: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    error: str | None = None
+
+    def as_dict(self, ended: float) -> dict[str, object]:
+        return {
+            "time": _iso(ended),
+            "client": self.client,
+            "user": self.user,
+            "command": self.command,
+            "target": self.target,
+            "remote": self.remote,
+            "reply": self.reply,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "duration": round(ended - self.started, 6),
+            "error": self.error,
+        }
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def format_text(record: SessionRecord, ended: float) -> str:
+    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [error=...]``."""
+    rep = "-" if record.reply is None else f"0x{record.reply:02x}"
+    line = (
+        f"{_iso(ended)} {record.client} user={record.user or '-'} {record.command or '-'} "
+        f"{record.target or '-'} -> {record.remote or '-'} rep={rep} "
+        f"up={record.bytes_up} down={record.bytes_down} dur={ended - record.started:.3f}s"
+    )
+    if record.error:
+        line += f" error={record.error!r}"
+    return line
+
+
+def format_json(record: SessionRecord, ended: float) -> str:
+    """One JSON object, no newline."""
+    return json.dumps(record.as_dict(ended), separators=(",", ":"))
+
+
+class AccessLog:
+    """Writes session records to a stream (stderr by default) or a file; ``off`` writes nothing."""
+
+    def __init__(self, destination: str = "-", fmt: str = "text") -> None:
+        self.enabled = destination != "off"
+        self._format = format_json if fmt == "json" else format_text
+        self._stream: TextIO
+        self._owned = False
+        if destination in ("-", "off"):
+            self._stream = sys.stderr
+        else:
+            self._stream = open(destination, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._owned = True
+
+    def write(self, record: SessionRecord) -> None:
+        """Write one line for a finished session."""
+        if self.enabled:
+            try:
+                self._stream.write(self._format(record, time.time()) + "\n")
+            except (OSError, ValueError) as e:  # a full disk must not kill sessions
+                logger.error("access log write failed: %s", e)
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()

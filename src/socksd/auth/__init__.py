@@ -1,0 +1,7 @@
+"""Authentication methods: one module per method, one small interface.
+
+A method is chosen by ``socksd.server`` from the client's offer in the configured preference order;
+then its sub-negotiation runs on the sans-I/O connection. ``none`` needs nothing; ``userpass``
+checks RFC 1929 credentials against an htpasswd file (``htpasswd``); ``gssapi`` (RFC 1961) comes
+with its own issue.
+"""

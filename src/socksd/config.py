@@ -1,0 +1,212 @@
+"""The server's settings: defaults, the TOML file, and command-line overrides, validated in one place.
+
+Every key of the TOML file has the name of its ``socksd serve`` flag (``--handshake-timeout`` is
+``handshake_timeout``); a flag given on the command line wins over the file. Validation errors are
+:class:`ConfigError` with a one-line message naming the key and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LISTEN = "127.0.0.1:1080"
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it and says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A ``HOST:PORT`` to listen on; IPv6 hosts are written ``[::1]:1080``."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, key: str = "listen") -> ListenAddress:
+        """Parse ``HOST:PORT`` / ``[V6]:PORT``; raise ConfigError naming ``key`` otherwise."""
+        hint = f"{key}: {text!r} is not HOST:PORT (IPv6 as [::1]:1080)"
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+            if not sep:
+                raise ConfigError(hint)
+        else:
+            host, sep, port = text.rpartition(":")
+            if not sep or ":" in host:
+                raise ConfigError(hint)
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"{key}: port in {text!r} must be a number from 0 to 65535")
+        if not host:
+            raise ConfigError(f"{key}: {text!r} has no host; use 0.0.0.0 or [::] for every address")
+        return cls(host, int(port))
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when only this machine can reach the address."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_LOG_FORMATS = ("text", "json")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """All settings of ``socksd serve``; see the README for each key."""
+
+    listen: tuple[ListenAddress, ...] = (ListenAddress.parse(DEFAULT_LISTEN),)
+    users: Path | None = None
+    allow_open: bool = False
+    log_format: str = "text"
+    log_level: str = "info"
+    access_log: str = "-"
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    idle_timeout: float = 0.0
+    shutdown_timeout: float = 30.0
+    resolve_timeout: float = 5.0
+    max_sessions: int = 10000
+    relay_buffer: int = 256 * 1024
+    dns: tuple[str, ...] = ()
+    hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    loop: str = "auto"
+
+    @property
+    def requires_auth(self) -> bool:
+        """True when clients must authenticate."""
+        return self.users is not None
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _number(key: str, value: Any, *, minimum: float = 0.0, integer: bool = False) -> float:
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected {kind} of seconds/bytes, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"{key}: expected {kind}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{key}: must be at least {minimum:g}, got {value!r}")
+    return value
+
+
+def _convert(key: str, value: Any) -> Any:
+    """Check one key's value and turn it into the Config field's type."""
+    if key == "listen":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not items or not all(
+            isinstance(v, str) for v in items
+        ):
+            raise ConfigError('listen: expected a list of "HOST:PORT" strings')
+        return tuple(ListenAddress.parse(v) for v in items)
+    if key == "users":
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str | Path):
+            raise ConfigError("users: expected the path of an htpasswd file")
+        return Path(value)
+    if key == "allow_open":
+        if not isinstance(value, bool):
+            raise ConfigError("allow_open: expected true or false")
+        return value
+    if key in ("log_format", "log_level", "loop"):
+        choices = {"log_format": _LOG_FORMATS, "log_level": _LOG_LEVELS, "loop": _LOOPS}[key]
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        return value.lower()
+    if key == "access_log":
+        if not isinstance(value, str) or not value:
+            raise ConfigError('access_log: expected "-" (stderr), "off" or a file path')
+        return value
+    if key in ("handshake_timeout", "connect_timeout", "shutdown_timeout", "resolve_timeout"):
+        return float(_number(key, value, minimum=0.001))
+    if key == "idle_timeout":
+        return float(_number(key, value))
+    if key == "max_sessions":
+        return int(_number(key, value, minimum=1, integer=True))
+    if key == "relay_buffer":
+        return int(_number(key, value, minimum=4096, integer=True))
+    if key == "dns":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+            raise ConfigError('dns: expected a list of "IP" or "IP:PORT" strings')
+        return tuple(items)
+    if key == "hosts":
+        if not isinstance(value, Mapping):
+            raise ConfigError('hosts: expected a table of name = ["IP", ...]')
+        hosts: dict[str, tuple[str, ...]] = {}
+        for name, ips in value.items():
+            items = [ips] if isinstance(ips, str) else ips
+            if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+                raise ConfigError(f'hosts.{name}: expected a list of IP strings, e.g. ["127.0.0.1"]')
+            for ip in items:
+                try:
+                    ipaddress.ip_address(ip)
+                except ValueError:
+                    raise ConfigError(f"hosts.{name}: {ip!r} is not an IP address") from None
+            hosts[name] = tuple(items)
+        return hosts
+    raise ConfigError(f"unknown key {key!r}")  # pragma: no cover - guarded by the caller
+
+
+def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> Config:
+    """Merge the file's values with command-line overrides (which win) and validate them all."""
+    merged: dict[str, Any] = {}
+    for source in (file_values, overrides):
+        for key, value in source.items():
+            if value is None and source is overrides:
+                continue
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                known = ", ".join(sorted(_FIELDS))
+                raise ConfigError(f"unknown key {key!r}; known keys: {known}")
+            merged[name] = _convert(name, value)
+    config = Config(**merged)
+    check_safety(config)
+    return config
+
+
+def check_safety(config: Config) -> None:
+    """Refuse an open proxy on an address other machines can reach, unless allowed explicitly."""
+    if config.requires_auth or config.allow_open:
+        return
+    exposed = [str(a) for a in config.listen if not a.is_loopback]
+    if exposed:
+        raise ConfigError(
+            f"listen: {', '.join(exposed)} is reachable from other machines and no authentication "
+            "is configured; this would be an open proxy. Add users (--users FILE) or, if you "
+            "really mean it, --allow-open (allow_open = true)"
+        )
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file; ConfigError with the file and the reason when it is unreadable."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config: {path} does not exist; give the path of a TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+    if "users" in data and isinstance(data["users"], str) and not Path(data["users"]).is_absolute():
+        data["users"] = str(path.parent / data["users"])
+    return data

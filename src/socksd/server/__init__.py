@@ -1,0 +1,10 @@
+"""The asyncio server around the sans-I/O core.
+
+listener (accept, limits, shutdown) -> session (negotiate, authenticate, request) -> one module
+per command (``connect``) -> relay (copy both ways, half-close, backpressure) -> access log.
+"""
+
+from socksd.server.listener import Server
+from socksd.server.run import build_context, run, serve
+
+__all__ = ["Server", "build_context", "run", "serve"]

@@ -1,0 +1,34 @@
+"""What every session of a server shares: settings, resolver, authenticator, access log, counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from socksd.accesslog import AccessLog
+from socksd.auth.userpass import UserPassAuthenticator
+from socksd.config import Config
+from socksd.protocol import AuthMethod
+from socksd.resolver import Resolver
+
+if TYPE_CHECKING:
+    from socksd.server.session import Session
+
+
+@dataclass(slots=True)
+class ServerContext:
+    """Shared state of one server process; sessions read it, the listener owns it."""
+
+    config: Config
+    resolver: Resolver
+    access_log: AccessLog
+    authenticator: UserPassAuthenticator | None = None
+    sessions: set[Session] = field(default_factory=set)
+    refused_sessions: int = 0
+
+    @property
+    def methods(self) -> tuple[int, ...]:
+        """Authentication methods in the server's order of preference."""
+        if self.authenticator is not None:
+            return (AuthMethod.USERNAME_PASSWORD,)
+        return (AuthMethod.NO_AUTH,)

@@ -1,0 +1,97 @@
+"""The listener: binds the configured addresses, accepts sessions, shuts down gracefully.
+
+``Server.start()`` binds every ``listen`` address and logs ``listening on HOST:PORT`` once each
+accepts connections (scripts wait for that line; with port 0 it shows the port picked).
+``Server.shutdown()`` stops accepting, lets open sessions finish until the shutdown deadline, then
+aborts what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from socksd.config import Config, ListenAddress
+from socksd.server.context import ServerContext
+from socksd.server.session import Session
+
+log = logging.getLogger("socksd")
+
+LISTEN_BACKLOG = 4096
+
+
+def bind_socket(address: ListenAddress) -> socket.socket:
+    """A listening TCP socket on ``address`` (IPv6 sockets accept IPv6 only)."""
+    infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    """A running socksd server: its listeners and its open sessions."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self._servers: list[asyncio.Server] = []
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) each listener is bound to."""
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                out.append((host, port))
+        return out
+
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Bind (or adopt the given pre-bound sockets) and start accepting sessions."""
+        loop = asyncio.get_running_loop()
+        ctx = self.ctx
+        if sockets is None:
+            sockets = [bind_socket(address) for address in self.config.listen]
+        for sock in sockets:
+            server = await loop.create_server(lambda: Session(ctx), sock=sock,
+                                              backlog=LISTEN_BACKLOG)
+            self._servers.append(server)
+        for host, port in self.addresses:
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            log.info("listening on %s", shown)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let sessions drain until the deadline, abort the rest."""
+        for server in self._servers:
+            server.close()
+        sessions = self.ctx.sessions
+        deadline = self.config.shutdown_timeout
+        if sessions:
+            log.info("shutting down: waiting up to %gs for %d sessions", deadline, len(sessions))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        while sessions and loop.time() < end:
+            await asyncio.sleep(0.05)
+        if sessions:
+            log.warning("shutdown deadline reached: aborting %d sessions", len(sessions))
+            for session in list(sessions):
+                session.abort("server shutdown deadline")
+            await asyncio.sleep(0)
+        for server in self._servers:
+            await server.wait_closed()
+        log.info("stopped")

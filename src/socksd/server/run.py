@@ -1,0 +1,108 @@
+"""Running a server process: event loop choice, logging, signals, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import resource
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from socksd.accesslog import AccessLog
+from socksd.auth.htpasswd import UserFile
+from socksd.auth.userpass import UserPassAuthenticator
+from socksd.config import Config
+from socksd.resolver import make_resolver
+from socksd.server.context import ServerContext
+from socksd.server.listener import Server
+
+log = logging.getLogger("socksd")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        })
+
+
+def setup_logging(config: Config) -> None:
+    """Server logs go to stderr, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft open-files limit to the hard limit: each session holds two sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def build_context(config: Config) -> ServerContext:
+    """Everything sessions share, built from the config (reads the user file)."""
+    authenticator = None
+    if config.users is not None:
+        authenticator = UserPassAuthenticator(UserFile.load(config.users))
+    resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
+    access_log = AccessLog(config.access_log, config.log_format)
+    return ServerContext(config=config, resolver=resolver, access_log=access_log,
+                         authenticator=authenticator)
+
+
+async def serve(config: Config, ctx: ServerContext | None = None) -> None:
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
+    ctx = ctx or build_context(config)
+    server = Server(ctx)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: shutting down")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    await server.shutdown()
+    ctx.access_log.close()
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when asked for or, with ``auto``, when installed; else the default loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(config: Config, ctx: ServerContext | None = None) -> None:
+    """Run a server process in the foreground with ``config``."""
+    setup_logging(config)
+    raise_fd_limit()
+    factory = loop_factory(config.loop)
+    log.info("socksd starting (%s loop)", "uvloop" if factory else "asyncio")
+    kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
+    with asyncio.Runner(**kwargs) as runner:
+        runner.run(serve(config, ctx))

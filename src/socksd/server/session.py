@@ -1,0 +1,249 @@
+"""One client connection, from accept to the access-log line.
+
+accept -> greeting -> method selection -> sub-negotiation (username/password) -> request ->
+command (``socksd.server.connect`` for CONNECT) -> relay -> access log.
+
+:class:`Session` is the ``asyncio.Protocol`` of the client's connection during the handshake. It
+feeds the bytes to the sans-I/O :class:`~socksd.protocol.ServerConnection` and acts on its events.
+Whenever it waits for something of its own (a password check, an outgoing connection) it pauses
+reading, so a client cannot make it buffer more than one read. Once the command succeeds, the
+client's transport is handed to the relay with ``set_protocol``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+from socksd.accesslog import SessionRecord
+from socksd.protocol import (
+    Address,
+    CONNECTION_CLOSED,
+    NEED_DATA,
+    AuthMethod,
+    Command,
+    Greeting,
+    RemoteProtocolError,
+    Reply,
+    ReplyCode,
+    Request,
+    ServerConnection,
+    State,
+    UserPassReply,
+    UserPassRequest,
+)
+from socksd.server.connect import connect
+from socksd.server.context import ServerContext
+from socksd.server.relay import Relay
+
+log = logging.getLogger("socksd.session")
+
+CommandHandler = Callable[["Session", Address], Coroutine[Any, Any, None]]
+COMMANDS: dict[Command, CommandHandler] = {Command.CONNECT: connect}
+"""The handler coroutine of each command (a command missing here is answered with 0x07)."""
+
+
+def _format_peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)
+
+
+class Session(asyncio.Protocol):
+    """The client's connection until the relay takes over; then the relay's owner."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.conn = ServerConnection()
+        self.transport: asyncio.Transport | None = None
+        self.record: SessionRecord | None = None
+        self.client_eof = False
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+        self.relay: Relay | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._finished = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        ctx = self.ctx
+        self.record = SessionRecord(_format_peer(transport.get_extra_info("peername")), time.time())
+        if len(ctx.sessions) >= ctx.config.max_sessions:
+            ctx.refused_sessions += 1
+            log.warning("refusing %s: %d sessions open (max_sessions)", self.record.client,
+                        len(ctx.sessions))
+            self.closed = self._finished = True
+            transport.abort()
+            return
+        ctx.sessions.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(ctx.config.handshake_timeout, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.conn.state is State.ESTABLISHED or self.conn.state is State.REPLY:
+            return True  # the request is in: keep the write side for the reply and relay
+        self.conn.receive_data(b"")
+        self._process()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.relay is not None:
+            return  # the relay's endpoints own the transport now
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if not self.closed:
+            self.finish(error=str(exc) if exc else "client closed during handshake")
+
+    # -- handshake ---------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        conn = self.conn
+        transport = self.transport
+        assert transport is not None
+        while not self.closed:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as e:
+                transport.write(conn.refusal(e))
+                if e.reply is not None and self.record is not None:
+                    self.record.reply = e.reply
+                self.close(f"protocol error: {e}")
+                return
+            if event is NEED_DATA:
+                return
+            if event is CONNECTION_CLOSED:
+                self.close("client closed during handshake")
+                return
+            if isinstance(event, Greeting):
+                selection = conn.choose_method(self.ctx.methods)
+                transport.write(conn.send(selection))
+                if selection.method == AuthMethod.NO_ACCEPTABLE:
+                    self.close("no acceptable authentication method offered")
+                    return
+            elif isinstance(event, UserPassRequest):
+                transport.pause_reading()
+                self.task = asyncio.get_running_loop().create_task(self._check_password(event))
+                return
+            elif isinstance(event, Request):
+                self._request(event)
+                return
+
+    async def _check_password(self, creds: UserPassRequest) -> None:
+        auth = self.ctx.authenticator
+        ok = auth is not None and await auth.verify(creds.username, creds.password)
+        assert self.record is not None and self.transport is not None
+        self.record.user = creds.username.decode("utf-8", "backslashreplace")
+        self.transport.write(self.conn.send(UserPassReply(0 if ok else 1)))
+        if not ok:
+            log.warning("authentication failed for user %r from %s", self.record.user,
+                        self.record.client)
+            self.close("authentication failed")
+            return
+        self.transport.resume_reading()
+        self._process()
+
+    def _request(self, request: Request) -> None:
+        assert self.transport is not None and self.record is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport.pause_reading()
+        self.record.command = request.command.name
+        self.record.target = str(request.address)
+        handler = COMMANDS.get(request.command)
+        if handler is None:
+            self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} not supported")
+            return
+        self.task = asyncio.get_running_loop().create_task(handler(self, request.address))
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if not self.closed and self.relay is None:
+            self.close(f"handshake not done within {self.ctx.config.handshake_timeout:g}s")
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def reply(self, code: ReplyCode, bound: Reply | None = None) -> None:
+        """Write the reply to the request (success replies come with their bound address)."""
+        assert self.transport is not None and self.record is not None
+        self.record.reply = code
+        self.transport.write(self.conn.send(bound if bound is not None else Reply(code)))
+
+    def fail(self, code: ReplyCode, error: str) -> None:
+        """Answer the request with a failure code and close (RFC 1928: at once)."""
+        if self.closed:
+            return
+        self.reply(code)
+        self.close(error)
+
+    def abort(self, error: str) -> None:
+        """End the session at once, dropping buffered data (shutdown deadline)."""
+        if self.relay is not None:
+            self.relay.abort(error)
+        elif self.transport is not None:
+            if self.task is not None:
+                self.task.cancel()
+            self.transport.abort()
+            self.finish(error)
+
+    def close(self, error: str | None = None) -> None:
+        """Close the client connection (after flushing what is written) and log the session."""
+        if self.closed:
+            return
+        if self.transport is not None:
+            self.transport.close()
+        self.finish(error)
+
+    # -- RelayOwner ----------------------------------------------------------------------------
+
+    def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
+        """Reply with the outgoing connection's local address, then hand over to the relay.
+
+        Called from the target protocol's ``connection_made``, before any target byte can be
+        delivered, so the reply always precedes the target's data (shared/HAZARDS.md).
+        """
+        if self.closed or self.transport is None:
+            transport.close()
+            return
+        assert self.record is not None
+        self.relay = relay
+        sockname = transport.get_extra_info("sockname")
+        self.record.remote = _format_peer(transport.get_extra_info("peername"))
+        self.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, Address.of(*sockname[:2])))
+        relay.start(self.transport, self.conn.trailing_data(), self.client_eof)
+
+    def relay_finished(self, relay: Relay, error: str | None) -> None:
+        """Both connections of the relay are closed."""
+        self.finish(error, relay.up, relay.down)
+
+    def finish(self, error: str | None = None, up: int = 0, down: int = 0) -> None:
+        """Account for the session's end: drop it from the open set, write its access-log line."""
+        if self._finished:
+            return
+        self._finished = True
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.ctx.sessions.discard(self)
+        record = self.record
+        if record is not None:
+            record.bytes_up, record.bytes_down = up, down
+            if error and record.error is None:
+                record.error = error
+            self.ctx.access_log.write(record)
