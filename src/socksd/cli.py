@@ -51,8 +51,23 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--dns", action="append", metavar="IP[:PORT]",
                    help="resolve names with this DNS server instead of the system resolver; "
                    "repeatable")
+    p.add_argument("--workers", type=_workers, metavar="N",
+                   help="worker processes sharing the listen ports; 'auto' or 0 is one per CPU "
+                   "(default 1)")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"),
                    help="event loop (default auto: uvloop when installed)")
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of processes or 'auto'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 ('auto') or more")
+    return value
 
 
 def _user_parser(sub: Any) -> None:
@@ -82,7 +97,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 _SERVE_KEYS = ("listen", "users", "allow_open", "log_format", "log_level", "access_log",
                "handshake_timeout", "connect_timeout", "idle_timeout", "shutdown_timeout",
-               "max_sessions", "dns", "loop")
+               "max_sessions", "dns", "loop", "workers")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -143,8 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx = build_context(config)
         except UserFileError as e:
             raise ConfigError(f"users: {e}") from None
-        run(config, ctx)
-        return 0
+        return run(config, ctx)
     except ConfigError as e:
         print(f"socksd: error: {e}", file=sys.stderr)
         return 2

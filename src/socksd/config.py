@@ -86,6 +86,7 @@ class Config:
     dns: tuple[str, ...] = ()
     hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     loop: str = "auto"
+    workers: int = 1
 
     @property
     def requires_auth(self) -> bool:
@@ -141,6 +142,10 @@ def _convert(key: str, value: Any) -> Any:
         return float(_number(key, value))
     if key == "max_sessions":
         return int(_number(key, value, minimum=1, integer=True))
+    if key == "workers":
+        if value == "auto":
+            return 0
+        return int(_number(key, value, minimum=0, integer=True))
     if key == "relay_buffer":
         return int(_number(key, value, minimum=4096, integer=True))
     if key == "dns":

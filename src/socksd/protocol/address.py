@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 from dataclasses import dataclass
 
 from socksd.protocol.constants import AddressType, ReplyCode
@@ -29,6 +30,8 @@ def is_valid_hostname(name: bytes) -> bool:
         return False
     if _HOSTNAME.fullmatch(name):
         return True
+    if b"%" in name:  # an IPv6 scope id ("fe80::1%...") may hold any byte, NUL and space too
+        return False
     try:
         ipaddress.ip_address(name.decode("ascii"))
     except (ValueError, UnicodeDecodeError):
@@ -57,15 +60,20 @@ class Address:
     @classmethod
     def of(cls, host: str | IPAddress, port: int) -> Address:
         """Build an address from an IP literal (text or ipaddress object) or a host name."""
-        if isinstance(host, ipaddress.IPv4Address):
-            return cls(AddressType.IPV4, str(host), port)
-        if isinstance(host, ipaddress.IPv6Address):
-            return cls(AddressType.IPV6, str(host), port)
+        if not isinstance(host, str):
+            return cls(AddressType.IPV4 if host.version == 4 else AddressType.IPV6, str(host), port)
+        if host.startswith("["):
+            host = host[1:-1] if host.endswith("]") else host
         try:
-            ip = ipaddress.ip_address(host.strip("[]") if host.startswith("[") else host)
-        except ValueError:
-            return cls(AddressType.DOMAIN, host, port)
-        return cls.of(ip, port)
+            return cls(AddressType.IPV4, inet_ntop(AF_INET, inet_pton(AF_INET, host)), port)
+        except (OSError, ValueError):  # ValueError: an embedded NUL
+            pass
+        if ":" in host:
+            try:
+                return cls(AddressType.IPV6, inet_ntop(AF_INET6, inet_pton(AF_INET6, host)), port)
+            except (OSError, ValueError):
+                pass
+        return cls(AddressType.DOMAIN, host, port)
 
     @classmethod
     def unspecified(cls, port: int = 0) -> Address:
@@ -82,10 +90,9 @@ class Address:
     def pack(self) -> bytes:
         """The wire form: ATYP, ADDR, PORT."""
         if self.atyp is AddressType.IPV4:
-            body = ipaddress.IPv4Address(self.host).packed
-            return b"\x01" + body + _PORT.pack(self.port)
+            return b"\x01" + inet_pton(AF_INET, self.host) + _PORT.pack(self.port)
         if self.atyp is AddressType.IPV6:
-            return b"\x04" + ipaddress.IPv6Address(self.host).packed + _PORT.pack(self.port)
+            return b"\x04" + inet_pton(AF_INET6, self.host) + _PORT.pack(self.port)
         name = self.host.encode("ascii")
         return b"\x03" + bytes((len(name),)) + name + _PORT.pack(self.port)
 
@@ -109,13 +116,13 @@ def parse_address(buf: bytes | bytearray | memoryview, offset: int) -> tuple[Add
         end = offset + 7
         if n < end:
             return None
-        host = str(ipaddress.IPv4Address(bytes(buf[offset + 1 : offset + 5])))
+        host = inet_ntop(AF_INET, bytes(buf[offset + 1 : offset + 5]))
         return Address(AddressType.IPV4, host, (buf[end - 2] << 8) | buf[end - 1]), end
     if atyp == 0x04:
         end = offset + 19
         if n < end:
             return None
-        host = str(ipaddress.IPv6Address(bytes(buf[offset + 1 : offset + 17])))
+        host = inet_ntop(AF_INET6, bytes(buf[offset + 1 : offset + 17]))
         return Address(AddressType.IPV6, host, (buf[end - 2] << 8) | buf[end - 1]), end
     if atyp == 0x03:
         if n < offset + 2:

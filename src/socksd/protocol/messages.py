@@ -29,6 +29,7 @@ from socksd.protocol.errors import RemoteProtocolError
 
 Buffer = bytes | bytearray | memoryview
 _U16 = struct.Struct("!H")
+_COMMANDS = {c.value: c for c in Command}
 
 # The longest message a peer may leave incomplete during the handshake (RFC 1929 request).
 MAX_HANDSHAKE_MESSAGE = 513
@@ -201,14 +202,15 @@ class Request:
         if n < offset + 2:
             return None
         cmd = buf[offset + 1]
-        if not 1 <= cmd <= 3:
+        command = _COMMANDS.get(cmd)
+        if command is None:
             raise RemoteProtocolError(f"unknown command {cmd:#04x}", ReplyCode.COMMAND_NOT_SUPPORTED)
         # RSV is ignored as RFC 1928 has no rule for a non-zero value.
         parsed = parse_address(buf, offset + 3)
         if parsed is None:
             return None
         address, end = parsed
-        return Request(Command(cmd), address), end
+        return Request(command, address), end
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,19 +42,12 @@ async def open_target(relay: Relay, infos: list[AddrInfo], timeout: float) -> No
     async with asyncio.timeout(timeout):
         if len(infos) == 1:
             family, _, _, _, sockaddr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await loop.sock_connect(sock, sockaddr)
-            except BaseException:
-                sock.close()
-                raise
-        else:
-            sock = await aiohappyeyeballs.start_connection(
-                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
-            )
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.create_connection(lambda: relay.target, sockaddr[0], sockaddr[1],
+                                         family=family)
+            return
+        sock = await aiohappyeyeballs.start_connection(
+            infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
+        )
     await loop.create_connection(lambda: relay.target, sock=sock)
 
 

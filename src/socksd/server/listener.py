@@ -21,14 +21,21 @@ log = logging.getLogger("socksd")
 LISTEN_BACKLOG = 4096
 
 
-def bind_socket(address: ListenAddress) -> socket.socket:
-    """A listening TCP socket on ``address`` (IPv6 sockets accept IPv6 only)."""
-    infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
+def bind_socket(address: ListenAddress, *, reuse_port: bool = False,
+                port: int | None = None) -> socket.socket:
+    """A listening TCP socket on ``address`` (IPv6 sockets accept IPv6 only).
+
+    ``reuse_port`` sets SO_REUSEPORT so that several worker processes can each have a socket on
+    the same port (the kernel spreads connections over them); ``port`` overrides the address's.
+    """
+    infos = socket.getaddrinfo(address.host, address.port if port is None else port,
+                               type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
@@ -38,6 +45,33 @@ def bind_socket(address: ListenAddress) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def format_hostport(host: str, port: int) -> str:
+    """``host:port``, with IPv6 hosts in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_for_workers(addresses: tuple[ListenAddress, ...], workers: int,
+                     ) -> list[list[socket.socket]]:
+    """For each worker, one SO_REUSEPORT socket per address, all on the same ports.
+
+    With port 0 the first socket picks the port and the others take the same one.
+    """
+    per_worker: list[list[socket.socket]] = [[] for _ in range(workers)]
+    try:
+        for address in addresses:
+            first = bind_socket(address, reuse_port=True)
+            port = first.getsockname()[1]
+            per_worker[0].append(first)
+            for i in range(1, workers):
+                per_worker[i].append(bind_socket(address, reuse_port=True, port=port))
+    except BaseException:
+        for socks in per_worker:
+            for sock in socks:
+                sock.close()
+        raise
+    return per_worker
 
 
 class Server:
@@ -61,7 +95,8 @@ class Server:
                 out.append((host, port))
         return out
 
-    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+    async def start(self, sockets: list[socket.socket] | None = None, *,
+                    announce: bool = True) -> None:
         """Bind (or adopt the given pre-bound sockets) and start accepting sessions."""
         loop = asyncio.get_running_loop()
         ctx = self.ctx
@@ -71,9 +106,9 @@ class Server:
             server = await loop.create_server(lambda: Session(ctx), sock=sock,
                                               backlog=LISTEN_BACKLOG)
             self._servers.append(server)
-        for host, port in self.addresses:
-            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            log.info("listening on %s", shown)
+        if announce:
+            for host, port in self.addresses:
+                log.info("listening on %s", format_hostport(host, port))
 
     async def shutdown(self) -> None:
         """Stop accepting, let sessions drain until the deadline, abort the rest."""

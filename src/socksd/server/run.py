@@ -8,6 +8,7 @@ import json
 import logging
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from socksd.config import Config
 from socksd.resolver import make_resolver
 from socksd.server.context import ServerContext
 from socksd.server.listener import Server
+from socksd.server.workers import Supervisor, worker_count
 
 log = logging.getLogger("socksd")
 
@@ -66,11 +68,12 @@ def build_context(config: Config) -> ServerContext:
                          authenticator=authenticator)
 
 
-async def serve(config: Config, ctx: ServerContext | None = None) -> None:
+async def serve(config: Config, ctx: ServerContext | None = None, *,
+                sockets: list[socket.socket] | None = None, announce: bool = True) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
     ctx = ctx or build_context(config)
     server = Server(ctx)
-    await server.start()
+    await server.start(sockets, announce=announce)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -97,12 +100,17 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def run(config: Config, ctx: ServerContext | None = None) -> None:
-    """Run a server process in the foreground with ``config``."""
+def run(config: Config, ctx: ServerContext | None = None) -> int:
+    """Run the server in the foreground with ``config``; return the exit status."""
     setup_logging(config)
     raise_fd_limit()
     factory = loop_factory(config.loop)
     log.info("socksd starting (%s loop)", "uvloop" if factory else "asyncio")
+    if worker_count(config) > 1:
+        if ctx is not None:
+            ctx.access_log.close()
+        return Supervisor(config).run()
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
         runner.run(serve(config, ctx))
+    return 0

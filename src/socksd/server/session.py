@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
@@ -82,10 +81,7 @@ class Session(asyncio.Protocol):
             self.closed = self._finished = True
             transport.abort()
             return
-        ctx.sessions.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ctx.sessions.add(self)  # (asyncio and uvloop both set TCP_NODELAY on accepted sockets)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(ctx.config.handshake_timeout, self._handshake_timeout)
 
