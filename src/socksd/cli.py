@@ -46,6 +46,11 @@ def _serve_parser(sub: Any) -> None:
                    help="close a session with no traffic for S seconds (default 0: never)")
     p.add_argument("--shutdown-timeout", type=float, metavar="S",
                    help="on SIGTERM/SIGINT, seconds to let sessions finish (default 30)")
+    p.add_argument("--resolve-timeout", type=float, metavar="S",
+                   help="seconds to resolve a target's name (default 5)")
+    p.add_argument("--relay-buffer", type=int, metavar="BYTES",
+                   help="per-direction write buffer of a session before the other side is "
+                   "paused (default 262144)")
     p.add_argument("--max-sessions", type=int, metavar="N",
                    help="concurrent sessions; more are closed at accept (default 10000)")
     p.add_argument("--dns", action="append", metavar="IP[:PORT]",
@@ -97,6 +102,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 _SERVE_KEYS = ("listen", "users", "allow_open", "log_format", "log_level", "access_log",
                "handshake_timeout", "connect_timeout", "idle_timeout", "shutdown_timeout",
+               "resolve_timeout", "relay_buffer",
                "max_sessions", "dns", "loop", "workers")
 
 
