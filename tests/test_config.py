@@ -18,8 +18,12 @@ def test_defaults_are_safe() -> None:
 
 @pytest.mark.parametrize(
     ("text", "host", "port"),
-    [("127.0.0.1:1080", "127.0.0.1", 1080), ("[::1]:0", "::1", 0), ("localhost:9", "localhost", 9),
-     ("0.0.0.0:65535", "0.0.0.0", 65535)],
+    [
+        ("127.0.0.1:1080", "127.0.0.1", 1080),
+        ("[::1]:0", "::1", 0),
+        ("localhost:9", "localhost", 9),
+        ("0.0.0.0:65535", "0.0.0.0", 65535),
+    ],
 )
 def test_listen_address_parse(text: str, host: str, port: int) -> None:
     address = ListenAddress.parse(text)
@@ -83,7 +87,9 @@ def test_workers_auto_is_zero() -> None:
 
 def test_load_file(tmp_path: Path) -> None:
     path = tmp_path / "socksd.toml"
-    path.write_text('listen = ["127.0.0.1:0"]\nusers = "users.htpasswd"\n[hosts]\n"a.test" = ["127.0.0.1"]\n')
+    path.write_text(
+        'listen = ["127.0.0.1:0"]\nusers = "users.htpasswd"\n[hosts]\n"a.test" = ["127.0.0.1"]\n'
+    )
     values = load_file(path)
     config = build_config(values, {})
     assert config.users == tmp_path / "users.htpasswd"

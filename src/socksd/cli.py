@@ -25,42 +25,96 @@ def _serve_parser(sub: Any) -> None:
         "same name (dashes as underscores); flags win over the config file.",
     )
     p.add_argument("--config", type=Path, metavar="PATH", help="TOML config file")
-    p.add_argument("--listen", action="append", metavar="HOST:PORT",
-                   help=f"address to listen on, repeatable; IPv6 as [::1]:1080 "
-                   f"(default {DEFAULT_LISTEN}; port 0 picks a free port)")
-    p.add_argument("--users", metavar="PATH",
-                   help="htpasswd file (bcrypt); when given, username/password is required")
-    p.add_argument("--allow-open", action="store_const", const=True, default=None,
-                   help="allow no authentication on an address other machines can reach")
-    p.add_argument("--log-format", choices=("text", "json"), help="server and access log format "
-                   "(default text)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                   help="default info")
-    p.add_argument("--access-log", metavar="DEST",
-                   help='where session lines go: "-" stderr (default), "off", or a file path')
-    p.add_argument("--handshake-timeout", type=float, metavar="S",
-                   help="seconds from accept to a complete request (default 10)")
-    p.add_argument("--connect-timeout", type=float, metavar="S",
-                   help="seconds to connect to a target (default 10)")
-    p.add_argument("--idle-timeout", type=float, metavar="S",
-                   help="close a session with no traffic for S seconds (default 0: never)")
-    p.add_argument("--shutdown-timeout", type=float, metavar="S",
-                   help="on SIGTERM/SIGINT, seconds to let sessions finish (default 30)")
-    p.add_argument("--resolve-timeout", type=float, metavar="S",
-                   help="seconds to resolve a target's name (default 5)")
-    p.add_argument("--relay-buffer", type=int, metavar="BYTES",
-                   help="per-direction write buffer of a session before the other side is "
-                   "paused (default 262144)")
-    p.add_argument("--max-sessions", type=int, metavar="N",
-                   help="concurrent sessions; more are closed at accept (default 10000)")
-    p.add_argument("--dns", action="append", metavar="IP[:PORT]",
-                   help="resolve names with this DNS server instead of the system resolver; "
-                   "repeatable")
-    p.add_argument("--workers", type=_workers, metavar="N",
-                   help="worker processes sharing the listen ports; 'auto' or 0 is one per CPU "
-                   "(default 1)")
-    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"),
-                   help="event loop (default auto: uvloop when installed)")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"address to listen on, repeatable; IPv6 as [::1]:1080 "
+        f"(default {DEFAULT_LISTEN}; port 0 picks a free port)",
+    )
+    p.add_argument(
+        "--users",
+        metavar="PATH",
+        help="htpasswd file (bcrypt); when given, username/password is required",
+    )
+    p.add_argument(
+        "--allow-open",
+        action="store_const",
+        const=True,
+        default=None,
+        help="allow no authentication on an address other machines can reach",
+    )
+    p.add_argument(
+        "--log-format", choices=("text", "json"), help="server and access log format (default text)"
+    )
+    p.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="default info"
+    )
+    p.add_argument(
+        "--access-log",
+        metavar="DEST",
+        help='where session lines go: "-" stderr (default), "off", or a file path',
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        metavar="S",
+        help="seconds from accept to a complete request (default 10)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to connect to a target (default 10)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="S",
+        help="close a session with no traffic for S seconds (default 0: never)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="S",
+        help="on SIGTERM/SIGINT, seconds to let sessions finish (default 30)",
+    )
+    p.add_argument(
+        "--resolve-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to resolve a target's name (default 5)",
+    )
+    p.add_argument(
+        "--relay-buffer",
+        type=int,
+        metavar="BYTES",
+        help="per-direction write buffer of a session before the other side is "
+        "paused (default 262144)",
+    )
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        metavar="N",
+        help="concurrent sessions; more are closed at accept (default 10000)",
+    )
+    p.add_argument(
+        "--dns",
+        action="append",
+        metavar="IP[:PORT]",
+        help="resolve names with this DNS server instead of the system resolver; repeatable",
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="worker processes sharing the listen ports; 'auto' or 0 is one per CPU (default 1)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        help="event loop (default auto: uvloop when installed)",
+    )
 
 
 def _workers(text: str) -> int:
@@ -76,23 +130,33 @@ def _workers(text: str) -> int:
 
 
 def _user_parser(sub: Any) -> None:
-    p = sub.add_parser("user", help="manage the htpasswd user file",
-                       description="Add, delete and list users of an htpasswd file (bcrypt).")
+    p = sub.add_parser(
+        "user",
+        help="manage the htpasswd user file",
+        description="Add, delete and list users of an htpasswd file (bcrypt).",
+    )
     users = p.add_subparsers(dest="user_command", required=True, metavar="{add,del,list}")
-    for name, helptext in (("add", "add a user or change a password"), ("del", "delete a user"),
-                           ("list", "list user names")):
+    for name, helptext in (
+        ("add", "add a user or change a password"),
+        ("del", "delete a user"),
+        ("list", "list user names"),
+    ):
         q = users.add_parser(name, help=helptext)
         q.add_argument("--users", required=True, type=Path, metavar="PATH", help="htpasswd file")
         if name != "list":
             q.add_argument("name", help="user name")
         if name == "add":
-            q.add_argument("--password-stdin", action="store_true",
-                           help="read the password from the first line of standard input")
+            q.add_argument(
+                "--password-stdin",
+                action="store_true",
+                help="read the password from the first line of standard input",
+            )
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="socksd", description="A SOCKS5 proxy server (RFC 1928, RFC 1929).")
+        prog="socksd", description="A SOCKS5 proxy server (RFC 1928, RFC 1929)."
+    )
     parser.add_argument("--version", action="version", version=f"socksd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,user}")
     _serve_parser(sub)
@@ -100,10 +164,24 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SERVE_KEYS = ("listen", "users", "allow_open", "log_format", "log_level", "access_log",
-               "handshake_timeout", "connect_timeout", "idle_timeout", "shutdown_timeout",
-               "resolve_timeout", "relay_buffer",
-               "max_sessions", "dns", "loop", "workers")
+_SERVE_KEYS = (
+    "listen",
+    "users",
+    "allow_open",
+    "log_format",
+    "log_level",
+    "access_log",
+    "handshake_timeout",
+    "connect_timeout",
+    "idle_timeout",
+    "shutdown_timeout",
+    "resolve_timeout",
+    "relay_buffer",
+    "max_sessions",
+    "dns",
+    "loop",
+    "workers",
+)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -169,8 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"socksd: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"socksd: error: {e.strerror or e} ({getattr(e, 'filename', '') or 'socket'})",
-              file=sys.stderr)
+        print(
+            f"socksd: error: {e.strerror or e} ({getattr(e, 'filename', '') or 'socket'})",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

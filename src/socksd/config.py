@@ -112,8 +112,10 @@ def _convert(key: str, value: Any) -> Any:
     """Check one key's value and turn it into the Config field's type."""
     if key == "listen":
         items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not items or not all(
-            isinstance(v, str) for v in items
+        if (
+            not isinstance(items, list | tuple)
+            or not items
+            or not all(isinstance(v, str) for v in items)
         ):
             raise ConfigError('listen: expected a list of "HOST:PORT" strings')
         return tuple(ListenAddress.parse(v) for v in items)
@@ -160,7 +162,9 @@ def _convert(key: str, value: Any) -> Any:
         for name, ips in value.items():
             items = [ips] if isinstance(ips, str) else ips
             if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
-                raise ConfigError(f'hosts.{name}: expected a list of IP strings, e.g. ["127.0.0.1"]')
+                raise ConfigError(
+                    f'hosts.{name}: expected a list of IP strings, e.g. ["127.0.0.1"]'
+                )
             for ip in items:
                 try:
                     ipaddress.ip_address(ip)

@@ -48,8 +48,9 @@ def _proxy(proxy: ProxyLike) -> Proxy:
     return Proxy.parse(proxy) if isinstance(proxy, str) else proxy
 
 
-async def handshake_over_streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                                 hs: ClientHandshake) -> bytes:
+async def handshake_over_streams(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hs: ClientHandshake
+) -> bytes:
     """Run ``hs`` to completion over a stream pair; return bytes read past the last reply."""
     while True:
         out = hs.data_to_send()
@@ -61,12 +62,18 @@ async def handshake_over_streams(reader: asyncio.StreamReader, writer: asyncio.S
         hs.receive_data(await reader.read(4096))
 
 
-async def open_connection(proxy: ProxyLike, host: str, port: int, *, timeout: float = 10.0,
-                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_connection(
+    proxy: ProxyLike,
+    host: str,
+    port: int,
+    *,
+    timeout: float = 10.0,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to ``host:port`` through ``proxy``; return asyncio streams to the target."""
     p = _proxy(proxy)
-    hs = ClientHandshake(Command.CONNECT, Address.of(host, port), username=p.username,
-                         password=p.password)
+    hs = ClientHandshake(
+        Command.CONNECT, Address.of(host, port), username=p.username, password=p.password
+    )
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(p.host, p.port)
@@ -97,12 +104,17 @@ def handshake_over_socket(sock: socket.socket, hs: ClientHandshake) -> bytes:
         hs.receive_data(sock.recv(4096))
 
 
-def create_connection(proxy: ProxyLike, address: tuple[str, int], *, timeout: float = 10.0,
-                      ) -> socket.socket:
+def create_connection(
+    proxy: ProxyLike,
+    address: tuple[str, int],
+    *,
+    timeout: float = 10.0,
+) -> socket.socket:
     """Blocking CONNECT through ``proxy``; the returned socket talks to the target."""
     p = _proxy(proxy)
-    hs = ClientHandshake(Command.CONNECT, Address.of(*address), username=p.username,
-                         password=p.password)
+    hs = ClientHandshake(
+        Command.CONNECT, Address.of(*address), username=p.username, password=p.password
+    )
     try:
         sock = socket.create_connection((p.host, p.port), timeout=timeout)
     except TimeoutError:

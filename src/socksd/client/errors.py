@@ -25,5 +25,7 @@ class ReplyError(ProxyError, ConnectionError):
     """The proxy answered the request with a failure reply; ``reply`` is its code."""
 
     def __init__(self, reply: ReplyCode) -> None:
-        super().__init__(f"proxy replied {reply.value:#04x} ({reply.name.lower().replace('_', ' ')})")
+        super().__init__(
+            f"proxy replied {reply.value:#04x} ({reply.name.lower().replace('_', ' ')})"
+        )
         self.reply = reply

@@ -32,8 +32,14 @@ def _as_bytes(value: str | bytes) -> bytes:
 class ClientHandshake:
     """Greeting, authentication and one request, with the replies it expects."""
 
-    def __init__(self, command: Command, address: Address, *, username: str | bytes | None = None,
-                 password: str | bytes | None = None) -> None:
+    def __init__(
+        self,
+        command: Command,
+        address: Address,
+        *,
+        username: str | bytes | None = None,
+        password: str | bytes | None = None,
+    ) -> None:
         self.conn = ClientConnection()
         self.request = Request(command, address)
         self.credentials: UserPassRequest | None = None
@@ -43,7 +49,7 @@ class ClientHandshake:
             methods = (AuthMethod.USERNAME_PASSWORD, AuthMethod.NO_AUTH)
         self.replies: list[Reply] = []
         self._out = bytearray(self.conn.send(Greeting(methods)))
-        self._wanted = 2 if command is Command.BIND else 1
+        self._wanted = 2 if command == Command.BIND else 1
 
     @property
     def done(self) -> bool:

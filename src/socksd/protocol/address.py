@@ -11,8 +11,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 from dataclasses import dataclass
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 
 from socksd.protocol.constants import AddressType, ReplyCode
 from socksd.protocol.errors import RemoteProtocolError
@@ -54,14 +54,19 @@ class Address:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 0xFFFF:
             raise ValueError(f"port out of range: {self.port}")
-        if self.atyp is AddressType.DOMAIN and not is_valid_hostname(self.host.encode("ascii", "replace")):
+        if self.atyp == AddressType.DOMAIN and not is_valid_hostname(
+            self.host.encode("ascii", "replace")
+        ):
             raise ValueError(f"not a valid host name: {self.host!r}")
 
     @classmethod
     def of(cls, host: str | IPAddress, port: int) -> Address:
         """Build an address from an IP literal (text or ipaddress object) or a host name."""
         if not isinstance(host, str):
-            return cls(AddressType.IPV4 if host.version == 4 else AddressType.IPV6, str(host), port)
+            if host.version == 4:
+                return cls(AddressType.IPV4, str(host), port)
+            # inet_ntop, not str(): parse_address's text (str() writes ::ffff:102:304 on 3.11)
+            return cls(AddressType.IPV6, inet_ntop(AF_INET6, host.packed), port)
         if host.startswith("["):
             host = host[1:-1] if host.endswith("]") else host
         try:
@@ -69,8 +74,11 @@ class Address:
         except (OSError, ValueError):  # ValueError: an embedded NUL
             pass
         if ":" in host:
+            # A scope id ("fe80::1%eth0", as getsockname gives) has no wire form: it is dropped.
+            literal = host.partition("%")[0]
             try:
-                return cls(AddressType.IPV6, inet_ntop(AF_INET6, inet_pton(AF_INET6, host)), port)
+                packed = inet_pton(AF_INET6, literal)
+                return cls(AddressType.IPV6, inet_ntop(AF_INET6, packed), port)
             except (OSError, ValueError):
                 pass
         return cls(AddressType.DOMAIN, host, port)
@@ -83,21 +91,21 @@ class Address:
     @property
     def ip(self) -> IPAddress | None:
         """The IP address, or None for a domain name."""
-        if self.atyp is AddressType.DOMAIN:
+        if self.atyp == AddressType.DOMAIN:
             return None
         return ipaddress.ip_address(self.host)
 
     def pack(self) -> bytes:
         """The wire form: ATYP, ADDR, PORT."""
-        if self.atyp is AddressType.IPV4:
+        if self.atyp == AddressType.IPV4:
             return b"\x01" + inet_pton(AF_INET, self.host) + _PORT.pack(self.port)
-        if self.atyp is AddressType.IPV6:
+        if self.atyp == AddressType.IPV6:
             return b"\x04" + inet_pton(AF_INET6, self.host) + _PORT.pack(self.port)
         name = self.host.encode("ascii")
         return b"\x03" + bytes((len(name),)) + name + _PORT.pack(self.port)
 
     def __str__(self) -> str:
-        if self.atyp is AddressType.IPV6:
+        if self.atyp == AddressType.IPV6:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
@@ -134,5 +142,9 @@ def parse_address(buf: bytes | bytearray | memoryview, offset: int) -> tuple[Add
         name = bytes(buf[offset + 2 : offset + 2 + length])
         if not is_valid_hostname(name):
             raise RemoteProtocolError(f"invalid domain name {name!r}", ReplyCode.HOST_UNREACHABLE)
-        return Address(AddressType.DOMAIN, name.decode("ascii"), (buf[end - 2] << 8) | buf[end - 1]), end
-    raise RemoteProtocolError(f"unknown address type {atyp:#04x}", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
+        return Address(
+            AddressType.DOMAIN, name.decode("ascii"), (buf[end - 2] << 8) | buf[end - 1]
+        ), end
+    raise RemoteProtocolError(
+        f"unknown address type {atyp:#04x}", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
+    )

@@ -93,7 +93,7 @@ def _after_selection(method: int) -> State:
 def _after_reply(command: Command | None, reply: Reply, state: State) -> State:
     if not reply.ok:
         return State.CLOSED
-    if command is Command.BIND and state is State.REPLY:
+    if command == Command.BIND and state is State.REPLY:
         return State.BIND_WAIT
     return State.ESTABLISHED
 
@@ -187,7 +187,9 @@ class _Connection:
         """Check that ``message`` may be sent now, move the state on, return its bytes."""
         transition = self._sends.get((self.state, type(message)))
         if transition is None:
-            raise LocalProtocolError(f"cannot send {type(message).__name__} in state {self.state.name}")
+            raise LocalProtocolError(
+                f"cannot send {type(message).__name__} in state {self.state.name}"
+            )
         self.state = transition(self, message)
         return message.to_bytes()
 
@@ -274,11 +276,12 @@ class ClientConnection(_Connection):
         super().__init__(State.GREETING)
 
     def send(self, message: Message) -> bytes:
+        data = super().send(message)  # raises before anything is recorded if out of order
         if isinstance(message, Greeting):
             self.offered = message.methods
         elif isinstance(message, Request):
             self.command = message.command
-        return super().send(message)
+        return data
 
     def _received(self, message: Any) -> None:
         state = self.state

@@ -157,7 +157,7 @@ class GssapiMessage:
             raise ValueError("an RFC 1961 token is at most 65535 bytes")
 
     def to_bytes(self) -> bytes:
-        if self.mtyp is GssapiMessageType.ABORT:
+        if self.mtyp == GssapiMessageType.ABORT:
             return bytes((GSSAPI_VERSION, GssapiMessageType.ABORT))
         return bytes((GSSAPI_VERSION, self.mtyp)) + _U16.pack(len(self.token)) + self.token
 
@@ -172,8 +172,10 @@ class GssapiMessage:
         try:
             mtyp = GssapiMessageType(buf[offset + 1])
         except ValueError:
-            raise RemoteProtocolError(f"unknown GSSAPI message type {buf[offset + 1]:#04x}") from None
-        if mtyp is GssapiMessageType.ABORT:
+            raise RemoteProtocolError(
+                f"unknown GSSAPI message type {buf[offset + 1]:#04x}"
+            ) from None
+        if mtyp == GssapiMessageType.ABORT:
             return GssapiMessage(mtyp), offset + 2
         if n < offset + 4:
             return None
@@ -204,7 +206,9 @@ class Request:
         cmd = buf[offset + 1]
         command = _COMMANDS.get(cmd)
         if command is None:
-            raise RemoteProtocolError(f"unknown command {cmd:#04x}", ReplyCode.COMMAND_NOT_SUPPORTED)
+            raise RemoteProtocolError(
+                f"unknown command {cmd:#04x}", ReplyCode.COMMAND_NOT_SUPPORTED
+            )
         # RSV is ignored as RFC 1928 has no rule for a non-zero value.
         parsed = parse_address(buf, offset + 3)
         if parsed is None:
@@ -222,7 +226,7 @@ class Reply:
 
     @property
     def ok(self) -> bool:
-        return self.reply is ReplyCode.SUCCEEDED
+        return self.reply == ReplyCode.SUCCEEDED
 
     def to_bytes(self) -> bytes:
         return bytes((SOCKS_VERSION, self.reply, 0)) + self.address.pack()
@@ -274,13 +278,7 @@ class UdpDatagram:
 
 
 Message = (
-    Greeting
-    | MethodSelection
-    | UserPassRequest
-    | UserPassReply
-    | GssapiMessage
-    | Request
-    | Reply
+    Greeting | MethodSelection | UserPassRequest | UserPassReply | GssapiMessage | Request | Reply
 )
 
 __all__ = [

@@ -29,11 +29,19 @@ HAPPY_EYEBALLS_DELAY = 0.25
 
 def literal_addrinfo(address: Address) -> list[AddrInfo]:
     """The one addrinfo entry of an IP literal address (no lookup)."""
-    if address.atyp is AddressType.IPV6:
-        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
-                 (address.host, address.port, 0, 0))]
-    return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
-             (address.host, address.port))]
+    if address.atyp == AddressType.IPV6:
+        return [
+            (
+                socket.AF_INET6,
+                socket.SOCK_STREAM,
+                socket.IPPROTO_TCP,
+                "",
+                (address.host, address.port, 0, 0),
+            )
+        ]
+    return [
+        (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address.host, address.port))
+    ]
 
 
 async def open_target(relay: Relay, infos: list[AddrInfo], timeout: float) -> None:
@@ -42,8 +50,9 @@ async def open_target(relay: Relay, infos: list[AddrInfo], timeout: float) -> No
     async with asyncio.timeout(timeout):
         if len(infos) == 1:
             family, _, _, _, sockaddr = infos[0]
-            await loop.create_connection(lambda: relay.target, sockaddr[0], sockaddr[1],
-                                         family=family)
+            await loop.create_connection(
+                lambda: relay.target, sockaddr[0], sockaddr[1], family=family
+            )
             return
         sock = await aiohappyeyeballs.start_connection(
             infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
@@ -56,7 +65,7 @@ async def connect(session: Session, address: Address) -> None:
     config = session.ctx.config
     relay = Relay(session, high_water=config.relay_buffer, idle_timeout=config.idle_timeout)
     try:
-        if address.atyp is AddressType.DOMAIN:
+        if address.atyp == AddressType.DOMAIN:
             infos = await session.ctx.resolver.resolve(address.host, address.port)
         else:
             infos = literal_addrinfo(address)
@@ -71,4 +80,3 @@ def _describe(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return f"connect timeout after {timeout:g}s"
     return str(exc) or type(exc).__name__
-

@@ -21,15 +21,20 @@ log = logging.getLogger("socksd")
 LISTEN_BACKLOG = 4096
 
 
-def bind_socket(address: ListenAddress, *, reuse_port: bool = False,
-                port: int | None = None) -> socket.socket:
+def bind_socket(
+    address: ListenAddress, *, reuse_port: bool = False, port: int | None = None
+) -> socket.socket:
     """A listening TCP socket on ``address`` (IPv6 sockets accept IPv6 only).
 
     ``reuse_port`` sets SO_REUSEPORT so that several worker processes can each have a socket on
     the same port (the kernel spreads connections over them); ``port`` overrides the address's.
     """
-    infos = socket.getaddrinfo(address.host, address.port if port is None else port,
-                               type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    infos = socket.getaddrinfo(
+        address.host,
+        address.port if port is None else port,
+        type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE,
+    )
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -52,8 +57,10 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind_for_workers(addresses: tuple[ListenAddress, ...], workers: int,
-                     ) -> list[list[socket.socket]]:
+def bind_for_workers(
+    addresses: tuple[ListenAddress, ...],
+    workers: int,
+) -> list[list[socket.socket]]:
     """For each worker, one SO_REUSEPORT socket per address, all on the same ports.
 
     With port 0 the first socket picks the port and the others take the same one.
@@ -95,16 +102,18 @@ class Server:
                 out.append((host, port))
         return out
 
-    async def start(self, sockets: list[socket.socket] | None = None, *,
-                    announce: bool = True) -> None:
+    async def start(
+        self, sockets: list[socket.socket] | None = None, *, announce: bool = True
+    ) -> None:
         """Bind (or adopt the given pre-bound sockets) and start accepting sessions."""
         loop = asyncio.get_running_loop()
         ctx = self.ctx
         if sockets is None:
             sockets = [bind_socket(address) for address in self.config.listen]
         for sock in sockets:
-            server = await loop.create_server(lambda: Session(ctx), sock=sock,
-                                              backlog=LISTEN_BACKLOG)
+            server = await loop.create_server(
+                lambda: Session(ctx), sock=sock, backlog=LISTEN_BACKLOG
+            )
             self._servers.append(server)
         if announce:
             for host, port in self.addresses:

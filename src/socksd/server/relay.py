@@ -93,11 +93,21 @@ class RelayEndpoint(asyncio.Protocol):
 class Relay:
     """A client connection and a target connection relayed both ways."""
 
-    __slots__ = ("_done", "_error", "_idle", "_idle_mark", "_idle_timer", "client", "high_water",
-                 "owner", "target")
+    __slots__ = (
+        "_done",
+        "_error",
+        "_idle",
+        "_idle_mark",
+        "_idle_timer",
+        "client",
+        "high_water",
+        "owner",
+        "target",
+    )
 
-    def __init__(self, owner: RelayOwner, *, high_water: int = 256 * 1024,
-                 idle_timeout: float = 0.0) -> None:
+    def __init__(
+        self, owner: RelayOwner, *, high_water: int = 256 * 1024, idle_timeout: float = 0.0
+    ) -> None:
         self.owner = owner
         self.high_water = high_water
         self.client = RelayEndpoint(self)
@@ -124,8 +134,12 @@ class Relay:
         transport.set_write_buffer_limits(self.high_water, self.high_water // 4)
         self.owner.target_connected(self, transport)
 
-    def start(self, client: asyncio.Transport, first_data: bytes = b"", client_eof: bool = False,
-              ) -> None:
+    def start(
+        self,
+        client: asyncio.Transport,
+        first_data: bytes = b"",
+        client_eof: bool = False,
+    ) -> None:
         """Relay from now on; ``first_data`` is what the client sent after its request."""
         client.set_protocol(self.client)
         client.set_write_buffer_limits(self.high_water, self.high_water // 4)

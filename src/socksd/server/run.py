@@ -29,12 +29,14 @@ class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        })
+        return json.dumps(
+            {
+                "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
 
 
 def setup_logging(config: Config) -> None:
@@ -64,12 +66,18 @@ def build_context(config: Config) -> ServerContext:
         authenticator = UserPassAuthenticator(UserFile.load(config.users))
     resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
     access_log = AccessLog(config.access_log, config.log_format)
-    return ServerContext(config=config, resolver=resolver, access_log=access_log,
-                         authenticator=authenticator)
+    return ServerContext(
+        config=config, resolver=resolver, access_log=access_log, authenticator=authenticator
+    )
 
 
-async def serve(config: Config, ctx: ServerContext | None = None, *,
-                sockets: list[socket.socket] | None = None, announce: bool = True) -> None:
+async def serve(
+    config: Config,
+    ctx: ServerContext | None = None,
+    *,
+    sockets: list[socket.socket] | None = None,
+    announce: bool = True,
+) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
     ctx = ctx or build_context(config)
     server = Server(ctx)

@@ -20,9 +20,9 @@ from typing import Any, cast
 
 from socksd.accesslog import SessionRecord
 from socksd.protocol import (
-    Address,
     CONNECTION_CLOSED,
     NEED_DATA,
+    Address,
     AuthMethod,
     Command,
     Greeting,
@@ -76,8 +76,11 @@ class Session(asyncio.Protocol):
         self.record = SessionRecord(_format_peer(transport.get_extra_info("peername")), time.time())
         if len(ctx.sessions) >= ctx.config.max_sessions:
             ctx.refused_sessions += 1
-            log.warning("refusing %s: %d sessions open (max_sessions)", self.record.client,
-                        len(ctx.sessions))
+            log.warning(
+                "refusing %s: %d sessions open (max_sessions)",
+                self.record.client,
+                len(ctx.sessions),
+            )
             self.closed = self._finished = True
             transport.abort()
             return
@@ -146,8 +149,9 @@ class Session(asyncio.Protocol):
         self.record.user = creds.username.decode("utf-8", "backslashreplace")
         self.transport.write(self.conn.send(UserPassReply(0 if ok else 1)))
         if not ok:
-            log.warning("authentication failed for user %r from %s", self.record.user,
-                        self.record.client)
+            log.warning(
+                "authentication failed for user %r from %s", self.record.user, self.record.client
+            )
             self.close("authentication failed")
             return
         self.transport.resume_reading()

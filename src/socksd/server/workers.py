@@ -13,6 +13,7 @@ clean; it builds its own resolver, authenticator (with its bcrypt threads) and a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -51,8 +52,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until told to stop; return the exit status."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in
-                    (signal.SIGTERM, signal.SIGINT)}
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
         try:
             for index in range(self.count):
                 self._spawn(index)
@@ -72,10 +74,8 @@ class Supervisor:
             log.info("signal received: stopping %d workers", len(self.children))
         self.stopping = True
         for pid in self.children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     def _spawn(self, index: int) -> None:
         pid = os.fork()
@@ -90,7 +90,7 @@ class Supervisor:
                             sock.close()
                 _worker_main(self.worker_config, self.sockets[index])
                 status = 0
-            except BaseException:  # noqa: BLE001 - a worker must never return into the supervisor
+            except BaseException:
                 log.exception("worker %d failed", index)
             finally:
                 logging.shutdown()
@@ -115,8 +115,11 @@ class Supervisor:
             now = time.monotonic()
             self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
             if len(self.restarts) > MAX_RESTARTS:
-                log.error("workers keep dying (%d restarts in %gs): stopping", MAX_RESTARTS,
-                          RESTART_WINDOW)
+                log.error(
+                    "workers keep dying (%d restarts in %gs): stopping",
+                    MAX_RESTARTS,
+                    RESTART_WINDOW,
+                )
                 self._on_signal(signal.SIGTERM, None)
                 status = 1
                 continue
