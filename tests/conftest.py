@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-LISTENING = re.compile(r"listening on (\S+)")
+LISTENING = re.compile(r"listening on ([^\s\"]+)")
 
 
 @dataclass
@@ -50,16 +50,18 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(tmp_path: Path, *args: str, timeout: float = 15.0,
-                 env: dict[str, str] | None = None) -> ServerProcess:
+def start_server(
+    tmp_path: Path, *args: str, timeout: float = 15.0, env: dict[str, str] | None = None
+) -> ServerProcess:
     """Start ``socksd serve ARGS`` (default listen 127.0.0.1:0) and wait for 'listening on'."""
     argv = [sys.executable, "-m", "socksd", "serve", *args]
     if "--listen" not in args and "--config" not in args:
         argv += ["--listen", "127.0.0.1:0"]
     log_path = tmp_path / f"socksd-{time.monotonic_ns()}.log"
     logf = log_path.open("w")
-    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        argv, stdout=logf, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")

@@ -48,20 +48,33 @@ class SessionRecord:
         }
 
 
+def _field(value: str | None) -> str:
+    """A value safe to put in a space-separated line: quoted JSON-style if it needs to be."""
+    if value is None:
+        return "-"
+    if value and all("!" <= c <= "~" and c != '"' for c in value):
+        return value
+    return json.dumps(value)
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 def format_text(record: SessionRecord, ended: float) -> str:
-    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [error=...]``."""
+    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [error="..."]``.
+
+    A user name with spaces, quotes or control characters is written as a JSON string, so a
+    client cannot forge lines or fields.
+    """
     rep = "-" if record.reply is None else f"0x{record.reply:02x}"
     line = (
-        f"{_iso(ended)} {record.client} user={record.user or '-'} {record.command or '-'} "
-        f"{record.target or '-'} -> {record.remote or '-'} rep={rep} "
+        f"{_iso(ended)} {record.client} user={_field(record.user)} {record.command or '-'} "
+        f"{_field(record.target)} -> {record.remote or '-'} rep={rep} "
         f"up={record.bytes_up} down={record.bytes_down} dur={ended - record.started:.3f}s"
     )
     if record.error:
-        line += f" error={record.error!r}"
+        line += f" error={json.dumps(record.error)}"
     return line
 
 

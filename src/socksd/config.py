@@ -154,6 +154,13 @@ def _convert(key: str, value: Any) -> Any:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
             raise ConfigError('dns: expected a list of "IP" or "IP:PORT" strings')
+        from socksd.resolver import parse_dns_server
+
+        for item in items:
+            try:
+                parse_dns_server(item)
+            except ValueError as e:
+                raise ConfigError(f"dns: {e}") from None
         return tuple(items)
     if key == "hosts":
         if not isinstance(value, Mapping):
@@ -161,7 +168,11 @@ def _convert(key: str, value: Any) -> Any:
         hosts: dict[str, tuple[str, ...]] = {}
         for name, ips in value.items():
             items = [ips] if isinstance(ips, str) else ips
-            if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+            if (
+                not isinstance(items, list | tuple)
+                or not items
+                or not all(isinstance(v, str) for v in items)
+            ):
                 raise ConfigError(
                     f'hosts.{name}: expected a list of IP strings, e.g. ["127.0.0.1"]'
                 )

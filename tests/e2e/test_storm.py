@@ -41,7 +41,9 @@ async def _echo_server() -> asyncio.Server:
 async def _session(proxy_port: int, target_port: int, payload: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
     try:
-        request = b"\x05\x01\x00" + b"\x05\x01\x00\x01\x7f\x00\x00\x01" + struct.pack("!H", target_port)
+        request = (
+            b"\x05\x01\x00" + b"\x05\x01\x00\x01\x7f\x00\x00\x01" + struct.pack("!H", target_port)
+        )
         writer.write(request + payload)
         writer.write_eof()
         head = await reader.readexactly(2 + 10)

@@ -12,7 +12,7 @@ import asyncio
 import socket
 from dataclasses import dataclass, field
 
-from socksd.client.errors import ProxyConnectionError, ProxyTimeoutError
+from socksd.client.errors import ProxyConnectionError, ProxyError, ProxyTimeoutError
 from socksd.client.handshake import ClientHandshake
 from socksd.protocol import Address, Command, Reply
 
@@ -82,11 +82,11 @@ async def open_connection(
             except BaseException:
                 writer.close()
                 raise
+    except ProxyError:
+        raise
     except TimeoutError:
         raise ProxyTimeoutError(f"SOCKS handshake with {p.host}:{p.port} timed out") from None
     except OSError as e:
-        if isinstance(e, ProxyConnectionError | ConnectionError):
-            raise
         raise ProxyConnectionError(f"cannot reach proxy {p.host}:{p.port}: {e}") from e
     if early:
         reader.feed_data(early)  # cannot happen with a StreamReader; kept for completeness

@@ -105,7 +105,7 @@ class Address:
         return b"\x03" + bytes((len(name),)) + name + _PORT.pack(self.port)
 
     def __str__(self) -> str:
-        if self.atyp == AddressType.IPV6:
+        if ":" in self.host:  # IPv6, also when sent as a name
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 

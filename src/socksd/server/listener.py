@@ -9,14 +9,19 @@ aborts what is left.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
+from typing import Any
 
-from socksd.config import Config, ListenAddress
+from socksd.config import Config, ConfigError, ListenAddress
 from socksd.server.context import ServerContext
 from socksd.server.session import Session
 
 log = logging.getLogger("socksd")
+# "listening on" lines are what scripts wait for: shown whatever the log level.
+ready_log = logging.getLogger("socksd.listener")
+ready_log.setLevel(logging.INFO)
 
 LISTEN_BACKLOG = 4096
 
@@ -38,18 +43,28 @@ def bind_socket(
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
+        _setup_listener(sock, family, sockaddr, reuse_port)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            f"listen: cannot listen on {address}: {e.strerror or e}"
+            + ("; is another server using it?" if e.errno == errno.EADDRINUSE else "")
+        ) from None
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _setup_listener(sock: socket.socket, family: int, sockaddr: Any, reuse_port: bool) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(sockaddr)
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -117,7 +132,12 @@ class Server:
             self._servers.append(server)
         if announce:
             for host, port in self.addresses:
-                log.info("listening on %s", format_hostport(host, port))
+                ready_log.info("listening on %s", format_hostport(host, port))
+
+    def abort_all(self, reason: str) -> None:
+        """Cut every open session now."""
+        for session in list(self.ctx.sessions):
+            session.abort(reason)
 
     async def shutdown(self) -> None:
         """Stop accepting, let sessions drain until the deadline, abort the rest."""
@@ -133,8 +153,7 @@ class Server:
             await asyncio.sleep(0.05)
         if sessions:
             log.warning("shutdown deadline reached: aborting %d sessions", len(sessions))
-            for session in list(sessions):
-                session.abort("server shutdown deadline")
+            self.abort_all("server shutdown deadline")
             await asyncio.sleep(0)
         for server in self._servers:
             await server.wait_closed()

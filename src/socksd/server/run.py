@@ -81,16 +81,24 @@ async def serve(
     """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
     ctx = ctx or build_context(config)
     server = Server(ctx)
-    await server.start(sockets, announce=announce)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Installed before the first "listening on" line, so a signal sent as soon as a script sees
+    # that line already means "shut down gracefully" (not asyncio.Runner's KeyboardInterrupt).
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start(sockets, announce=announce)
     await stop.wait()
     log.info("signal received: shutting down")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-    await server.shutdown()
+    stop.clear()
+    drained = asyncio.ensure_future(server.shutdown())
+    again = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([drained, again], return_when=asyncio.FIRST_COMPLETED)
+    if not drained.done():
+        log.warning("second signal: closing all sessions now")
+        server.abort_all("second signal")
+        await drained
+    again.cancel()
     ctx.access_log.close()
 
 

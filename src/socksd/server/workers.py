@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any
 
 from socksd.config import Config
-from socksd.server.listener import bind_for_workers, format_hostport
+from socksd.server.listener import bind_for_workers, format_hostport, ready_log
 
 log = logging.getLogger("socksd")
 
@@ -60,7 +60,9 @@ class Supervisor:
                 self._spawn(index)
             for sock in self.sockets[0]:
                 host, port = sock.getsockname()[:2]
-                log.info("listening on %s (%d workers)", format_hostport(host, port), self.count)
+                ready_log.info(
+                    "listening on %s (%d workers)", format_hostport(host, port), self.count
+                )
             return self._watch()
         finally:
             for sig, handler in previous.items():

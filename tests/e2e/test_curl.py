@@ -1,0 +1,153 @@
+"""curl through socksd to loopback HTTP servers (IPv4 and IPv6), with and without auth."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import ServerProcess
+from tests.e2e.conftest import PASSWORD, USER
+from tests.e2e.support import HttpServer, access_lines, clean_env, wait_for
+
+CURL = shutil.which("curl") or "/usr/bin/curl"
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run curl quietly with bounded times; never a proxy from the environment."""
+    return subprocess.run(
+        [CURL, "--silent", "--show-error", "--max-time", "20", "--connect-timeout", "10", *args],
+        capture_output=True,
+        timeout=40,
+        env=clean_env(),
+        check=False,
+    )
+
+
+def proxy(server: ServerProcess) -> str:
+    return f"{server.host}:{server.port}"
+
+
+def wait_access_line(server: ServerProcess, needle: str) -> str:
+    """The first access-log line containing ``needle`` (lines are written at session end)."""
+    wait_for(lambda: any(needle in line for line in access_lines(server)), timeout=10)
+    lines = [line for line in access_lines(server) if needle in line]
+    assert lines, f"no access-log line with {needle!r}:\n{server.log()}"
+    return lines[-1]
+
+
+def test_socks5_ipv4(open_server: ServerProcess, http4: HttpServer) -> None:
+    result = curl("--socks5", proxy(open_server), http4.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == HttpServer.body
+    line = wait_access_line(open_server, f"CONNECT 127.0.0.1:{http4.port}")
+    assert "rep=0x00" in line
+    down = int(re.search(r" down=(\d+)", line).group(1))  # type: ignore[union-attr]
+    up = int(re.search(r" up=(\d+)", line).group(1))  # type: ignore[union-attr]
+    assert down > len(HttpServer.body)  # the body plus the response headers
+    assert up > len("GET / HTTP/1.1\r\n\r\n")
+
+
+def test_socks5_hostname_keeps_the_domain(open_server: ServerProcess, http4: HttpServer) -> None:
+    url = f"http://localhost:{http4.port}/"
+    result = curl("--socks5-hostname", proxy(open_server), url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == HttpServer.body
+    line = wait_access_line(open_server, f"CONNECT localhost:{http4.port}")
+    assert "rep=0x00" in line
+    assert f"-> 127.0.0.1:{http4.port}" in line
+
+
+def test_socks5h_url_scheme(open_server: ServerProcess, http4: HttpServer) -> None:
+    url = f"http://localhost:{http4.port}/"
+    result = curl("--proxy", f"socks5h://{proxy(open_server)}", url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == HttpServer.body
+
+
+def test_ipv6_target(open_server: ServerProcess, http6: HttpServer) -> None:
+    result = curl("--socks5", proxy(open_server), http6.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == HttpServer.body
+    line = wait_access_line(open_server, f"CONNECT [::1]:{http6.port}")
+    assert "rep=0x00" in line
+
+
+def test_ipv6_target_by_hostname(open_server: ServerProcess, http6: HttpServer) -> None:
+    result = curl("--socks5-hostname", proxy(open_server), http6.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == HttpServer.body
+
+
+def test_auth_ok_logs_user_and_domain_never_password(
+    auth_server: ServerProcess, http4: HttpServer
+) -> None:
+    url = f"http://localhost:{http4.port}/auth-ok"
+    result = curl("--socks5-hostname", proxy(auth_server), "-U", f"{USER}:{PASSWORD}", url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == HttpServer.body
+    line = wait_access_line(auth_server, f"user={USER} CONNECT localhost:{http4.port}")
+    assert "rep=0x00" in line
+    assert PASSWORD not in auth_server.log()
+
+
+def test_auth_ok_ip_target(auth_server: ServerProcess, http4: HttpServer) -> None:
+    result = curl("--socks5", proxy(auth_server), "--proxy-user", f"{USER}:{PASSWORD}", http4.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == HttpServer.body
+
+
+def test_wrong_password_fails(auth_server: ServerProcess, http4: HttpServer) -> None:
+    wrong = "not-the-password"
+    result = curl(
+        "--socks5-hostname",
+        proxy(auth_server),
+        "-U",
+        f"{USER}:{wrong}",
+        f"http://localhost:{http4.port}/",
+    )
+    assert result.returncode != 0  # 97: proxy handshake error
+    assert HttpServer.body not in result.stdout
+    assert result.stdout == b""
+    wait_for(lambda: "authentication failed" in auth_server.log(), timeout=10)
+    log = auth_server.log()
+    assert wrong not in log
+    assert PASSWORD not in log
+
+
+def test_unknown_user_fails(auth_server: ServerProcess, http4: HttpServer) -> None:
+    result = curl("--socks5", proxy(auth_server), "-U", f"mallory:{PASSWORD}", http4.url)
+    assert result.returncode != 0
+    assert result.stdout == b""
+    assert PASSWORD not in auth_server.log()
+
+
+def test_no_credentials_against_auth_server_fails(
+    auth_server: ServerProcess, http4: HttpServer
+) -> None:
+    result = curl("--socks5", proxy(auth_server), http4.url)
+    assert result.returncode != 0
+    assert result.stdout == b""
+
+
+def test_refused_target_fails(open_server: ServerProcess) -> None:
+    from tests.conftest import free_port
+
+    port = free_port()
+    result = curl("--socks5", proxy(open_server), f"http://127.0.0.1:{port}/")
+    assert result.returncode != 0
+    assert result.stdout == b""
+    line = wait_access_line(open_server, f"CONNECT 127.0.0.1:{port}")
+    assert "rep=0x05" in line
+
+
+def test_many_sequential_requests(open_server: ServerProcess, http4: HttpServer) -> None:
+    """One curl, several URLs: each is a separate SOCKS session; all bodies arrive."""
+    urls = [f"http://localhost:{http4.port}/n{i}" for i in range(5)]
+    result = curl("--socks5-hostname", proxy(open_server), *urls)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == HttpServer.body * 5
