@@ -3,7 +3,7 @@
 Nothing here touches a socket or an event loop; ``socksd.server`` and ``socksd.client`` wrap it.
 """
 
-from socksd.protocol.address import Address, is_valid_hostname, parse_address
+from socksd.protocol.address import Address, format_hostport, is_valid_hostname, parse_address
 from socksd.protocol.connection import (
     CONNECTION_CLOSED,
     NEED_DATA,
@@ -63,6 +63,7 @@ __all__ = [
     "UserPassReply",
     "UserPassRequest",
     "UserPassStatus",
+    "format_hostport",
     "is_valid_hostname",
     "parse_address",
 ]

@@ -24,6 +24,11 @@ _HOSTNAME = re.compile(rb"(?:" + _LABEL + rb"\.)*" + _LABEL + rb"\.?")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def format_hostport(host: str, port: int) -> str:
+    """``host:port``, with IPv6 hosts in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def is_valid_hostname(name: bytes) -> bool:
     """True when ``name`` is a syntactically possible host name (or an IP literal)."""
     if not 0 < len(name) <= 255:
@@ -105,9 +110,7 @@ class Address:
         return b"\x03" + bytes((len(name),)) + name + _PORT.pack(self.port)
 
     def __str__(self) -> str:
-        if ":" in self.host:  # IPv6, also when sent as a name
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return format_hostport(self.host, self.port)  # brackets IPv6, also when sent as a name
 
 
 def parse_address(buf: bytes | bytearray | memoryview, offset: int) -> tuple[Address, int] | None:

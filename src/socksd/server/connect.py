@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import aiohappyeyeballs
 
-from socksd.protocol import Address, AddressType
+from socksd.protocol import Address, AddressType, format_hostport
 from socksd.resolver import AddrInfo
 from socksd.server.relay import Relay
 from socksd.server.replycodes import reply_for_error
@@ -44,12 +44,17 @@ def literal_addrinfo(address: Address) -> list[AddrInfo]:
     ]
 
 
-async def open_target(relay: Relay, infos: list[AddrInfo], timeout: float) -> None:
+async def open_target(
+    session: Session, relay: Relay, infos: list[AddrInfo], timeout: float
+) -> None:
     """Connect to the first reachable of ``infos`` with ``relay.target`` as the protocol."""
     loop = asyncio.get_running_loop()
+    record = session.record
     async with asyncio.timeout(timeout):
         if len(infos) == 1:
             family, _, _, _, sockaddr = infos[0]
+            if record is not None:
+                record.remote = format_hostport(sockaddr[0], sockaddr[1])
             await loop.create_connection(
                 lambda: relay.target, sockaddr[0], sockaddr[1], family=family
             )
@@ -69,7 +74,7 @@ async def connect(session: Session, address: Address) -> None:
             infos = await session.ctx.resolver.resolve(address.host, address.port)
         else:
             infos = literal_addrinfo(address)
-        await open_target(relay, infos, config.connect_timeout)
+        await open_target(session, relay, infos, config.connect_timeout)
     except asyncio.CancelledError:
         raise
     except Exception as e:  # every failure is a reply code, never a crash

@@ -15,6 +15,7 @@ import socket
 from typing import Any
 
 from socksd.config import Config, ConfigError, ListenAddress
+from socksd.protocol import format_hostport
 from socksd.server.context import ServerContext
 from socksd.server.session import Session
 
@@ -65,11 +66,6 @@ def _setup_listener(sock: socket.socket, family: int, sockaddr: Any, reuse_port:
     sock.bind(sockaddr)
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
-
-
-def format_hostport(host: str, port: int) -> str:
-    """``host:port``, with IPv6 hosts in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def bind_for_workers(

@@ -34,12 +34,16 @@ from socksd.protocol import (
     State,
     UserPassReply,
     UserPassRequest,
+    format_hostport,
 )
 from socksd.server.connect import connect
 from socksd.server.context import ServerContext
 from socksd.server.relay import Relay
 
 log = logging.getLogger("socksd.session")
+
+PENDING_LIMIT = 64 * 1024
+"""Bytes a client may send after its request, before the command is done, until reading pauses."""
 
 CommandHandler = Callable[["Session", Address], Coroutine[Any, Any, None]]
 COMMANDS: dict[Command, CommandHandler] = {Command.CONNECT: connect}
@@ -48,8 +52,7 @@ COMMANDS: dict[Command, CommandHandler] = {Command.CONNECT: connect}
 
 def _format_peer(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return format_hostport(str(peer[0]), peer[1])
     return str(peer)
 
 
@@ -89,7 +92,14 @@ class Session(asyncio.Protocol):
         self._timer = loop.call_later(ctx.config.handshake_timeout, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
+        conn = self.conn
+        conn.receive_data(data)
+        if conn.state is State.REPLY:
+            # The command is running; what the client sends meanwhile is kept for the target.
+            # Reading is paused only if that grows large: pausing costs two syscalls a session.
+            if conn.buffered > PENDING_LIMIT and self.transport is not None:
+                self.transport.pause_reading()
+            return
         self._process()
 
     def eof_received(self) -> bool:
@@ -162,7 +172,6 @@ class Session(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.transport.pause_reading()
         self.record.command = request.command.name
         self.record.target = str(request.address)
         handler = COMMANDS.get(request.command)
@@ -223,7 +232,8 @@ class Session(asyncio.Protocol):
         assert self.record is not None
         self.relay = relay
         sockname = transport.get_extra_info("sockname")
-        self.record.remote = _format_peer(transport.get_extra_info("peername"))
+        if self.record.remote is None:
+            self.record.remote = _format_peer(transport.get_extra_info("peername"))
         self.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, Address.of(*sockname[:2])))
         relay.start(self.transport, self.conn.trailing_data(), self.client_eof)
 

@@ -24,7 +24,8 @@ from types import FrameType
 from typing import Any
 
 from socksd.config import Config
-from socksd.server.listener import bind_for_workers, format_hostport, ready_log
+from socksd.protocol import format_hostport
+from socksd.server.listener import bind_for_workers, ready_log
 
 log = logging.getLogger("socksd")
 
