@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import resource
@@ -116,11 +117,22 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
+def tune_gc() -> None:
+    """Fewer, larger garbage collections: sessions allocate many short-lived containers.
+
+    Objects alive at start-up (modules, config) are frozen out of every later collection.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def run(config: Config, ctx: ServerContext | None = None) -> int:
     """Run the server in the foreground with ``config``; return the exit status."""
     setup_logging(config)
     raise_fd_limit()
     factory = loop_factory(config.loop)
+    tune_gc()
     log.info("socksd starting (%s loop)", "uvloop" if factory else "asyncio")
     if worker_count(config) > 1:
         if ctx is not None:
