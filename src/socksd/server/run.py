@@ -17,8 +17,11 @@ from socksd.accesslog import AccessLog
 from socksd.auth.htpasswd import UserFile
 from socksd.auth.userpass import UserPassAuthenticator
 from socksd.config import Config
+from socksd.limits import Limits
 from socksd.resolver import make_resolver
+from socksd.rules import RuleSet
 from socksd.server.context import ServerContext
+from socksd.server.hostaddrs import host_networks
 from socksd.server.listener import Server
 from socksd.server.workers import Supervisor, worker_count
 
@@ -67,8 +70,20 @@ def build_context(config: Config) -> ServerContext:
     resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
     access_log = AccessLog(config.access_log, config.log_format)
     return ServerContext(
-        config=config, resolver=resolver, access_log=access_log, authenticator=authenticator
+        config=config,
+        resolver=resolver,
+        access_log=access_log,
+        authenticator=authenticator,
+        rules=effective_rules(config),
+        limits=Limits(config),
     )
+
+
+def effective_rules(config: Config) -> RuleSet:
+    """The config's rules, guarding this host's addresses when ``protect_local`` is on."""
+    if config.rules.protect_local:
+        return config.rules.with_host_addresses(host_networks())
+    return config.rules
 
 
 async def serve(
