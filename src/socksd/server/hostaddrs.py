@@ -15,7 +15,8 @@ import re
 import socket
 from pathlib import Path
 
-from socksd.rules import Network
+from socksd.config import Config
+from socksd.rules import Network, RuleSet
 
 log = logging.getLogger("socksd")
 
@@ -64,3 +65,10 @@ def host_networks(proc: Path = Path("/proc/net")) -> tuple[Network, ...]:
             host = str(info[4][0]).partition("%")[0]
             found.add(ipaddress.ip_network(host))
     return tuple(sorted(found, key=lambda n: (n.version, n)))
+
+
+def effective_rules(config: Config) -> RuleSet:
+    """The config's rules, guarding this host's addresses when ``protect_local`` is on."""
+    if config.rules.protect_local:
+        return config.rules.with_host_addresses(host_networks())
+    return config.rules

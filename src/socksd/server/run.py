@@ -1,4 +1,9 @@
-"""Running a server process: event loop choice, logging, signals, graceful shutdown."""
+"""Running a server process: event loop choice, logging, signals, graceful shutdown.
+
+SIGTERM/SIGINT shut down gracefully; SIGHUP reloads the configuration (``socksd.server.reload``).
+SIGHUP is ignored from the start of :func:`run` until the handler is in place, so an early one
+does not kill the process (its default action).
+"""
 
 from __future__ import annotations
 
@@ -19,13 +24,16 @@ from socksd.auth.userpass import UserPassAuthenticator
 from socksd.config import Config
 from socksd.limits import Limits
 from socksd.resolver import make_resolver
-from socksd.rules import RuleSet
 from socksd.server.context import ServerContext
-from socksd.server.hostaddrs import host_networks
+from socksd.server.hostaddrs import effective_rules
 from socksd.server.listener import Server
+from socksd.server.reload import ConfigSource, reload
 from socksd.server.workers import Supervisor, worker_count
 
 log = logging.getLogger("socksd")
+
+FD_RESERVE = 64
+"""Open files a process needs besides its sessions: listeners, logs, DNS, the event loop."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -79,21 +87,17 @@ def build_context(config: Config) -> ServerContext:
     )
 
 
-def effective_rules(config: Config) -> RuleSet:
-    """The config's rules, guarding this host's addresses when ``protect_local`` is on."""
-    if config.rules.protect_local:
-        return config.rules.with_host_addresses(host_networks())
-    return config.rules
-
-
 async def serve(
     config: Config,
     ctx: ServerContext | None = None,
     *,
     sockets: list[socket.socket] | None = None,
     announce: bool = True,
+    source: ConfigSource | None = None,
 ) -> None:
-    """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads from
+    ``source`` (by default the same config: the user file is read again, the access log
+    reopened)."""
     ctx = ctx or build_context(config)
     server = Server(ctx)
     loop = asyncio.get_running_loop()
@@ -102,6 +106,7 @@ async def serve(
     # that line already means "shut down gracefully" (not asyncio.Runner's KeyboardInterrupt).
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, ctx, source or (lambda: config))
     await server.start(sockets, announce=announce)
     await stop.wait()
     log.info("signal received: shutting down")
@@ -115,6 +120,31 @@ async def serve(
         await drained
     again.cancel()
     ctx.access_log.close()
+
+
+def _reload(ctx: ServerContext, source: ConfigSource) -> None:
+    log.info("SIGHUP received: reloading the configuration")
+    old = reload(ctx, source)
+    if old is not None and (old.log_format, old.log_level) != (
+        ctx.config.log_format,
+        ctx.config.log_level,
+    ):
+        setup_logging(ctx.config)
+
+
+def warn_fd_limit(config: Config) -> None:
+    """Say so when the open-files limit cannot hold ``max_sessions`` (two sockets a session)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    per_process = -(-config.max_sessions // worker_count(config))
+    needed = 2 * per_process + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "max_sessions %d needs about %d open files per process but the limit is %d "
+            "(ulimit -n): beyond it new connections are refused until sessions end",
+            config.max_sessions,
+            needed,
+            soft,
+        )
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -131,17 +161,24 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def run(config: Config, ctx: ServerContext | None = None) -> int:
-    """Run the server in the foreground with ``config``; return the exit status."""
+def run(
+    config: Config, ctx: ServerContext | None = None, source: ConfigSource | None = None
+) -> int:
+    """Run the server in the foreground with ``config``; return the exit status.
+
+    ``source`` rebuilds the config on SIGHUP (the CLI re-reads the file and applies its flags).
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(config)
     raise_fd_limit()
+    warn_fd_limit(config)
     factory = loop_factory(config.loop)
     log.info("socksd starting (%s loop)", "uvloop" if factory else "asyncio")
     if worker_count(config) > 1:
         if ctx is not None:
             ctx.access_log.close()
-        return Supervisor(config).run()
+        return Supervisor(config, source).run()
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
-        runner.run(serve(config, ctx))
+        runner.run(serve(config, ctx, source=source))
     return 0
