@@ -140,7 +140,7 @@ def warn_fd_limit(config: Config) -> None:
     if soft != resource.RLIM_INFINITY and soft < needed:
         log.warning(
             "max_sessions %d needs about %d open files per process but the limit is %d "
-            "(ulimit -n): beyond it new connections are refused until sessions end",
+            "(ulimit -n); raise the limit or lower max_sessions",
             config.max_sessions,
             needed,
             soft,
