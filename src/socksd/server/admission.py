@@ -182,7 +182,10 @@ def _apply(session: Session, decision: Decision) -> bool:
     if decision.allowed:
         session.admission.idle_timeout = decision.idle_timeout
         return True
-    session.fail(ReplyCode.NOT_ALLOWED, f"denied by {decision.label}")
+    reason = f"denied by {decision.label}"
+    if decision.label == "protect_local":
+        reason += " (a local destination)"
+    session.fail(ReplyCode.NOT_ALLOWED, reason)
     return False
 
 
