@@ -1,8 +1,9 @@
 """One access-log line per session, written when the session ends.
 
 Fields: client address, user, command, target as the client asked for it (a domain stays a domain),
-the address actually used, reply code, bytes each way, duration. ``text`` is one readable line;
-``json`` is one JSON object a line (JSON Lines). Passwords never reach this module.
+the address actually used, reply code, bytes each way, duration, and, when an access rule
+decided, which one (``rule``: a rule number, ``default`` or ``protect_local``). ``text`` is one
+readable line; ``json`` is one JSON object a line (JSON Lines). Passwords never reach this module.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class SessionRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     error: str | None = None
+    rule: str | None = None
+    """What decided an access rule check: a rule number, ``default`` or ``protect_local``."""
 
     def as_dict(self, ended: float) -> dict[str, object]:
         return {
@@ -45,6 +48,7 @@ class SessionRecord:
             "bytes_down": self.bytes_down,
             "duration": round(ended - self.started, 6),
             "error": self.error,
+            "rule": self.rule,
         }
 
 
@@ -62,7 +66,7 @@ def _iso(t: float) -> str:
 
 
 def format_text(record: SessionRecord, ended: float) -> str:
-    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [error="..."]``.
+    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [rule=R] [error=E]``.
 
     A user name with spaces, quotes or control characters is written as a JSON string, so a
     client cannot forge lines or fields.
@@ -73,6 +77,8 @@ def format_text(record: SessionRecord, ended: float) -> str:
         f"{_field(record.target)} -> {record.remote or '-'} rep={rep} "
         f"up={record.bytes_up} down={record.bytes_down} dur={ended - record.started:.3f}s"
     )
+    if record.rule:
+        line += f" rule={record.rule}"
     if record.error:
         line += f" error={json.dumps(record.error)}"
     return line

@@ -1,4 +1,5 @@
-"""The ``socksd`` command: ``serve`` runs the server, ``user`` manages the htpasswd user file.
+"""The ``socksd`` command: ``serve`` runs the server, ``user`` manages the htpasswd user file,
+``check-config`` validates a config file and prints the effective rules.
 
 Every mistake on the command line or in the config file ends in one line on stderr,
 ``socksd: error: <what> ...; <fix>``, and exit status 2.
@@ -115,6 +116,44 @@ def _serve_parser(sub: Any) -> None:
         choices=("auto", "uvloop", "asyncio"),
         help="event loop (default auto: uvloop when installed)",
     )
+    access = p.add_argument_group(
+        "access rules and limits ([[rules]], [groups], [bandwidth]: TOML)"
+    )
+    access.add_argument(
+        "--default",
+        choices=("allow", "deny"),
+        help="action when no rule matches (default allow)",
+    )
+    access.add_argument(
+        "--protect-local",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="deny other machines this host's own, loopback and link-local addresses unless a "
+        "rule lists them in `to` (default on)",
+    )
+    for flag, what in (
+        (
+            "--max-sessions-per-ip",
+            "concurrent sessions per client address; more are closed at "
+            "accept (default 0: no limit)",
+        ),
+        (
+            "--max-sessions-per-user",
+            "concurrent sessions per user; more get reply 0x01 (default 0: no limit)",
+        ),
+        (
+            "--max-auth-failures",
+            "failed logins from one address (IPv6: its /64) before it is "
+            "blocked (default 10; 0: never)",
+        ),
+    ):
+        access.add_argument(flag, type=int, metavar="N", help=what)
+    access.add_argument(
+        "--auth-block-time",
+        type=float,
+        metavar="S",
+        help="seconds a blocked address stays blocked after its last failed login (default 60)",
+    )
 
 
 def _workers(text: str) -> int:
@@ -153,14 +192,26 @@ def _user_parser(sub: Any) -> None:
             )
 
 
+def _check_config_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "check-config",
+        help="validate a config file and print the effective rules",
+        description="Check a TOML config file as `socksd serve --config FILE` would (the user "
+        "file included) and print the effective settings and rules, the implicit ones too. "
+        "Exit status 0 when valid, 2 with one error line otherwise.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE", help="TOML config file")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="socksd", description="A SOCKS5 proxy server (RFC 1928, RFC 1929)."
     )
     parser.add_argument("--version", action="version", version=f"socksd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,user}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,user,check-config}")
     _serve_parser(sub)
     _user_parser(sub)
+    _check_config_parser(sub)
     return parser
 
 
@@ -181,6 +232,12 @@ _SERVE_KEYS = (
     "dns",
     "loop",
     "workers",
+    "default",
+    "protect_local",
+    "max_sessions_per_ip",
+    "max_sessions_per_user",
+    "max_auth_failures",
+    "auth_block_time",
 )
 
 
@@ -227,6 +284,42 @@ def user_command(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
 
 
+def check_config_command(args: argparse.Namespace) -> int:
+    """Validate ``args.file`` and print what ``serve`` would apply."""
+    from socksd.auth.htpasswd import UserFile, UserFileError
+    from socksd.server.hostaddrs import effective_rules
+
+    path: Path = args.file
+    config = build_config(load_file(path), {})
+    try:
+        users = UserFile.load(config.users) if config.users is not None else None
+    except UserFileError as e:
+        raise ConfigError(f"users: {e}") from None
+    print(f"{path}: valid")
+    print(f"listen: {', '.join(str(a) for a in config.listen)}")
+    if users is not None:
+        print(f"authentication: username/password, {len(users.users)} users in {config.users}")
+    else:
+        print("authentication: none")
+    limits = [
+        f"max_sessions={config.max_sessions}",
+        f"max_sessions_per_ip={config.max_sessions_per_ip or 'none'}",
+        f"max_sessions_per_user={config.max_sessions_per_user or 'none'}",
+        f"max_auth_failures={config.max_auth_failures or 'none'}",
+        f"auth_block_time={config.auth_block_time:g}s",
+        f"idle_timeout={config.idle_timeout:g}s" if config.idle_timeout else "idle_timeout=none",
+    ]
+    print(f"limits: {' '.join(limits)}")
+    for user, rate in config.bandwidth.items():
+        print(f"bandwidth: {user} {rate} bytes/s each way" if rate else f"bandwidth: {user} none")
+    for name, members in config.groups.items():
+        print(f"group @{name}: {', '.join(members)}")
+    print("rules (first match wins):")
+    for line in effective_rules(config).describe():
+        print(f"  {line}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``socksd`` command."""
     parser = make_parser()
@@ -234,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "user":
             return user_command(args)
+        if args.command == "check-config":
+            return check_config_command(args)
         config = config_from_args(args)
         from socksd.auth.htpasswd import UserFileError
         from socksd.server import build_context, run
@@ -242,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx = build_context(config)
         except UserFileError as e:
             raise ConfigError(f"users: {e}") from None
-        return run(config, ctx)
+        return run(config, ctx, source=lambda: config_from_args(args))
     except ConfigError as e:
         print(f"socksd: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from socksd.rules import RuleError, RuleSet, parse_action, parse_groups, parse_ruleset
+
 DEFAULT_LISTEN = "127.0.0.1:1080"
 
 
@@ -87,6 +89,15 @@ class Config:
     hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     loop: str = "auto"
     workers: int = 1
+    rules: RuleSet = field(default_factory=RuleSet)
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    default: str = "allow"
+    protect_local: bool = True
+    max_sessions_per_ip: int = 0
+    max_sessions_per_user: int = 0
+    max_auth_failures: int = 10
+    auth_block_time: float = 60.0
+    bandwidth: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def requires_auth(self) -> bool:
@@ -183,7 +194,43 @@ def _convert(key: str, value: Any) -> Any:
                     raise ConfigError(f"hosts.{name}: {ip!r} is not an IP address") from None
             hosts[name] = tuple(items)
         return hosts
+    if key in ("rules", "groups", "default", "protect_local", "bandwidth"):
+        return _convert_access(key, value)
+    if key in ("max_sessions_per_ip", "max_sessions_per_user", "max_auth_failures"):
+        return int(_number(key, value, minimum=0, integer=True))
+    if key == "auth_block_time":
+        return float(_number(key, value, minimum=0.001))
     raise ConfigError(f"unknown key {key!r}")  # pragma: no cover - guarded by the caller
+
+
+def _convert_access(key: str, value: Any) -> Any:
+    """Access rules and bandwidth: checked here one by one, compiled in ``build_config``."""
+    try:
+        if key == "rules":
+            if not isinstance(value, list | tuple):
+                raise ConfigError("rules: expected [[rules]] tables (an array of tables)")
+            return value  # compiled once groups, default and protect_local are known
+        if key == "groups":
+            return parse_groups(value)
+        if key == "default":
+            return parse_action(value, "default").value
+        if key == "protect_local":
+            if not isinstance(value, bool):
+                raise ConfigError("protect_local: expected true or false")
+            return value
+    except RuleError as e:
+        raise ConfigError(str(e)) from None
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            "bandwidth: expected a table of user = bytes per second, e.g. alice = 1000000"
+        )
+    for user, rate in value.items():
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
+            raise ConfigError(
+                f"bandwidth.{user}: expected bytes per second (a whole number, 0 = unlimited), "
+                f"got {rate!r}"
+            )
+    return dict(value)
 
 
 def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> Config:
@@ -198,9 +245,28 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
                 known = ", ".join(sorted(_FIELDS))
                 raise ConfigError(f"unknown key {key!r}; known keys: {known}")
             merged[name] = _convert(name, value)
+    _compile_access(merged)
     config = Config(**merged)
     check_safety(config)
     return config
+
+
+def _compile_access(merged: dict[str, Any]) -> None:
+    """Compile ``rules`` with ``groups``, ``default`` and ``protect_local``; check ``bandwidth``."""
+    groups = merged.get("groups", {})
+    try:
+        merged["rules"] = parse_ruleset(
+            merged.get("rules", []),
+            groups,
+            merged.get("default", "allow"),
+            merged.get("protect_local", True),
+        )
+    except RuleError as e:
+        raise ConfigError(str(e)) from None
+    for user in merged.get("bandwidth", {}):
+        if user.startswith("@") and user[1:] not in groups:
+            known = ", ".join(f"@{g}" for g in groups) or "none"
+            raise ConfigError(f"bandwidth: {user!r} is not a group in [groups] (known: {known})")
 
 
 def check_safety(config: Config) -> None:

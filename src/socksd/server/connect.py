@@ -3,7 +3,8 @@
 The success reply is written only once the outgoing connection is established, from the target
 protocol's ``connection_made`` (see ``Session.target_connected``), never before: a reply that says
 "connected" must be true, and target bytes must not overtake it. Domain names are resolved by the
-server's resolver; with several addresses the attempts follow RFC 8305 (``aiohappyeyeballs``,
+server's resolver, and the access rules see each address (``admission.allowed_addresses``); with
+several allowed addresses the attempts follow RFC 8305 (``aiohappyeyeballs``,
 250 ms stagger, address families interleaved). Failures become reply codes through
 ``socksd.server.replycodes``; then the client connection is closed at once.
 """
@@ -18,6 +19,8 @@ import aiohappyeyeballs
 
 from socksd.protocol import Address, AddressType, format_hostport
 from socksd.resolver import AddrInfo
+from socksd.server.admission import allowed_addresses
+from socksd.server.bandwidth import relay_for
 from socksd.server.relay import Relay
 from socksd.server.replycodes import reply_for_error
 
@@ -68,13 +71,15 @@ async def open_target(
 async def connect(session: Session, address: Address) -> None:
     """Carry out one CONNECT request for ``session``."""
     config = session.ctx.config
-    relay = Relay(session, high_water=config.relay_buffer, idle_timeout=config.idle_timeout)
     try:
         if address.atyp == AddressType.DOMAIN:
             infos = await session.ctx.resolver.resolve(address.host, address.port)
+            infos = allowed_addresses(session, address, infos)  # the rules, by address
+            if not infos:
+                return  # denied: the session has answered 0x02
         else:
             infos = literal_addrinfo(address)
-        await open_target(session, relay, infos, config.connect_timeout)
+        await open_target(session, relay_for(session), infos, config.connect_timeout)
     except asyncio.CancelledError:
         raise
     except Exception as e:  # every failure is a reply code, never a crash

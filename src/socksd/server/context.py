@@ -1,4 +1,5 @@
-"""What every session of a server shares: settings, resolver, authenticator, access log, counters."""
+"""What every session of a server shares: settings, resolver, authenticator, access log, rules,
+limits, counters. A reload (SIGHUP, ``socksd.server.reload``) replaces the parts in place."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import TYPE_CHECKING
 from socksd.accesslog import AccessLog
 from socksd.auth.userpass import UserPassAuthenticator
 from socksd.config import Config
+from socksd.limits import Limits
 from socksd.protocol import AuthMethod
 from socksd.resolver import Resolver
+from socksd.rules import RuleSet
 
 if TYPE_CHECKING:
     from socksd.server.session import Session
@@ -25,6 +28,9 @@ class ServerContext:
     authenticator: UserPassAuthenticator | None = None
     sessions: set[Session] = field(default_factory=set)
     refused_sessions: int = 0
+    rules: RuleSet = field(default_factory=RuleSet)
+    """``config.rules`` guarding this host's addresses too (``protect_local``)."""
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def methods(self) -> tuple[int, ...]:

@@ -4,6 +4,15 @@
 accepts connections (scripts wait for that line; with port 0 it shows the port picked).
 ``Server.shutdown()`` stops accepting, lets open sessions finish until the shutdown deadline, then
 aborts what is left.
+
+Out of file descriptors (EMFILE, ENFILE): uvloop (libuv) accepts and closes the waiting
+connections at once and goes on serving. asyncio's selector loop stops accepting for one second
+(``ACCEPT_RETRY_DELAY``) and tries again, which is the right idea, but up to Python 3.14 it keeps
+calling ``accept()`` after the first failure, up to ``backlog`` times in the same burst, logging a
+traceback and scheduling one more retry each time: thousands of log lines and timers a second. On
+that loop the listening socket is an :class:`AcceptSocket`, which answers "nothing waiting" for
+the rest of the burst after the first failure, so asyncio backs off once; its log entry becomes one
+line (:func:`quiet_accept_errors`). Connections arriving meanwhile wait in the kernel's backlog.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import asyncio
 import errno
 import logging
 import socket
+from asyncio.selector_events import BaseSelectorEventLoop
 from typing import Any
 
 from socksd.config import Config, ConfigError, ListenAddress
@@ -68,6 +78,51 @@ def _setup_listener(sock: socket.socket, family: int, sockaddr: Any, reuse_port:
     sock.setblocking(False)
 
 
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class AcceptSocket(socket.socket):
+    """A listening socket whose ``accept()`` fails once per burst when resources run out.
+
+    After an accept fails with EMFILE/ENFILE/ENOBUFS/ENOMEM, further calls in the same event-loop
+    step raise BlockingIOError ("nothing waiting"), so asyncio's accept loop stops there.
+    """
+
+    _exhausted = False
+
+    @classmethod
+    def adopt(cls, sock: socket.socket) -> AcceptSocket:
+        """Take over ``sock``'s file descriptor (``sock`` is detached)."""
+        return cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self._exhausted:
+            raise BlockingIOError(errno.EAGAIN, "accept backing off")
+        try:
+            return super().accept()
+        except OSError as e:
+            if e.errno in _OUT_OF_RESOURCES:
+                self._exhausted = True
+                asyncio.get_running_loop().call_soon(self._recovered)
+            raise
+
+    def _recovered(self) -> None:
+        self._exhausted = False
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Exception handler: asyncio's accept back-off in one log line, the rest as usual."""
+    exc = context.get("exception")
+    if context.get("message") == "socket.accept() out of system resource":
+        strerror = getattr(exc, "strerror", None) or str(exc)
+        log.error("accept: %s; not accepting new connections for 1s", strerror)
+        return
+    handle = context.get("handle")
+    if isinstance(exc, ValueError) and "_start_serving" in repr(handle):
+        return  # a back-off retry that fired after the listener was closed (asyncio bug)
+    loop.default_exception_handler(context)
+
+
 def bind_for_workers(
     addresses: tuple[ListenAddress, ...],
     workers: int,
@@ -121,6 +176,9 @@ class Server:
         ctx = self.ctx
         if sockets is None:
             sockets = [bind_socket(address) for address in self.config.listen]
+        if isinstance(loop, BaseSelectorEventLoop):
+            sockets = [AcceptSocket.adopt(sock) for sock in sockets]
+            loop.set_exception_handler(quiet_accept_errors)
         for sock in sockets:
             server = await loop.create_server(
                 lambda: Session(ctx), sock=sock, backlog=LISTEN_BACKLOG

@@ -1,4 +1,9 @@
-"""Running a server process: event loop choice, logging, signals, graceful shutdown."""
+"""Running a server process: event loop choice, logging, signals, graceful shutdown.
+
+SIGTERM/SIGINT shut down gracefully; SIGHUP reloads the configuration (``socksd.server.reload``).
+SIGHUP is ignored from the start of :func:`run` until the handler is in place, so an early one
+does not kill the process (its default action).
+"""
 
 from __future__ import annotations
 
@@ -18,12 +23,18 @@ from socksd.accesslog import AccessLog
 from socksd.auth.htpasswd import UserFile
 from socksd.auth.userpass import UserPassAuthenticator
 from socksd.config import Config
+from socksd.limits import Limits
 from socksd.resolver import make_resolver
 from socksd.server.context import ServerContext
+from socksd.server.hostaddrs import effective_rules
 from socksd.server.listener import Server
+from socksd.server.reload import ConfigSource, reload
 from socksd.server.workers import Supervisor, worker_count
 
 log = logging.getLogger("socksd")
+
+FD_RESERVE = 64
+"""Open files a process needs besides its sessions: listeners, logs, DNS, the event loop."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,7 +79,12 @@ def build_context(config: Config) -> ServerContext:
     resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
     access_log = AccessLog(config.access_log, config.log_format)
     return ServerContext(
-        config=config, resolver=resolver, access_log=access_log, authenticator=authenticator
+        config=config,
+        resolver=resolver,
+        access_log=access_log,
+        authenticator=authenticator,
+        rules=effective_rules(config),
+        limits=Limits(config),
     )
 
 
@@ -78,8 +94,11 @@ async def serve(
     *,
     sockets: list[socket.socket] | None = None,
     announce: bool = True,
+    source: ConfigSource | None = None,
 ) -> None:
-    """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads from
+    ``source`` (by default the same config: the user file is read again, the access log
+    reopened)."""
     ctx = ctx or build_context(config)
     server = Server(ctx)
     loop = asyncio.get_running_loop()
@@ -88,6 +107,7 @@ async def serve(
     # that line already means "shut down gracefully" (not asyncio.Runner's KeyboardInterrupt).
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, ctx, source or (lambda: config))
     await server.start(sockets, announce=announce)
     await stop.wait()
     log.info("signal received: shutting down")
@@ -101,6 +121,31 @@ async def serve(
         await drained
     again.cancel()
     ctx.access_log.close()
+
+
+def _reload(ctx: ServerContext, source: ConfigSource) -> None:
+    log.info("SIGHUP received: reloading the configuration")
+    old = reload(ctx, source)
+    if old is not None and (old.log_format, old.log_level) != (
+        ctx.config.log_format,
+        ctx.config.log_level,
+    ):
+        setup_logging(ctx.config)
+
+
+def warn_fd_limit(config: Config) -> None:
+    """Say so when the open-files limit cannot hold ``max_sessions`` (two sockets a session)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    per_process = -(-config.max_sessions // worker_count(config))
+    needed = 2 * per_process + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "max_sessions %d needs about %d open files per process but the limit is %d "
+            "(ulimit -n); raise the limit or lower max_sessions",
+            config.max_sessions,
+            needed,
+            soft,
+        )
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -127,18 +172,25 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def run(config: Config, ctx: ServerContext | None = None) -> int:
-    """Run the server in the foreground with ``config``; return the exit status."""
+def run(
+    config: Config, ctx: ServerContext | None = None, source: ConfigSource | None = None
+) -> int:
+    """Run the server in the foreground with ``config``; return the exit status.
+
+    ``source`` rebuilds the config on SIGHUP (the CLI re-reads the file and applies its flags).
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(config)
     raise_fd_limit()
+    warn_fd_limit(config)
     factory = loop_factory(config.loop)
     tune_gc()
     log.info("socksd starting (%s loop)", "uvloop" if factory else "asyncio")
     if worker_count(config) > 1:
         if ctx is not None:
             ctx.access_log.close()
-        return Supervisor(config).run()
+        return Supervisor(config, source).run()
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
-        runner.run(serve(config, ctx))
+        runner.run(serve(config, ctx, source=source))
     return 0

@@ -1,7 +1,8 @@
 """One client connection, from accept to the access-log line.
 
-accept -> greeting -> method selection -> sub-negotiation (username/password) -> request ->
-command (``socksd.server.connect`` for CONNECT) -> relay -> access log.
+accept (access rules, limits) -> greeting -> method selection -> sub-negotiation
+(username/password) -> request -> access rules -> command (``socksd.server.connect`` for
+CONNECT) -> relay -> access log. The rule and limit checks live in ``socksd.server.admission``.
 
 :class:`Session` is the ``asyncio.Protocol`` of the client's connection during the handshake. It
 feeds the bytes to the sans-I/O :class:`~socksd.protocol.ServerConnection` and acts on its events.
@@ -36,6 +37,7 @@ from socksd.protocol import (
     UserPassRequest,
     format_hostport,
 )
+from socksd.server import admission
 from socksd.server.connect import connect
 from socksd.server.context import ServerContext
 from socksd.server.relay import Relay
@@ -70,13 +72,15 @@ class Session(asyncio.Protocol):
         self.relay: Relay | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._finished = False
+        self.admission: admission.Admission | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
-        self.record = SessionRecord(_format_peer(transport.get_extra_info("peername")), time.time())
+        peer = transport.get_extra_info("peername")
+        self.record = SessionRecord(_format_peer(peer), time.time())
         if len(ctx.sessions) >= ctx.config.max_sessions:
             ctx.refused_sessions += 1
             log.warning(
@@ -86,6 +90,9 @@ class Session(asyncio.Protocol):
             )
             self.closed = self._finished = True
             transport.abort()
+            return
+        if not admission.admit(self, str(peer[0]) if isinstance(peer, tuple) else ""):
+            self.closed = self._finished = True
             return
         ctx.sessions.add(self)  # (asyncio and uvloop both set TCP_NODELAY on accepted sockets)
         loop = asyncio.get_running_loop()
@@ -162,6 +169,7 @@ class Session(asyncio.Protocol):
             log.warning(
                 "authentication failed for user %r from %s", self.record.user, self.record.client
             )
+            admission.login_failed(self)
             self.close("authentication failed")
             return
         self.transport.resume_reading()
@@ -177,6 +185,8 @@ class Session(asyncio.Protocol):
         handler = COMMANDS.get(request.command)
         if handler is None:
             self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} not supported")
+            return
+        if not admission.authorize(self, request):
             return
         self.task = asyncio.get_running_loop().create_task(handler(self, request.address))
 
@@ -251,6 +261,7 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.ctx.sessions.discard(self)
+        admission.release(self)
         record = self.record
         if record is not None:
             record.bytes_up, record.bytes_down = up, down

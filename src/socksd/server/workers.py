@@ -2,9 +2,12 @@
 
 The supervisor binds, for each worker, one SO_REUSEPORT socket per listen address (the kernel
 spreads new connections over them), then forks the workers. Each worker runs its own event loop
-and its own sessions; ``max_sessions`` is split between them. The supervisor forwards SIGTERM and
-SIGINT to the workers, which drain as a single server would, and restarts a worker that dies
-unexpectedly (giving up when workers keep dying).
+and its own sessions; ``max_sessions`` is split between them (the per-IP and per-user limits,
+the failed-login guard and bandwidth buckets are each worker's own). The supervisor forwards
+SIGTERM and SIGINT to the workers, which drain as a single server would, and restarts a worker
+that dies unexpectedly (giving up when workers keep dying). On SIGHUP it checks the new config
+first (a broken one is logged once and no worker is disturbed), then forwards SIGHUP to every
+worker, which reloads itself; workers started later get the new config.
 
 Forking happens before any event loop or thread exists in the supervisor, so each worker starts
 clean; it builds its own resolver, authenticator (with its bcrypt threads) and access log.
@@ -26,6 +29,7 @@ from typing import Any
 from socksd.config import Config
 from socksd.protocol import format_hostport
 from socksd.server.listener import bind_for_workers, ready_log
+from socksd.server.reload import ConfigSource, ReloadError, load_checked, restart_only_changes
 
 log = logging.getLogger("socksd")
 
@@ -41,21 +45,29 @@ def worker_count(config: Config) -> int:
 class Supervisor:
     """Forks and watches the worker processes."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, source: ConfigSource | None = None) -> None:
         self.config = config
+        self.source: ConfigSource = source or (lambda: config)
         self.count = worker_count(config)
-        per_worker = -(-config.max_sessions // self.count)
-        self.worker_config = dataclasses.replace(config, max_sessions=per_worker)
+        self.worker_config = self.for_worker(config)
         self.sockets = bind_for_workers(config.listen, self.count)
         self.children: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
         self.restarts: list[float] = []
+
+    def for_worker(self, config: Config) -> Config:
+        """``config`` with each worker's share of ``max_sessions``, and the running listen."""
+        per_worker = -(-config.max_sessions // self.count)
+        return dataclasses.replace(
+            config, max_sessions=per_worker, listen=self.config.listen, workers=self.config.workers
+        )
 
     def run(self) -> int:
         """Run until told to stop; return the exit status."""
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload)
         try:
             for index in range(self.count):
                 self._spawn(index)
@@ -80,6 +92,22 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            return
+        try:
+            config, _ = load_checked(self.source)
+        except ReloadError as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+            return
+        for change in restart_only_changes(self.config, config):
+            log.warning("reload: %s needs a restart; keeping the running value", change)
+        self.worker_config = self.for_worker(config)
+        log.info("SIGHUP received: reloading %d workers", len(self.children))
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     def _spawn(self, index: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
@@ -87,11 +115,15 @@ class Supervisor:
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it
                 for i, socks in enumerate(self.sockets):
                     if i != index:
                         for sock in socks:
                             sock.close()
-                _worker_main(self.worker_config, self.sockets[index])
+                source = self.source
+                _worker_main(
+                    self.worker_config, self.sockets[index], lambda: self.for_worker(source())
+                )
                 status = 0
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -131,11 +163,11 @@ class Supervisor:
         return status
 
 
-def _worker_main(config: Config, sockets: list[socket.socket]) -> None:
+def _worker_main(config: Config, sockets: list[socket.socket], source: ConfigSource) -> None:
     from socksd.server.run import build_context, loop_factory, serve
 
     ctx = build_context(config)
     factory = loop_factory(config.loop)
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
-        runner.run(serve(config, ctx, sockets=sockets, announce=False))
+        runner.run(serve(config, ctx, sockets=sockets, announce=False, source=source))

@@ -1,0 +1,359 @@
+"""Limits end to end: sessions per client address and per user (hit and released), the
+failed-login guard, per-user bandwidth (within 10% of the rate, both directions, shared by a
+user's sessions, data intact), and an accept loop that survives running out of file descriptors
+on uvloop and on asyncio."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LISTENING, EchoServer, ServerProcess
+from tests.e2e.admin_support import (
+    closed_before_negotiation,
+    config_server,
+    connect_from,
+    sleep_until,
+    socks_reply,
+    wait_log_count,
+)
+from tests.e2e.support import (
+    SourceServer,
+    add_user,
+    echo_roundtrip,
+    random_bytes,
+    recv_exact,
+    rss_kb,
+    userpass,
+    wait_for,
+    wait_for_log,
+)
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("limits") / "users"
+    for name in ("alice", "bob", "carol"):
+        add_user(path, name, f"pw-{name}")
+    return path
+
+
+# -- sessions per client address and per user --------------------------------------------------------
+
+
+def test_sessions_per_ip(socksd: Callable[..., ServerProcess], echo: EchoServer) -> None:
+    server = socksd("--max-sessions-per-ip", "2")
+    held = []
+    for _ in range(2):
+        code, sock = socks_reply(server, "127.0.0.1", echo.port)
+        assert code == 0
+        held.append(sock)
+    # a third from the same address is closed at accept; another address is not affected
+    assert closed_before_negotiation(connect_from(server, "127.0.0.1"))
+    wait_for_log(server, "refusing 127.0.0.1:")
+    assert "2 sessions open from this address (max_sessions_per_ip)" in server.log()
+    code, other = socks_reply(server, "127.0.0.1", echo.port, source="127.0.0.2")
+    with other:
+        assert code == 0
+        echo_roundtrip(other, b"other address")
+    # released when a session ends
+    held.pop().close()
+
+    def third_works() -> bool:
+        try:
+            code, sock = socks_reply(server, "127.0.0.1", echo.port)
+        except (AssertionError, OSError):
+            return False
+        held.append(sock)
+        return code == 0
+
+    sleep_until(third_works, 10)
+    for sock in held:
+        echo_roundtrip(sock, b"still relayed")
+        sock.close()
+
+
+def test_failed_requests_give_their_count_back(
+    socksd: Callable[..., ServerProcess], tmp_path: Path, echo: EchoServer
+) -> None:
+    server, _ = config_server(
+        socksd, tmp_path, 'max_sessions_per_ip = 1\n[[rules]]\naction = "deny"\nports = ["9"]'
+    )
+    for _ in range(5):
+        code, sock = socks_reply(server, "127.0.0.1", 9)
+        sock.close()
+        assert code == 2
+        wait_for(lambda: True, 0)
+
+    def works() -> bool:
+        code, sock = socks_reply(server, "127.0.0.1", echo.port)
+        with sock:
+            return code == 0
+
+    sleep_until(works, 10)
+
+
+def test_sessions_per_user(
+    socksd: Callable[..., ServerProcess], users: Path, echo: EchoServer
+) -> None:
+    server = socksd("--users", str(users), "--max-sessions-per-user", "1")
+    code, first = socks_reply(server, "127.0.0.1", echo.port, user="alice", password="pw-alice")
+    assert code == 0
+    code, second = socks_reply(server, "127.0.0.1", echo.port, user="alice", password="pw-alice")
+    second.close()
+    assert code == 1  # general failure, after negotiation
+    wait_for_log(server, "refusing user 'alice' from 127.0.0.1:")
+    assert "1 sessions open (max_sessions_per_user)" in server.log()
+    code, bob = socks_reply(server, "127.0.0.1", echo.port, user="bob", password="pw-bob")
+    with bob:
+        assert code == 0
+    echo_roundtrip(first, b"first goes on")
+    first.close()
+
+    def alice_again() -> bool:
+        code, sock = socks_reply(server, "127.0.0.1", echo.port, user="alice", password="pw-alice")
+        with sock:
+            return code == 0
+
+    sleep_until(alice_again, 10)
+
+
+def test_failed_logins_block_the_address(
+    socksd: Callable[..., ServerProcess], users: Path, echo: EchoServer
+) -> None:
+    server = socksd("--users", str(users), "--max-auth-failures", "3", "--auth-block-time", "3")
+    for _ in range(3):
+        sock = connect_from(server, "127.0.0.1")
+        with sock:
+            sock.sendall(b"\x05\x01\x02" + userpass("alice", "wrong"))
+            assert recv_exact(sock, 4) == b"\x05\x02\x01\x01"
+    wait_for_log(server, "blocking 127.0.0.1 for 3s after 3 failed logins (max_auth_failures)")
+    blocked_at = time.monotonic()
+    # even the right password: closed at accept, before the greeting is answered
+    assert closed_before_negotiation(connect_from(server, "127.0.0.1"))
+    code, other = socks_reply(
+        server, "127.0.0.1", echo.port, source="127.0.0.2", user="alice", password="pw-alice"
+    )
+    other.close()
+    assert code == 0
+    assert server.log().count("blocking 127.0.0.1") == 1
+
+    def unblocked() -> bool:
+        code, sock = socks_reply(server, "127.0.0.1", echo.port, user="alice", password="pw-alice")
+        with sock:
+            return code == 0
+
+    time.sleep(max(0.0, 3.2 - (time.monotonic() - blocked_at)))
+    sleep_until(unblocked, 10)
+
+
+# -- bandwidth -------------------------------------------------------------------------------------
+
+RATE = 1_000_000
+SIZE = 3_000_000
+FAST_RATE = 50_000_000
+
+
+@pytest.fixture(scope="module")
+def limited(
+    module_socksd: Callable[..., ServerProcess],
+    users: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> ServerProcess:
+    path = tmp_path_factory.mktemp("bw") / "bw.toml"
+    path.write_text(
+        f'listen = ["127.0.0.1:0"]\nusers = "{users}"\n'
+        f"[bandwidth]\nalice = {RATE}\ncarol = {FAST_RATE}\n"
+    )
+    return module_socksd("--config", str(path))
+
+
+@pytest.fixture(scope="module")
+def source() -> Iterator[SourceServer]:
+    server = SourceServer(random_bytes(SIZE, seed=5))
+    yield server
+    server.close()
+
+
+def _download(server: ServerProcess, port: int, user: str, size: int) -> tuple[float, str]:
+    code, sock = socks_reply(server, "127.0.0.1", port, user=user, password=f"pw-{user}")
+    with sock:
+        assert code == 0
+        start = time.monotonic()
+        digest = hashlib.sha256()
+        got = 0
+        sock.settimeout(30)
+        while chunk := sock.recv(65536):
+            digest.update(chunk)
+            got += len(chunk)
+        elapsed = time.monotonic() - start
+    assert got == size
+    return elapsed, digest.hexdigest()
+
+
+def test_download_rate(limited: ServerProcess, source: SourceServer) -> None:
+    elapsed, digest = _download(limited, source.port, "alice", SIZE)
+    assert digest == source.digest
+    rate = SIZE / elapsed
+    assert 0.9 * RATE <= rate <= 1.1 * RATE, f"{rate:.0f} B/s over {elapsed:.2f}s"
+
+
+def test_upload_rate_and_half_close(limited: ServerProcess) -> None:
+    sink = EchoServer(mode="halfclose")
+    data = random_bytes(SIZE, seed=6)
+    try:
+        code, sock = socks_reply(limited, "127.0.0.1", sink.port, user="alice", password="pw-alice")
+        with sock:
+            assert code == 0
+            start = time.monotonic()
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)  # half-close: the sink answers after EOF
+            sock.settimeout(30)
+            answer = b""
+            while chunk := sock.recv(128):
+                answer += chunk
+            elapsed = time.monotonic() - start
+    finally:
+        sink.close()
+    assert answer.decode() == hashlib.sha256(data).hexdigest()
+    rate = SIZE / elapsed
+    assert 0.9 * RATE <= rate <= 1.1 * RATE, f"{rate:.0f} B/s over {elapsed:.2f}s"
+
+
+def test_sessions_of_a_user_share_the_rate(limited: ServerProcess) -> None:
+    half = SIZE // 2
+    source = SourceServer(random_bytes(half, seed=7))
+    results: list[tuple[float, str]] = []
+    try:
+        start = time.monotonic()
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(_download(limited, source.port, "alice", half))
+            )
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        elapsed = time.monotonic() - start
+    finally:
+        source.close()
+    assert [digest for _, digest in results] == [source.digest] * 2
+    rate = SIZE / elapsed
+    assert 0.85 * RATE <= rate <= 1.1 * RATE, f"{rate:.0f} B/s for both over {elapsed:.2f}s"
+
+
+def test_users_without_a_limit_are_not_slowed(limited: ServerProcess, source: SourceServer) -> None:
+    elapsed, digest = _download(limited, source.port, "bob", SIZE)
+    assert digest == source.digest
+    assert SIZE / elapsed > 3 * RATE, f"{SIZE / elapsed:.0f} B/s"
+
+
+def test_limited_slow_reader_does_not_grow_memory(limited: ServerProcess) -> None:
+    """Backpressure and a rate limit together: a client that stops reading holds the server at
+    bounded memory (40 MB at 50 MB/s is more than the kernel's socket buffers take), then gets
+    every byte in order."""
+    size = 40_000_000
+    src = SourceServer(random_bytes(size, seed=8))
+    try:
+        code, sock = socks_reply(limited, "127.0.0.1", src.port, user="carol", password="pw-carol")
+        with sock:
+            assert code == 0
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            before = peak = rss_kb(limited.proc.pid)
+            for _ in range(20):  # 2 s without reading
+                time.sleep(0.1)
+                peak = max(peak, rss_kb(limited.proc.pid))
+            digest = hashlib.sha256()
+            total = 0
+            sock.settimeout(30)
+            while chunk := sock.recv(1 << 20):
+                digest.update(chunk)
+                total += len(chunk)
+    finally:
+        src.close()
+    assert (digest.hexdigest(), total) == (src.digest, size)
+    assert peak - before < 8 * 1024, f"server grew by {peak - before} kB while the reader stopped"
+
+
+# -- out of file descriptors -------------------------------------------------------------------------
+
+NOFILE = 48
+FLOOD = 100
+
+
+def _start_with_nofile(tmp_path: Path, loop: str) -> ServerProcess:
+    """socksd with at most NOFILE open files (soft and hard), so it cannot raise the limit."""
+    wrapper = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({NOFILE}, {NOFILE})); "
+        f"sys.argv = ['socksd', 'serve', '--listen', '127.0.0.1:0', '--loop', '{loop}', "
+        "'--handshake-timeout', '30']; "
+        "runpy.run_module('socksd', run_name='__main__')"
+    )
+    log_path = tmp_path / f"nofile-{loop}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", wrapper],
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = LISTENING.findall(log_path.read_text())
+        if found:
+            host, _, port = found[0].rpartition(":")
+            return ServerProcess(proc, host, int(port), log_path, found)
+        assert proc.poll() is None, log_path.read_text()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(log_path.read_text())
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_accept_survives_running_out_of_file_descriptors(
+    tmp_path: Path, echo: EchoServer, loop: str
+) -> None:
+    server = _start_with_nofile(tmp_path, loop)
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(FLOOD):  # more connections than the server has descriptors
+            sock = socket.create_connection((server.host, server.port), timeout=10)
+            sock.sendall(b"\x05\x01\x00")
+            clients.append(sock)
+        time.sleep(2.5)
+        assert server.alive(), server.log()
+        for sock in clients:
+            sock.close()
+        clients.clear()
+
+        def serves() -> bool:
+            try:
+                code, sock = socks_reply(server, "127.0.0.1", echo.port)
+            except (AssertionError, OSError):
+                return False
+            with sock:
+                echo_roundtrip(sock, b"serving again")
+            return code == 0
+
+        sleep_until(serves, 20)
+        log = server.log()
+        assert "Traceback" not in log, log[-3000:]
+        if loop == "asyncio":
+            # backed off: about one line a second, not one per queued connection
+            count = wait_log_count(server, "accept: Too many open files", 1)
+            assert 1 <= count <= 15, log[-3000:]
+    finally:
+        for sock in clients:
+            sock.close()
+        server.stop()
