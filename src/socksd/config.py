@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from socksd.protocol.constants import Command
+
 DEFAULT_LISTEN = "127.0.0.1:1080"
 
 
@@ -64,6 +66,12 @@ class ListenAddress:
 _LOG_FORMATS = ("text", "json")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOOPS = ("auto", "uvloop", "asyncio")
+COMMAND_NAMES: dict[str, Command] = {
+    "connect": Command.CONNECT,
+    "bind": Command.BIND,
+    "udp": Command.UDP_ASSOCIATE,
+}
+"""Names of the SOCKS commands in ``commands`` (config) and ``--commands`` (flag)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +95,10 @@ class Config:
     hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     loop: str = "auto"
     workers: int = 1
+    commands: tuple[Command, ...] = tuple(COMMAND_NAMES.values())
+    bind_timeout: float = 60.0
+    udp_idle_timeout: float = 300.0
+    external_address: str | None = None
 
     @property
     def requires_auth(self) -> bool:
@@ -110,6 +122,10 @@ def _number(key: str, value: Any, *, minimum: float = 0.0, integer: bool = False
 
 def _convert(key: str, value: Any) -> Any:
     """Check one key's value and turn it into the Config field's type."""
+    if key == "commands":
+        return _commands(value)
+    if key == "external_address":
+        return _external_address(value)
     if key == "listen":
         items = [value] if isinstance(value, str) else value
         if (
@@ -138,9 +154,15 @@ def _convert(key: str, value: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError('access_log: expected "-" (stderr), "off" or a file path')
         return value
-    if key in ("handshake_timeout", "connect_timeout", "shutdown_timeout", "resolve_timeout"):
+    if key in (
+        "handshake_timeout",
+        "connect_timeout",
+        "shutdown_timeout",
+        "resolve_timeout",
+        "bind_timeout",
+    ):
         return float(_number(key, value, minimum=0.001))
-    if key == "idle_timeout":
+    if key in ("idle_timeout", "udp_idle_timeout"):
         return float(_number(key, value))
     if key == "max_sessions":
         return int(_number(key, value, minimum=1, integer=True))
@@ -184,6 +206,38 @@ def _convert(key: str, value: Any) -> Any:
             hosts[name] = tuple(items)
         return hosts
     raise ConfigError(f"unknown key {key!r}")  # pragma: no cover - guarded by the caller
+
+
+def _commands(value: Any) -> tuple[Command, ...]:
+    known = ", ".join(COMMAND_NAMES)
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f'commands: expected a list of command names ({known}), e.g. ["connect"]')
+    commands: list[Command] = []
+    for item in items:
+        name = item.strip().lower()
+        if name not in COMMAND_NAMES:
+            raise ConfigError(f"commands: {item!r} is not one of {known}")
+        if COMMAND_NAMES[name] not in commands:
+            commands.append(COMMAND_NAMES[name])
+    if not commands:
+        raise ConfigError(f"commands: serve at least one of {known}")
+    return tuple(commands)
+
+
+def _external_address(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    hint = "external_address: expected the IP address clients should use to reach this server"
+    if not isinstance(value, str):
+        raise ConfigError(hint)
+    try:
+        ip = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        raise ConfigError(f"{hint}, got {value!r} (no names, no port)") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise ConfigError(f"{hint}, got {value!r}, which no client can reach")
+    return str(ip)
 
 
 def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> Config:

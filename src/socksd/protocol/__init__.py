@@ -34,15 +34,27 @@ from socksd.protocol.messages import (
     UserPassReply,
     UserPassRequest,
 )
+from socksd.protocol.udp import (
+    MAX_UDP_PAYLOAD_IPV4,
+    MAX_UDP_PAYLOAD_IPV6,
+    BindPeerFilter,
+    UdpClientFilter,
+    is_unspecified,
+    udp_header_length,
+    udp_reply_header,
+)
 
 __all__ = [
     "CONNECTION_CLOSED",
     "MAX_HANDSHAKE_MESSAGE",
+    "MAX_UDP_PAYLOAD_IPV4",
+    "MAX_UDP_PAYLOAD_IPV6",
     "NEED_DATA",
     "SOCKS_VERSION",
     "Address",
     "AddressType",
     "AuthMethod",
+    "BindPeerFilter",
     "ClientConnection",
     "Command",
     "Event",
@@ -59,10 +71,14 @@ __all__ = [
     "Request",
     "ServerConnection",
     "State",
+    "UdpClientFilter",
     "UdpDatagram",
     "UserPassReply",
     "UserPassRequest",
     "UserPassStatus",
+    "is_unspecified",
     "is_valid_hostname",
     "parse_address",
+    "udp_header_length",
+    "udp_reply_header",
 ]

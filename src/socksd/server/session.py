@@ -1,7 +1,7 @@
 """One client connection, from accept to the access-log line.
 
 accept -> greeting -> method selection -> sub-negotiation (username/password) -> request ->
-command (``socksd.server.connect`` for CONNECT) -> relay -> access log.
+command (``socksd.server.connect``, ``bind``, ``udp``) -> relay or UDP association -> access log.
 
 :class:`Session` is the ``asyncio.Protocol`` of the client's connection during the handshake. It
 feeds the bytes to the sans-I/O :class:`~socksd.protocol.ServerConnection` and acts on its events.
@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from socksd.accesslog import SessionRecord
 from socksd.protocol import (
@@ -35,15 +35,29 @@ from socksd.protocol import (
     UserPassReply,
     UserPassRequest,
 )
+from socksd.server.bind import bind
 from socksd.server.connect import connect
 from socksd.server.context import ServerContext
 from socksd.server.relay import Relay
+from socksd.server.udp import udp_associate
 
 log = logging.getLogger("socksd.session")
 
 CommandHandler = Callable[["Session", Address], Coroutine[Any, Any, None]]
-COMMANDS: dict[Command, CommandHandler] = {Command.CONNECT: connect}
-"""The handler coroutine of each command (a command missing here is answered with 0x07)."""
+COMMANDS: dict[Command, CommandHandler] = {
+    Command.CONNECT: connect,
+    Command.BIND: bind,
+    Command.UDP_ASSOCIATE: udp_associate,
+}
+"""The handler coroutine of each command (a command missing here, or not in the ``commands``
+setting, is answered with 0x07)."""
+
+
+class Handover(Protocol):
+    """What owns the client connection once a command succeeded: a Relay, a UDP association."""
+
+    def abort(self, error: str) -> None:
+        """End at once, dropping buffered data (shutdown deadline)."""
 
 
 def _format_peer(peer: object) -> str:
@@ -64,7 +78,7 @@ class Session(asyncio.Protocol):
         self.client_eof = False
         self.closed = False
         self.task: asyncio.Task[None] | None = None
-        self.relay: Relay | None = None
+        self.relay: Handover | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._finished = False
 
@@ -166,7 +180,7 @@ class Session(asyncio.Protocol):
         self.record.command = request.command.name
         self.record.target = str(request.address)
         handler = COMMANDS.get(request.command)
-        if handler is None:
+        if handler is None or request.command not in self.ctx.config.commands:
             self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} not supported")
             return
         self.task = asyncio.get_running_loop().create_task(handler(self, request.address))
@@ -214,6 +228,7 @@ class Session(asyncio.Protocol):
     def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
         """Reply with the outgoing connection's local address, then hand over to the relay.
 
+        For BIND this is the second reply, and it carries the address of the peer that connected.
         Called from the target protocol's ``connection_made``, before any target byte can be
         delivered, so the reply always precedes the target's data (shared/HAZARDS.md).
         """
@@ -222,9 +237,12 @@ class Session(asyncio.Protocol):
             return
         assert self.record is not None
         self.relay = relay
-        sockname = transport.get_extra_info("sockname")
-        self.record.remote = _format_peer(transport.get_extra_info("peername"))
-        self.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, Address.of(*sockname[:2])))
+        peername = transport.get_extra_info("peername")
+        bound = (
+            peername if self.conn.state is State.BIND_WAIT else transport.get_extra_info("sockname")
+        )
+        self.record.remote = _format_peer(peername)
+        self.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, Address.of(*bound[:2])))
         relay.start(self.transport, self.conn.trailing_data(), self.client_eof)
 
     def relay_finished(self, relay: Relay, error: str | None) -> None:
