@@ -157,8 +157,9 @@ class ClientSide(asyncio.DatagramProtocol):
 class TargetSide(asyncio.DatagramProtocol):
     """A socket datagrams to targets leave from, and their answers arrive on: target -> client."""
 
-    def __init__(self, association: UdpAssociation) -> None:
+    def __init__(self, association: UdpAssociation, sock: socket.socket | None = None) -> None:
         self.association = association
+        self.sock = sock  # for empty datagrams, which the transport does not send
         self.transport: asyncio.DatagramTransport | None = None
         self.paused = False
 
@@ -255,7 +256,7 @@ class UdpAssociation:
             except OSError:  # no IPv6 (or no IPv4) on this host: targets of that family drop
                 continue
             side_transport, side = await loop.create_datagram_endpoint(
-                lambda: TargetSide(self), sock=sock
+                lambda: TargetSide(self, sock), sock=sock
             )
             _tune(side_transport)
             self.target_sides[fam] = side
@@ -316,8 +317,17 @@ class UdpAssociation:
             self.drop("congested")
             return
         self.datagrams_up += 1
+        if end == len(data):  # asyncio transports silently skip empty datagrams
+            self._send_empty(side, target[1])
+            return
         self.bytes_up += len(data) - end
         side.transport.sendto(memoryview(data)[end:], target[1])  # type: ignore[union-attr]
+
+    def _send_empty(self, side: TargetSide, address: SockAddr) -> None:
+        try:
+            side.sock.sendto(b"", address)  # type: ignore[union-attr]
+        except OSError:
+            self.drop("send")
 
     def _allow_replies_from(self, host: str) -> None:
         hosts = self.peer_hosts
