@@ -57,10 +57,7 @@ def udp_server(
     """socksd on 127.0.0.1 with a hosts map (echo.test -> 127.0.0.1, echo6.test -> ::1)."""
     config = tmp_path_factory.mktemp("udpcfg") / "socksd.toml"
     config.write_text(
-        'listen = ["127.0.0.1:0"]\n'
-        "[hosts]\n"
-        '"echo.test" = ["127.0.0.1"]\n'
-        '"echo6.test" = ["::1"]\n'
+        'listen = ["127.0.0.1:0"]\n[hosts]\n"echo.test" = ["127.0.0.1"]\n"echo6.test" = ["::1"]\n'
     )
     return module_socksd("--config", str(config))
 

@@ -94,6 +94,8 @@ class BindListener(_Closable):
             async with asyncio.timeout(timeout):
                 while not hs.done:
                     hs.receive_data(await self._reader.read(4096))
+        except ProxyError:
+            raise
         except TimeoutError:
             raise ProxyTimeoutError("no peer connected through the proxy in time") from None
         except OSError as e:
