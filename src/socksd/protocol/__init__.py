@@ -37,6 +37,8 @@ from socksd.protocol.messages import (
 from socksd.protocol.udp import (
     MAX_UDP_PAYLOAD_IPV4,
     MAX_UDP_PAYLOAD_IPV6,
+    UDP_HEADER_IPV4,
+    UDP_HEADER_IPV6,
     BindPeerFilter,
     UdpClientFilter,
     is_unspecified,
@@ -51,6 +53,8 @@ __all__ = [
     "MAX_UDP_PAYLOAD_IPV6",
     "NEED_DATA",
     "SOCKS_VERSION",
+    "UDP_HEADER_IPV4",
+    "UDP_HEADER_IPV6",
     "Address",
     "AddressType",
     "AuthMethod",
