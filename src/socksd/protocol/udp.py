@@ -107,7 +107,7 @@ class UdpClientFilter:
 
     def accept(self, ip: str, port: int) -> bool:
         """True when a datagram from ``ip:port`` belongs to the client (learns the first port)."""
-        if ip != self.ip:
+        if ip != self.ip or port == 0:  # source port 0 ("none", RFC 768) cannot be answered
             return False
         if self.port == 0:
             self.port = port
