@@ -508,3 +508,18 @@ def test_pysocks_udp(udp_server: ServerProcess, udp_echo: UdpEchoServer) -> None
             assert source[:2] == ("127.0.0.1", udp_echo.port)
     finally:
         sock.close()
+
+
+def test_shutdown_deadline_ends_associations_with_their_stats(
+    socksd: Callable[..., ServerProcess], udp_echo: UdpEchoServer
+) -> None:
+    server = socksd("--shutdown-timeout", "0.5")
+    control, udp, relay, _ = udp_associate_raw(server)
+    cport = control.getsockname()[1]
+    with control, udp:
+        assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"before")[2] == b"before"
+        assert server.stop() == 0  # SIGTERM: the association is cut at the deadline
+        assert recv_until_eof(control, timeout=10) == b""
+    line = association_line(server, cport)
+    assert "dgrams_up=1 dgrams_down=1" in line, line
+    assert "server shutdown deadline" in line, line
