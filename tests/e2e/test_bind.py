@@ -149,12 +149,11 @@ def test_bind_relays_both_ways_with_half_close(bind_server: ServerProcess) -> No
 
 def test_peer_bytes_do_not_overtake_the_second_reply(bind_server: ServerProcess) -> None:
     sock, _, bhost, bport = bind_request(bind_server, "0.0.0.0")
-    with sock:
-        with socket.create_connection((bhost, bport), timeout=IO_TIMEOUT) as peer:
-            peer.sendall(b"banner right away\n")
-            second, _, _ = read_reply(sock)
-            assert second[:2] == b"\x05\x00"
-            assert recv_exact(sock, 18) == b"banner right away\n"
+    with sock, socket.create_connection((bhost, bport), timeout=IO_TIMEOUT) as peer:
+        peer.sendall(b"banner right away\n")
+        second, _, _ = read_reply(sock)
+        assert second[:2] == b"\x05\x00"
+        assert recv_exact(sock, 18) == b"banner right away\n"
 
 
 # -- the expected peer -----------------------------------------------------------------------------
@@ -179,14 +178,16 @@ def test_connection_from_another_host_is_refused(bind_server: ServerProcess) -> 
 
 def test_zero_address_accepts_any_peer(bind_server: ServerProcess) -> None:
     sock, _, bhost, bport = bind_request(bind_server, "0.0.0.0")
-    with sock:
-        with socket.create_connection(
+    with (
+        sock,
+        socket.create_connection(
             (bhost, bport), timeout=IO_TIMEOUT, source_address=("127.0.0.2", 0)
-        ) as peer:
-            second, phost, pport = read_reply(sock)
-            assert second[1] == 0
-            assert (phost, pport) == peer.getsockname()[:2]
-            assert phost == "127.0.0.2"
+        ) as peer,
+    ):
+        second, phost, pport = read_reply(sock)
+        assert second[1] == 0
+        assert (phost, pport) == peer.getsockname()[:2]
+        assert phost == "127.0.0.2"
 
 
 def test_expected_peer_by_name(
@@ -278,7 +279,7 @@ def test_many_binds_at_once(bind_server: ServerProcess) -> None:
     assert len(ports) == n
     peers = []
     try:
-        for i, (sock, _, bhost, bport) in enumerate(binds):
+        for i, (_sock, _, bhost, bport) in enumerate(binds):
             peer = socket.create_connection((bhost, bport), timeout=IO_TIMEOUT)
             peers.append(peer)
             peer.sendall(b"peer %02d" % i)
@@ -367,3 +368,36 @@ def test_bind_then_connect_still_served(bind_server: ServerProcess) -> None:
             assert recv_exact(other, 1) == b"x"
     finally:
         echo.close()
+
+
+def test_bnd_is_the_local_address_on_the_route_to_the_peer(
+    socksd: Callable[..., ServerProcess],
+) -> None:
+    """Control connection on 127.0.0.2: a zero DST listens there; DST 127.0.0.1 listens on the
+    address the kernel uses to reach 127.0.0.1 (127.0.0.1 on Linux loopback)."""
+    server = socksd("--listen", "127.0.0.2:0")
+    sock, raw, bhost, _ = bind_request(server, "0.0.0.0")
+    with sock:
+        assert raw[1] == 0 and bhost == "127.0.0.2"
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with probe:
+        probe.connect(("127.0.0.1", 9))
+        route_source = probe.getsockname()[0]
+    sock, raw, bhost, _ = bind_request(server, "127.0.0.1")
+    with sock:
+        assert raw[1] == 0 and bhost == route_source
+
+
+def test_socksd_client_bind_with_password(auth_server: ServerProcess) -> None:
+    from urllib.parse import quote
+
+    from tests.e2e.conftest import PASSWORD, USER
+
+    url = f"socks5://{USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{auth_server.port}"
+    with (
+        socksd_client.create_bind(url, ("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.address, timeout=IO_TIMEOUT) as peer,
+    ):
+        sock, _ = listener.accept(timeout=IO_TIMEOUT)
+        peer.sendall(b"auth bind")
+        assert recv_exact(sock, 9) == b"auth bind"

@@ -101,7 +101,6 @@ def test_bnd_is_the_control_connections_local_address(
     udp_server: ServerProcess, udp_echo: UdpEchoServer
 ) -> None:
     control, udp, relay, raw = udp_associate_raw(udp_server)
-    cport = control.getsockname()[1]
     with control, udp:
         assert raw[:4] == b"\x05\x00\x00\x01", raw.hex()
         assert relay[0] == control.getsockname()[0] == "127.0.0.1"
@@ -115,7 +114,6 @@ def test_bnd_follows_the_address_the_client_used(
 ) -> None:
     server = socksd("--listen", "127.0.0.2:0")
     control, udp, relay, _ = udp_associate_raw(server)
-    cport = control.getsockname()[1]
     with control, udp:
         assert relay[0] == "127.0.0.2"
         assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"x")[2] == b"x"
@@ -126,7 +124,6 @@ def test_external_address_is_advertised(
 ) -> None:
     server = socksd("--external-address", "192.0.2.7")
     control, udp, relay, _ = udp_associate_raw(server)
-    cport = control.getsockname()[1]
     with control, udp:
         assert relay[0] == "192.0.2.7"
         # the socket itself is on the control connection's address, same port
@@ -153,7 +150,6 @@ def test_echo_ipv4(udp_server: ServerProcess, udp_echo: UdpEchoServer) -> None:
 
 def test_echo_ipv6(udp_server6: ServerProcess, udp_echo6: UdpEchoServer) -> None:
     control, udp, relay, raw = udp_associate_raw(udp_server6)
-    cport = control.getsockname()[1]
     with control, udp:
         assert raw[3] == 4 and relay[0] == "::1", raw.hex()
         host, port, data = echo_through(udp, relay, ("::1", udp_echo6.port), b"six")
@@ -162,7 +158,6 @@ def test_echo_ipv6(udp_server6: ServerProcess, udp_echo6: UdpEchoServer) -> None
 
 def test_ipv6_target_from_ipv4_client(udp_server: ServerProcess, udp_echo6: UdpEchoServer) -> None:
     control, udp, relay, _ = udp_associate_raw(udp_server)
-    cport = control.getsockname()[1]
     with control, udp:
         host, port, data = echo_through(udp, relay, ("::1", udp_echo6.port), b"4 to 6")
         assert (host, port, data) == ("::1", udp_echo6.port, b"4 to 6")
@@ -178,7 +173,6 @@ def test_echo_domain_name(
 ) -> None:
     port = udp_echo.port if ip == "127.0.0.1" else udp_echo6.port
     control, udp, relay, _ = udp_associate_raw(udp_server)
-    cport = control.getsockname()[1]
     with control, udp:
         for i in range(3):  # the first resolves, the next ones use the cache
             host, sport, data = echo_through(udp, relay, (name, port), b"by name %d" % i)
@@ -202,11 +196,10 @@ def test_unresolvable_name_is_dropped_and_counted(
 def test_largest_datagrams_intact(udp_server: ServerProcess, udp_echo: UdpEchoServer) -> None:
     """65,507 bytes of IPv4 payload minus the 10-byte header, both ways, unchanged."""
     control, udp, relay, _ = udp_associate_raw(udp_server)
-    cport = control.getsockname()[1]
     with control, udp:
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         payload = bytes((i * 7) % 256 for i in range(65507 - 10))
-        host, port, data = echo_through(udp, relay, ("127.0.0.1", udp_echo.port), payload)
+        data = echo_through(udp, relay, ("127.0.0.1", udp_echo.port), payload)[2]
         assert data == payload
 
 
@@ -321,7 +314,6 @@ def test_association_ends_with_its_tcp_connection(
     udp_server: ServerProcess, udp_echo: UdpEchoServer
 ) -> None:
     control, udp, relay, _ = udp_associate_raw(udp_server)
-    cport = control.getsockname()[1]
     with udp:
         with control:
             assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"alive")[2] == b"alive"
@@ -339,7 +331,6 @@ def test_association_ends_with_its_tcp_connection(
 
 def test_control_data_is_ignored(udp_server: ServerProcess, udp_echo: UdpEchoServer) -> None:
     control, udp, relay, _ = udp_associate_raw(udp_server)
-    cport = control.getsockname()[1]
     with control, udp:
         control.sendall(b"x" * 100_000)  # read and discarded, the association goes on
         assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"ok")[2] == b"ok"
@@ -429,7 +420,6 @@ def test_json_access_log_has_udp_stats(
     log = tmp_path / "access.jsonl"
     server = socksd("--log-format", "json", "--access-log", str(log))
     control, udp, relay, _ = udp_associate_raw(server)
-    cport = control.getsockname()[1]
     with control, udp:
         echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"json")
         udp.sendto(udp_header("127.0.0.1", udp_echo.port, frag=2) + b"x", relay)
@@ -523,3 +513,23 @@ def test_shutdown_deadline_ends_associations_with_their_stats(
     line = association_line(server, cport)
     assert "dgrams_up=1 dgrams_down=1" in line, line
     assert "server shutdown deadline" in line, line
+
+
+def test_socksd_client_udp_with_password(
+    auth_server: ServerProcess, udp_echo: UdpEchoServer
+) -> None:
+    from urllib.parse import quote
+
+    from tests.e2e.conftest import PASSWORD, USER
+
+    url = f"socks5://{USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{auth_server.port}"
+
+    async def main() -> tuple[bytes, tuple[str, int]]:
+        async with socksd_client.udp_associate(url) as assoc:
+            await assoc.sendto(b"authenticated", ("127.0.0.1", udp_echo.port))
+            return await assoc.recvfrom(timeout=IO_TIMEOUT)
+
+    assert asyncio.run(main()) == (b"authenticated", ("127.0.0.1", udp_echo.port))
+    assert wait_for(
+        lambda: any(f"user={USER} UDP_ASSOCIATE" in line for line in access_lines(auth_server)), 10
+    )
