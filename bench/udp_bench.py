@@ -115,6 +115,62 @@ class Server:
         self.proc = None
 
 
+def summary(
+    rows: list[dict[str, object]], names: list[str], sizes: list[int], assocs: list[int]
+) -> list[str]:
+    """Markdown tables: datagrams/s and ratios to Dante, then MB/s, loss and CPU per datagram."""
+
+    def pick(name: str, size: int, nassoc: int) -> list[dict[str, object]]:
+        return [
+            r for r in rows if r["server"] == name and r["size"] == size and r["assoc"] == nassoc
+        ]
+
+    def median(name: str, size: int, nassoc: int, key: str) -> float | None:
+        values = [float(str(r[key])) for r in pick(name, size, nassoc)]
+        return statistics.median(values) if values else None
+
+    def fmt(value: float | None, spec: str = ".0f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    proxies = [n for n in names if n != "direct"]
+    ours = [n for n in proxies if n.startswith("socksd")]
+    head = ["size", "assoc", *(f"{n} dgram/s" for n in names)]
+    if "dante" in names:
+        head += [f"{n}/dante" for n in ours]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for size in sizes:
+        for nassoc in assocs:
+            d = {n: median(n, size, nassoc, "dgrams_per_s") for n in names}
+            cells = [str(size), str(nassoc), *(fmt(d[n]) for n in names)]
+            if "dante" in names:
+                cells += [fmt((d[n] or 0) / d["dante"], ".2f") if d["dante"] else "-" for n in ours]
+            out.append("| " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "Payload MB/s of the echoes (median), datagrams lost (sum of the repetitions), "
+        "server CPU seconds per million echoed datagrams:",
+        "",
+    ]
+    head = ["size", "assoc"]
+    for n in proxies:
+        head += [f"{n} MB/s", f"{n} lost", f"{n} CPU-s/M"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for size in sizes:
+        for nassoc in assocs:
+            cells = [str(size), str(nassoc)]
+            for n in proxies:
+                rs = pick(n, size, nassoc)
+                received = sum(int(str(r["received"])) for r in rs)
+                cpu = sum(float(str(r["server_cpu_s"])) for r in rs)
+                cells += [
+                    fmt(median(n, size, nassoc, "mb_per_s"), ".1f"),
+                    str(sum(int(str(r["lost"])) for r in rs)),
+                    fmt(cpu / received * 1e6 if received else None, ".1f"),
+                ]
+            out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
@@ -122,7 +178,11 @@ def main() -> int:
     ap.add_argument("--sizes", default="64,512,1400,8192")
     ap.add_argument("--assoc", default="1,8", help="concurrent associations per workload")
     ap.add_argument("--window", type=int, default=16, help="datagrams in flight per association")
-    ap.add_argument("--only", default="direct,socksd,dante")
+    ap.add_argument(
+        "--only",
+        default="direct,socksd,dante",
+        help="servers: direct, socksd, socksd-w2 (2 workers), dante",
+    )
     ap.add_argument("--bin", type=Path, default=Path("/tmp/socks-bench-bin"))
     ap.add_argument("--out", type=Path, default=None, help="markdown table (raw .jsonl beside it)")
     args = ap.parse_args()
@@ -154,6 +214,12 @@ def main() -> int:
             env,
         ),
     }
+    servers["socksd-w2"] = Server(
+        "socksd-w2",
+        [*(servers["socksd"].argv or []), "--workers", "2"],
+        SOCKSD_PORT,
+        env,
+    )
     if danted:
         servers["dante"] = Server(
             "dante",
@@ -216,58 +282,14 @@ def main() -> int:
         os.killpg(echo.pid, signal.SIGTERM)
         echo.wait(5)
 
-    def med(name: str, size: int, nassoc: int, key: str) -> float | None:
-        values = [
-            float(r[key])
-            for r in rows  # type: ignore[arg-type]
-            if r["server"] == name and r["size"] == size and r["assoc"] == nassoc
-        ]
-        return statistics.median(values) if values else None
-
     lines = [
         "# UDP ASSOCIATE through socksd and Dante (one run, medians of "
         f"{args.reps} repetitions, {args.duration:g} s each, window {args.window})",
         "",
         "Command: `" + " ".join(shlex.quote(a) for a in ["python3", *sys.argv]) + "`",
         "",
-        "| size | assoc | direct dgram/s | socksd dgram/s | Dante dgram/s | socksd/Dante | "
-        "socksd MB/s | Dante MB/s | socksd lost | Dante lost | socksd CPU-s/M dgram | "
-        "Dante CPU-s/M dgram |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *summary(rows, names, sizes, assocs),
     ]
-    for size in sizes:
-        for nassoc in assocs:
-            d = {n: med(n, size, nassoc, "dgrams_per_s") for n in names}
-            mb = {n: med(n, size, nassoc, "mb_per_s") for n in names}
-            lost = {
-                n: sum(
-                    int(r["lost"])
-                    for r in rows  # type: ignore[call-overload]
-                    if r["server"] == n and r["size"] == size and r["assoc"] == nassoc
-                )
-                for n in names
-            }
-            cpu = {}
-            for n in names:
-                rs = [
-                    r
-                    for r in rows
-                    if r["server"] == n and r["size"] == size and r["assoc"] == nassoc
-                ]
-                total = sum(int(r["received"]) for r in rs)  # type: ignore[call-overload]
-                cpu[n] = sum(float(r["server_cpu_s"]) for r in rs) / total * 1e6 if total else None  # type: ignore[arg-type]
-
-            def f(v: float | None, fmt: str = "{:.0f}") -> str:
-                return "-" if v is None else fmt.format(v)
-
-            ratio = (d.get("socksd") or 0) / d["dante"] if d.get("dante") else None
-            lines.append(
-                f"| {size} | {nassoc} | {f(d.get('direct'))} | {f(d.get('socksd'))} | "
-                f"{f(d.get('dante'))} | {f(ratio, '{:.2f}')} | {f(mb.get('socksd'), '{:.1f}')} | "
-                f"{f(mb.get('dante'), '{:.1f}')} | {lost.get('socksd', '-')} | "
-                f"{lost.get('dante', '-')} | {f(cpu.get('socksd'), '{:.1f}')} | "
-                f"{f(cpu.get('dante'), '{:.1f}')} |"
-            )
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

@@ -266,9 +266,13 @@ class UdpAssociation:
                 sock = _wildcard_socket(fam)
             except OSError:  # no IPv6 (or no IPv4) on this host: targets of that family drop
                 continue
-            side_transport, side = await loop.create_datagram_endpoint(
-                functools.partial(TargetSide, self, sock), sock=sock
-            )
+            try:
+                side_transport, side = await loop.create_datagram_endpoint(
+                    functools.partial(TargetSide, self, sock), sock=sock
+                )
+            except BaseException:
+                sock.close()
+                raise
             _tune(side_transport)
             self.target_sides[fam] = side
         host, port = transport.get_extra_info("sockname")[:2]
@@ -345,6 +349,9 @@ class UdpAssociation:
         if host not in hosts:
             if len(hosts) >= MAX_PEER_HOSTS:
                 del hosts[next(iter(hosts))]
+                # the caches may still name the forgotten host: start them afresh (rare)
+                self.targets.clear()
+                self.reply_headers.clear()
             hosts[host] = None
 
     def _to_name(self, name: str, port: int, data: bytes, end: int) -> None:
