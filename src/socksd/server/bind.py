@@ -14,10 +14,13 @@
    the accepted connection's ``connection_made`` so no peer byte can overtake it); then the
    connection is relayed with the same :class:`~socksd.server.relay.Relay` as CONNECT.
 
-While it waits, the control connection is watched by :class:`BindControl`: bytes the client
-sends early are kept (bounded: reading pauses past ``EARLY_DATA_LIMIT``) and relayed to the peer
-after the second reply. An EOF with nothing sent means the client gave up: the BIND ends at once.
-An EOF after some data is a half-close, passed on to the peer once it is connected.
+While it waits, the control connection is watched by :class:`BindControl`. An EOF with nothing
+sent is a client that gave up: the BIND ends and its listener is closed at once. (TCP cannot tell
+that from a half-close without writing, and nothing may be written before the second reply; but a
+client has no connection of its own to half-close yet: SOCKS libraries and socksify hand the
+connection to the application only after the second reply.) Bytes a client sends early anyway are
+kept (bounded: reading pauses past ``EARLY_DATA_LIMIT``) and relayed to the peer after the second
+reply; an EOF after them is a half-close, passed on to the peer. A reset ends the BIND at once.
 """
 
 from __future__ import annotations
@@ -76,8 +79,12 @@ class BindControl(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def watch(self, transport: asyncio.Transport) -> None:
+        """Take over ``transport`` (the session's) until the peer connects."""
         self.transport = transport
         transport.set_protocol(self)
+        if self.session.client_eof:  # the EOF came while the listener was being set up
+            self.eof_received()
+            return
         transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -89,12 +96,17 @@ class BindControl(asyncio.Protocol):
     def eof_received(self) -> bool:
         session = self.session
         if session.conn.buffered == 0:
-            if session.task is not None:
-                session.task.cancel()
-            session.close("client closed the connection before the peer connected")
+            self.abandon()
             return True
-        session.client_eof = True  # a half-close: relayed to the peer after the second reply
+        session.client_eof = True  # a half-close after early data: passed on to the peer later
         return True
+
+    def abandon(self) -> None:
+        """The client closed before the peer connected: end the BIND, close the listener."""
+        session = self.session
+        if session.task is not None:
+            session.task.cancel()
+        session.close("client closed the connection before the peer connected")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.connection_lost(exc)
