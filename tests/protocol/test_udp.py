@@ -17,10 +17,10 @@ from socksd.protocol import (
     ReplyCode,
     UdpClientFilter,
     UdpDatagram,
-    is_unspecified,
     udp_header_length,
     udp_reply_header,
 )
+from socksd.protocol.udp import is_unspecified
 from tests.protocol.test_messages import UDP_CASES
 from tests.protocol.test_properties import addresses, datagrams
 

@@ -25,7 +25,8 @@ from typing import Any, Generic, TypeVar
 from socksd.client.connect import ProxyLike, _proxy
 from socksd.client.errors import ProxyConnectionError, ProxyError, ProxyTimeoutError
 from socksd.client.handshake import ClientHandshake
-from socksd.protocol import Address, Command, Reply, State, is_unspecified
+from socksd.protocol import Address, Command, Reply, State
+from socksd.protocol.udp import is_unspecified
 
 T = TypeVar("T", bound="_Closable")
 

@@ -41,7 +41,6 @@ from socksd.protocol.udp import (
     UDP_HEADER_IPV6,
     BindPeerFilter,
     UdpClientFilter,
-    is_unspecified,
     udp_header_length,
     udp_reply_header,
 )
@@ -80,7 +79,6 @@ __all__ = [
     "UserPassReply",
     "UserPassRequest",
     "UserPassStatus",
-    "is_unspecified",
     "is_valid_hostname",
     "parse_address",
     "udp_header_length",

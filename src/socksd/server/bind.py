@@ -10,8 +10,8 @@
 3. Wait, at most ``bind_timeout`` seconds, for a connection from the expected peer. A connection
    from another host is closed and logged, and the wait goes on until the deadline. Timeout:
    reply 0x06 and close.
-4. Second reply, carrying the peer's address and port (``Session.target_connected``, written from
-   the accepted connection's ``connection_made`` so no peer byte can overtake it); then the
+4. Second reply, carrying the peer's address and port (:class:`BindRelayOwner`, written from the
+   accepted connection's ``connection_made`` so no peer byte can overtake it); then the
    connection is relayed with the same :class:`~socksd.server.relay.Relay` as CONNECT.
 
 While it waits, the control connection is watched by :class:`BindControl`. An EOF with nothing
@@ -112,6 +112,30 @@ class BindControl(asyncio.Protocol):
         self.session.connection_lost(exc)
 
 
+class BindRelayOwner:
+    """The relay's owner after a BIND: writes the second reply, then reports to the session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
+        """Second reply with the peer's address, then relay (the CONNECT path's rules: called
+        from ``connection_made``, so no peer byte can overtake the reply)."""
+        session = self.session
+        if session.closed or session.transport is None or session.record is None:
+            transport.close()
+            return
+        session.relay = relay
+        peer = transport.get_extra_info("peername")
+        peer_address = Address.of(*peer[:2])
+        session.record.remote = str(peer_address)
+        session.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, peer_address))
+        relay.start(session.transport, session.conn.trailing_data(), session.client_eof)
+
+    def relay_finished(self, relay: Relay, error: str | None) -> None:
+        self.session.relay_finished(relay, error)
+
+
 async def expected_peer(session: Session, address: Address) -> tuple[BindPeerFilter, str | None]:
     """The peer filter of a BIND request and the IP to route towards (None: unspecified)."""
     if address.atyp == AddressType.DOMAIN:
@@ -176,6 +200,8 @@ async def bind(session: Session, address: Address) -> None:
             accepted.close()
     if session.closed:
         return
-    relay = Relay(session, high_water=config.relay_buffer, idle_timeout=config.idle_timeout)
-    # connection_made -> Session.target_connected: second reply (the peer's address), relay.
+    relay = Relay(
+        BindRelayOwner(session), high_water=config.relay_buffer, idle_timeout=config.idle_timeout
+    )
+    # connection_made -> BindRelayOwner.target_connected: second reply (the peer), then relay.
     await loop.connect_accepted_socket(lambda: relay.target, sock=accepted)

@@ -228,7 +228,6 @@ class Session(asyncio.Protocol):
     def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
         """Reply with the outgoing connection's local address, then hand over to the relay.
 
-        For BIND this is the second reply, and it carries the address of the peer that connected.
         Called from the target protocol's ``connection_made``, before any target byte can be
         delivered, so the reply always precedes the target's data (shared/HAZARDS.md).
         """
@@ -237,12 +236,9 @@ class Session(asyncio.Protocol):
             return
         assert self.record is not None
         self.relay = relay
-        peername = transport.get_extra_info("peername")
-        bound = (
-            peername if self.conn.state is State.BIND_WAIT else transport.get_extra_info("sockname")
-        )
-        self.record.remote = _format_peer(peername)
-        self.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, Address.of(*bound[:2])))
+        sockname = transport.get_extra_info("sockname")
+        self.record.remote = _format_peer(transport.get_extra_info("peername"))
+        self.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, Address.of(*sockname[:2])))
         relay.start(self.transport, self.conn.trailing_data(), self.client_eof)
 
     def relay_finished(self, relay: Relay, error: str | None) -> None:
