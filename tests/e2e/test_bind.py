@@ -412,3 +412,15 @@ def test_socksd_client_bind_with_password(auth_server: ServerProcess) -> None:
         sock, _ = listener.accept(timeout=IO_TIMEOUT)
         peer.sendall(b"auth bind")
         assert recv_exact(sock, 9) == b"auth bind"
+
+
+def test_on_the_default_asyncio_loop(socksd: Callable[..., ServerProcess]) -> None:
+    server = socksd("--loop", "asyncio")
+    sock, _, bhost, bport = bind_request(server, "127.0.0.1")
+    with sock, socket.create_connection((bhost, bport), timeout=IO_TIMEOUT) as peer:
+        peer.sendall(b"asyncio peer")
+        second, phost, pport = read_reply(sock)
+        assert second[1] == 0 and (phost, pport) == peer.getsockname()[:2]
+        assert recv_exact(sock, 12) == b"asyncio peer"
+        sock.sendall(b"back")
+        assert recv_exact(peer, 4) == b"back"

@@ -533,3 +533,19 @@ def test_socksd_client_udp_with_password(
     assert wait_for(
         lambda: any(f"user={USER} UDP_ASSOCIATE" in line for line in access_lines(auth_server)), 10
     )
+
+
+def test_on_the_default_asyncio_loop(
+    socksd: Callable[..., ServerProcess], udp_echo: UdpEchoServer
+) -> None:
+    """The same relay without uvloop (empty and large datagrams, drops, the end with the TCP)."""
+    server = socksd("--loop", "asyncio")
+    control, udp, relay, _ = udp_associate_raw(server)
+    cport = control.getsockname()[1]
+    with control, udp:
+        for payload in (b"", b"asyncio", bytes(60000)):
+            assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), payload)[2] == payload
+        udp.sendto(udp_header("127.0.0.1", udp_echo.port, frag=1) + b"x", relay)
+        time.sleep(0.2)
+    line = association_line(server, cport)
+    assert "dgrams_up=3 dgrams_down=3 dropped=1(frag=1)" in line, line
