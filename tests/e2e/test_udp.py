@@ -19,6 +19,7 @@ import socksd.client as socksd_client
 from tests.conftest import ServerProcess
 from tests.e2e.support import (
     IO_TIMEOUT,
+    NxDomainDns,
     UdpEchoServer,
     access_lines,
     connect_proxy,
@@ -52,12 +53,17 @@ def udp_echo6() -> Iterator[UdpEchoServer]:
 
 @pytest.fixture(scope="module")
 def udp_server(
-    module_socksd: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
+    module_socksd: Callable[..., ServerProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+    nx_dns: NxDomainDns,
 ) -> ServerProcess:
-    """socksd on 127.0.0.1 with a hosts map (echo.test -> 127.0.0.1, echo6.test -> ::1)."""
+    """socksd on 127.0.0.1 with a hosts map (echo.test -> 127.0.0.1, echo6.test -> ::1); other
+    names go to a stub DNS server on loopback answering NXDOMAIN (no query leaves the machine)."""
     config = tmp_path_factory.mktemp("udpcfg") / "socksd.toml"
     config.write_text(
-        'listen = ["127.0.0.1:0"]\n[hosts]\n"echo.test" = ["127.0.0.1"]\n"echo6.test" = ["::1"]\n'
+        'listen = ["127.0.0.1:0"]\n'
+        f'dns = ["127.0.0.1:{nx_dns.port}"]\n'
+        '[hosts]\n"echo.test" = ["127.0.0.1"]\n"echo6.test" = ["::1"]\n'
     )
     return module_socksd("--config", str(config))
 
@@ -180,7 +186,7 @@ def test_echo_domain_name(
 
 
 def test_unresolvable_name_is_dropped_and_counted(
-    udp_server: ServerProcess, udp_echo: UdpEchoServer
+    udp_server: ServerProcess, udp_echo: UdpEchoServer, nx_dns: NxDomainDns
 ) -> None:
     control, udp, relay, _ = udp_associate_raw(udp_server)
     cport = control.getsockname()[1]
@@ -188,6 +194,7 @@ def test_unresolvable_name_is_dropped_and_counted(
         udp.sendto(udp_header("no-such-name.invalid", 9) + b"lost", relay)
         # the association goes on
         assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"next")[2] == b"next"
+        assert wait_for(lambda: "no-such-name.invalid." in nx_dns.questions, 10)
         time.sleep(0.2)
     line = association_line(udp_server, cport)
     assert "dropped=1(unresolved=1)" in line, line
@@ -549,3 +556,31 @@ def test_on_the_default_asyncio_loop(
         time.sleep(0.2)
     line = association_line(server, cport)
     assert "dgrams_up=3 dgrams_down=3 dropped=1(frag=1)" in line, line
+
+
+def test_garbage_never_breaks_an_association(
+    udp_server: ServerProcess, udp_echo: UdpEchoServer
+) -> None:
+    """300 seeded random datagrams, each malformed (unknown ATYP, truncated header) or a
+    fragment, so none is ever sent anywhere: all dropped, the association still relays."""
+    import random
+
+    rng = random.Random(7)
+    control, udp, relay, _ = udp_associate_raw(udp_server)
+    cport = control.getsockname()[1]
+    with control, udp:
+        for i in range(300):
+            kind = i % 3
+            if kind == 0:  # unknown address type
+                atyp = rng.choice([0, 2, *range(5, 256)])
+                datagram = bytes((0, 0, 0, atyp)) + rng.randbytes(rng.randrange(0, 40))
+            elif kind == 1:  # an IPv4 or IPv6 header cut short
+                atyp = rng.choice([1, 4])
+                cut = rng.randrange(0, 5 if atyp == 1 else 17)
+                datagram = bytes((0, 0, 0, atyp)) + rng.randbytes(cut)
+            else:  # a fragment, whatever follows
+                datagram = bytes((0, 0, rng.randrange(1, 256))) + rng.randbytes(rng.randrange(60))
+            udp.sendto(datagram, relay)
+        assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"alive")[2] == b"alive"
+    line = association_line(udp_server, cport)
+    assert "dgrams_up=1 dgrams_down=1 dropped=300(" in line, line
