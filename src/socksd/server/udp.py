@@ -26,8 +26,9 @@ sent to the client's address.
 Drops are counted by reason and written in the session's access-log line: ``source`` (not the
 client), ``frag``, ``header`` (malformed), ``unresolved``, ``reply_source`` (from a host the client
 never sent to), ``send`` (the kernel refused to send, e.g. a reply too large for the header),
-``congested`` (the outgoing socket's buffer is full: a datagram is dropped rather than queued, so
-a slow path cannot grow memory).
+``congested`` (the outgoing socket's buffer is full and the transport has paused writing past its
+high-water mark: further datagrams are dropped rather than queued, so a slow path cannot grow
+memory).
 
 The association ends when its TCP control connection does (:class:`UdpControl` sees the EOF or
 the loss and closes every UDP socket in that same callback, so no datagram is relayed after),
