@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs, then run lint, types and the tests.
-# System packages: curl, ncat, htpasswd (apache2-utils) and Dante (server and socksify client),
-# installed with apt-get when missing. Python packages: socksd with its [test] extra.
+# System packages: curl, ncat, htpasswd (apache2-utils), Dante (server and socksify client) and gcc
+# (it builds the small C programs socksify runs), installed with apt-get when missing. Python
+# packages: socksd with its [test] extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ command -v ncat >/dev/null || need+=(ncat)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v socksify >/dev/null || need+=(dante-client)
 command -v sockd >/dev/null || command -v danted >/dev/null || need+=(dante-server)
+command -v gcc >/dev/null || need+=(gcc libc6-dev)
 if ((${#need[@]})); then
     echo "test.sh: installing system packages: ${need[*]}"
     sudo=""

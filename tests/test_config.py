@@ -103,3 +103,81 @@ def test_load_file_errors(tmp_path: Path) -> None:
     bad.write_text("listen = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_file(bad)
+
+
+# -- BIND and UDP ASSOCIATE settings (issue 3) -----------------------------------------------------
+
+
+def test_bind_udp_defaults() -> None:
+    from socksd.protocol import Command
+
+    config = Config()
+    assert config.commands == (Command.CONNECT, Command.BIND, Command.UDP_ASSOCIATE)
+    assert config.bind_timeout == 60.0
+    assert config.udp_idle_timeout == 300.0
+    assert config.external_address is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (["connect"], (1,)),
+        (["udp", "BIND"], (3, 2)),
+        ("connect,udp", (1, 3)),  # the flag's form
+        (["bind", "bind"], (2,)),
+    ],
+)
+def test_commands(value: object, expected: tuple[int, ...]) -> None:
+    assert build_config({"commands": value}, {}).commands == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"commands": ["connect", "associate"]},
+            "commands: 'associate' is not one of connect, bind, udp",
+        ),
+        ({"commands": []}, "commands: serve at least one of"),
+        ({"commands": 3}, "commands: expected a list"),
+        ({"bind_timeout": 0}, "bind_timeout: must be at least 0.001"),
+        ({"udp_idle_timeout": -1}, "udp_idle_timeout: must be at least 0"),
+        ({"external_address": "nat.example"}, "external_address: expected the IP address"),
+        ({"external_address": "1.2.3.4:1080"}, "external_address: expected the IP address"),
+        ({"external_address": "0.0.0.0"}, "which no client can reach"),
+        ({"external_address": 5}, "external_address: expected the IP address"),
+    ],
+)
+def test_bind_udp_errors_name_the_key(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(values, {})
+    assert message in str(info.value)
+    assert str(info.value).startswith(next(iter(values)) + ": ")
+
+
+def test_external_address_normalized() -> None:
+    assert build_config({"external_address": "[2001:DB8::1]"}, {}).external_address == "2001:db8::1"
+    assert build_config({"external_address": ""}, {}).external_address is None
+
+
+def test_bind_udp_flags_mirror_keys() -> None:
+    from socksd.cli import config_from_args, make_parser
+
+    args = make_parser().parse_args(
+        [
+            "serve",
+            "--commands",
+            "connect,udp",
+            "--bind-timeout",
+            "5",
+            "--udp-idle-timeout",
+            "0",
+            "--external-address",
+            "192.0.2.1",
+        ]
+    )
+    config = config_from_args(args)
+    assert config.commands == (1, 3)
+    assert config.bind_timeout == 5.0
+    assert config.udp_idle_timeout == 0.0
+    assert config.external_address == "192.0.2.1"

@@ -2,7 +2,8 @@
 
 Fields: client address, user, command, target as the client asked for it (a domain stays a domain),
 the address actually used, reply code, bytes each way, duration, and, when an access rule
-decided, which one (``rule``: a rule number, ``default`` or ``protect_local``). ``text`` is one
+decided, which one (``rule``: a rule number, ``default`` or ``protect_local``); for a UDP
+association also the datagrams each way and the datagrams dropped, by reason. ``text`` is one
 readable line; ``json`` is one JSON object a line (JSON Lines). Passwords never reach this module.
 """
 
@@ -12,10 +13,34 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 logger = logging.getLogger("socksd.access")
+
+
+@dataclass(slots=True)
+class UdpStats:
+    """What a UDP association relayed: datagrams each way, and drops by reason."""
+
+    datagrams_up: int = 0
+    datagrams_down: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "datagrams_up": self.datagrams_up,
+            "datagrams_down": self.datagrams_down,
+            "dropped": dict(self.dropped),
+        }
+
+    def format_text(self) -> str:
+        """``dgrams_up=N dgrams_down=N dropped=N`` and ``(reason=N,...)`` when N > 0."""
+        total = sum(self.dropped.values())
+        text = f"dgrams_up={self.datagrams_up} dgrams_down={self.datagrams_down} dropped={total}"
+        if total:
+            text += "(" + ",".join(f"{k}={v}" for k, v in sorted(self.dropped.items()) if v) + ")"
+        return text
 
 
 @dataclass(slots=True)
@@ -34,9 +59,10 @@ class SessionRecord:
     error: str | None = None
     rule: str | None = None
     """What decided an access rule check: a rule number, ``default`` or ``protect_local``."""
+    udp: UdpStats | None = None
 
     def as_dict(self, ended: float) -> dict[str, object]:
-        return {
+        fields: dict[str, object] = {
             "time": _iso(ended),
             "client": self.client,
             "user": self.user,
@@ -50,6 +76,9 @@ class SessionRecord:
             "error": self.error,
             "rule": self.rule,
         }
+        if self.udp is not None:
+            fields["udp"] = self.udp.as_dict()
+        return fields
 
 
 def _field(value: str | None) -> str:
@@ -66,7 +95,9 @@ def _iso(t: float) -> str:
 
 
 def format_text(record: SessionRecord, ended: float) -> str:
-    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [rule=R] [error=E]``.
+    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [UDP] [rule=R] [error=E]``.
+
+    ``UDP`` (UDP associations only) is ``dgrams_up=N dgrams_down=N dropped=N[(reason=N,...)]``.
 
     A user name with spaces, quotes or control characters is written as a JSON string, so a
     client cannot forge lines or fields.
@@ -77,6 +108,8 @@ def format_text(record: SessionRecord, ended: float) -> str:
         f"{_field(record.target)} -> {record.remote or '-'} rep={rep} "
         f"up={record.bytes_up} down={record.bytes_down} dur={ended - record.started:.3f}s"
     )
+    if record.udp is not None:
+        line += " " + record.udp.format_text()
     if record.rule:
         line += f" rule={record.rule}"
     if record.error:

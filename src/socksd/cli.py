@@ -112,6 +112,31 @@ def _serve_parser(sub: Any) -> None:
         help="worker processes sharing the listen ports; 'auto' or 0 is one per CPU (default 1)",
     )
     p.add_argument(
+        "--commands",
+        metavar="LIST",
+        help="SOCKS commands served, comma-separated: connect,bind,udp (default all three); "
+        "others are answered 0x07",
+    )
+    p.add_argument(
+        "--bind-timeout",
+        type=float,
+        metavar="S",
+        help="BIND: seconds to wait for the peer's connection; then reply 0x06 (default 60)",
+    )
+    p.add_argument(
+        "--udp-idle-timeout",
+        type=float,
+        metavar="S",
+        help="end a UDP association with no datagram either way for S seconds "
+        "(default 300; 0: never)",
+    )
+    p.add_argument(
+        "--external-address",
+        metavar="IP",
+        help="address advertised in BIND and UDP ASSOCIATE replies (behind NAT); "
+        "default: the local address used",
+    )
+    p.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
         help="event loop (default auto: uvloop when installed)",
@@ -238,6 +263,10 @@ _SERVE_KEYS = (
     "max_sessions_per_user",
     "max_auth_failures",
     "auth_block_time",
+    "commands",
+    "bind_timeout",
+    "udp_idle_timeout",
+    "external_address",
 )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from socksd.protocol.constants import Command
 from socksd.rules import RuleError, RuleSet, parse_action, parse_groups, parse_ruleset
 
 DEFAULT_LISTEN = "127.0.0.1:1080"
@@ -66,6 +67,12 @@ class ListenAddress:
 _LOG_FORMATS = ("text", "json")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOOPS = ("auto", "uvloop", "asyncio")
+COMMAND_NAMES: dict[str, Command] = {
+    "connect": Command.CONNECT,
+    "bind": Command.BIND,
+    "udp": Command.UDP_ASSOCIATE,
+}
+"""Names of the SOCKS commands in ``commands`` (config) and ``--commands`` (flag)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +105,10 @@ class Config:
     max_auth_failures: int = 10
     auth_block_time: float = 60.0
     bandwidth: Mapping[str, int] = field(default_factory=dict)
+    commands: tuple[Command, ...] = tuple(COMMAND_NAMES.values())
+    bind_timeout: float = 60.0
+    udp_idle_timeout: float = 300.0
+    external_address: str | None = None
 
     @property
     def requires_auth(self) -> bool:
@@ -121,6 +132,10 @@ def _number(key: str, value: Any, *, minimum: float = 0.0, integer: bool = False
 
 def _convert(key: str, value: Any) -> Any:
     """Check one key's value and turn it into the Config field's type."""
+    if key == "commands":
+        return _commands(value)
+    if key == "external_address":
+        return _external_address(value)
     if key == "listen":
         items = [value] if isinstance(value, str) else value
         if (
@@ -149,9 +164,15 @@ def _convert(key: str, value: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError('access_log: expected "-" (stderr), "off" or a file path')
         return value
-    if key in ("handshake_timeout", "connect_timeout", "shutdown_timeout", "resolve_timeout"):
+    if key in (
+        "handshake_timeout",
+        "connect_timeout",
+        "shutdown_timeout",
+        "resolve_timeout",
+        "bind_timeout",
+    ):
         return float(_number(key, value, minimum=0.001))
-    if key == "idle_timeout":
+    if key in ("idle_timeout", "udp_idle_timeout"):
         return float(_number(key, value))
     if key == "max_sessions":
         return int(_number(key, value, minimum=1, integer=True))
@@ -162,38 +183,9 @@ def _convert(key: str, value: Any) -> Any:
     if key == "relay_buffer":
         return int(_number(key, value, minimum=4096, integer=True))
     if key == "dns":
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
-            raise ConfigError('dns: expected a list of "IP" or "IP:PORT" strings')
-        from socksd.resolver import parse_dns_server
-
-        for item in items:
-            try:
-                parse_dns_server(item)
-            except ValueError as e:
-                raise ConfigError(f"dns: {e}") from None
-        return tuple(items)
+        return _dns(value)
     if key == "hosts":
-        if not isinstance(value, Mapping):
-            raise ConfigError('hosts: expected a table of name = ["IP", ...]')
-        hosts: dict[str, tuple[str, ...]] = {}
-        for name, ips in value.items():
-            items = [ips] if isinstance(ips, str) else ips
-            if (
-                not isinstance(items, list | tuple)
-                or not items
-                or not all(isinstance(v, str) for v in items)
-            ):
-                raise ConfigError(
-                    f'hosts.{name}: expected a list of IP strings, e.g. ["127.0.0.1"]'
-                )
-            for ip in items:
-                try:
-                    ipaddress.ip_address(ip)
-                except ValueError:
-                    raise ConfigError(f"hosts.{name}: {ip!r} is not an IP address") from None
-            hosts[name] = tuple(items)
-        return hosts
+        return _hosts(value)
     if key in ("rules", "groups", "default", "protect_local", "bandwidth"):
         return _convert_access(key, value)
     if key in ("max_sessions_per_ip", "max_sessions_per_user", "max_auth_failures"):
@@ -201,6 +193,41 @@ def _convert(key: str, value: Any) -> Any:
     if key == "auth_block_time":
         return float(_number(key, value, minimum=0.001))
     raise ConfigError(f"unknown key {key!r}")  # pragma: no cover - guarded by the caller
+
+
+def _dns(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise ConfigError('dns: expected a list of "IP" or "IP:PORT" strings')
+    from socksd.resolver import parse_dns_server
+
+    for item in items:
+        try:
+            parse_dns_server(item)
+        except ValueError as e:
+            raise ConfigError(f"dns: {e}") from None
+    return tuple(items)
+
+
+def _hosts(value: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, Mapping):
+        raise ConfigError('hosts: expected a table of name = ["IP", ...]')
+    hosts: dict[str, tuple[str, ...]] = {}
+    for name, ips in value.items():
+        items = [ips] if isinstance(ips, str) else ips
+        if (
+            not isinstance(items, list | tuple)
+            or not items
+            or not all(isinstance(v, str) for v in items)
+        ):
+            raise ConfigError(f'hosts.{name}: expected a list of IP strings, e.g. ["127.0.0.1"]')
+        for ip in items:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ConfigError(f"hosts.{name}: {ip!r} is not an IP address") from None
+        hosts[name] = tuple(items)
+    return hosts
 
 
 def _convert_access(key: str, value: Any) -> Any:
@@ -231,6 +258,38 @@ def _convert_access(key: str, value: Any) -> Any:
                 f"got {rate!r}"
             )
     return dict(value)
+
+
+def _commands(value: Any) -> tuple[Command, ...]:
+    known = ", ".join(COMMAND_NAMES)
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f'commands: expected a list of command names ({known}), e.g. ["connect"]')
+    commands: list[Command] = []
+    for item in items:
+        name = item.strip().lower()
+        if name not in COMMAND_NAMES:
+            raise ConfigError(f"commands: {item!r} is not one of {known}")
+        if COMMAND_NAMES[name] not in commands:
+            commands.append(COMMAND_NAMES[name])
+    if not commands:
+        raise ConfigError(f"commands: serve at least one of {known}")
+    return tuple(commands)
+
+
+def _external_address(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    hint = "external_address: expected the IP address clients should use to reach this server"
+    if not isinstance(value, str):
+        raise ConfigError(hint)
+    try:
+        ip = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        raise ConfigError(f"{hint}, got {value!r} (no names, no port)") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise ConfigError(f"{hint}, got {value!r}, which no client can reach")
+    return str(ip)
 
 
 def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> Config:

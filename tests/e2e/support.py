@@ -487,3 +487,84 @@ def random_bytes(n: int, seed: int = 1) -> bytes:
 def clean_env() -> dict[str, str]:
     """The environment without proxy variables (curl and httpx must not pick them up)."""
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+class UdpEchoServer:
+    """A UDP echo server on loopback in a thread; ``received`` counts datagrams, ``sources``
+    records who sent them. ``reply_size``, when set, answers with that many bytes instead."""
+
+    def __init__(self, host: str = "127.0.0.1", reply_size: int | None = None) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.2)
+        self.host = host
+        self.port: int = self.sock.getsockname()[1]
+        self.reply_size = reply_size
+        self.received = 0
+        self.sources: list[tuple[str, int]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                continue
+            self.received += 1
+            if len(self.sources) < 10000:
+                self.sources.append(addr[:2])
+            reply = data if self.reply_size is None else b"r" * self.reply_size
+            with contextlib.suppress(OSError):
+                self.sock.sendto(reply, addr)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+def udp_header(host: str, port: int, frag: int = 0) -> bytes:
+    """The SOCKS UDP request header RSV RSV FRAG ATYP ADDR PORT."""
+    return bytes((0, 0, frag)) + addr_bytes(host, port)
+
+
+def parse_udp(datagram: bytes) -> tuple[int, str, int, bytes]:
+    """(FRAG, source host, source port, DATA) of a datagram from the relay."""
+    atyp = datagram[3]
+    if atyp == 1:
+        host, end = str(ipaddress.IPv4Address(datagram[4:8])), 10
+    elif atyp == 4:
+        host, end = str(ipaddress.IPv6Address(datagram[4:20])), 22
+    else:
+        n = datagram[4]
+        host, end = datagram[5 : 5 + n].decode(), 7 + n
+    port = struct.unpack("!H", datagram[end - 2 : end])[0]
+    return datagram[2], host, port, datagram[end:]
+
+
+def udp_associate_raw(
+    server: ServerProcess, declared: tuple[str, int] | None = None, *, family: int = socket.AF_INET
+) -> tuple[socket.socket, socket.socket, tuple[str, int], bytes]:
+    """Raw UDP ASSOCIATE: (control TCP socket, client UDP socket, relay address, raw reply).
+
+    The UDP socket is bound on the control connection's local address; ``declared`` is sent as
+    DST (default: the UDP socket's own address).
+    """
+    control = connect_proxy(server)
+    udp = socket.socket(control.family, socket.SOCK_DGRAM)
+    try:
+        udp.bind((control.getsockname()[0], 0))
+        udp.settimeout(IO_TIMEOUT)
+        handshake(control)
+        host, port = declared if declared is not None else udp.getsockname()[:2]
+        control.sendall(request(host, port, cmd=3))
+        raw, bhost, bport = read_reply(control)
+    except BaseException:
+        control.close()
+        udp.close()
+        raise
+    return control, udp, (bhost, bport), raw

@@ -195,13 +195,27 @@ def test_unknown_command(open_server: ServerProcess, module_echo: EchoServer) ->
     still_serving(open_server, module_echo)
 
 
-# Issue 3 (BIND and UDP ASSOCIATE) will change these two: today both are answered 0x07.
 @pytest.mark.parametrize("cmd", [0x02, 0x03], ids=["bind", "udp-associate"])
-def test_bind_and_udp_not_supported_yet(
+def test_bind_and_udp_succeed(
     open_server: ServerProcess, module_echo: EchoServer, cmd: int
 ) -> None:
-    expect_failure(open_server, "127.0.0.1", module_echo.port, 0x07, cmd=cmd)
+    """BIND's first reply and UDP ASSOCIATE's reply: success, BND = 127.0.0.1 and a real port
+    (tests/e2e/test_bind.py and test_udp.py test both commands in depth)."""
+    sock, raw, host, port = socks_request(open_server, "127.0.0.1", 0, cmd=cmd)
+    with sock:
+        assert raw[:4] == b"\x05\x00\x00\x01", raw.hex()
+        assert host == "127.0.0.1"
+        assert port != 0
     still_serving(open_server, module_echo)
+
+
+@pytest.mark.parametrize("cmd", [0x01, 0x02, 0x03], ids=["connect", "bind", "udp-associate"])
+def test_commands_switched_off_are_0x07(
+    socksd: Callable[..., ServerProcess], module_echo: EchoServer, cmd: int
+) -> None:
+    others = {0x01: "bind,udp", 0x02: "connect,udp", 0x03: "connect,bind"}[cmd]
+    server = socksd("--commands", others)
+    expect_failure(server, "127.0.0.1", module_echo.port, 0x07, cmd=cmd)
 
 
 @pytest.mark.parametrize("atyp", [0x00, 0x02, 0x05, 0xFF])

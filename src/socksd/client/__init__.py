@@ -2,8 +2,11 @@
 
 >>> reader, writer = await socksd.client.open_connection("socks5://user:pw@127.0.0.1:1080",
 ...                                                       "example.com", 80)
+>>> async with socksd.client.bind(proxy, (peer_host, 0)) as listener: ...
+>>> async with socksd.client.udp_associate(proxy) as assoc: ...
 """
 
+from socksd.client.bind import BindListener, BlockingBind, bind, create_bind
 from socksd.client.connect import Proxy, create_connection, open_connection
 from socksd.client.errors import (
     AuthenticationError,
@@ -13,15 +16,29 @@ from socksd.client.errors import (
     ReplyError,
 )
 from socksd.client.handshake import ClientHandshake
+from socksd.client.udp import (
+    BlockingUdpAssociation,
+    UdpAssociation,
+    create_udp_association,
+    udp_associate,
+)
 
 __all__ = [
     "AuthenticationError",
+    "BindListener",
+    "BlockingBind",
+    "BlockingUdpAssociation",
     "ClientHandshake",
     "Proxy",
     "ProxyConnectionError",
     "ProxyError",
     "ProxyTimeoutError",
     "ReplyError",
+    "UdpAssociation",
+    "bind",
+    "create_bind",
     "create_connection",
+    "create_udp_association",
     "open_connection",
+    "udp_associate",
 ]

@@ -67,17 +67,21 @@ class ClientHandshake:
         self._wanted = 1
 
     def expect_second_reply(self) -> None:
-        """For BIND: wait for the second reply next."""
+        """For BIND: wait for the second reply next (it may already be buffered: see ``done``)."""
         self._wanted = 2
+        self._advance(eof=False)
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the proxy (``b""`` at end of stream) and advance."""
+        self.conn.receive_data(data)
+        self._advance(eof=data == b"")
+
+    def _advance(self, *, eof: bool) -> None:
         conn = self.conn
-        conn.receive_data(data)
         while not self.done:
             event = conn.next_event()
             if event is NEED_DATA:
-                if data == b"":
+                if eof:
                     raise ProxyConnectionError("proxy closed the connection during the handshake")
                 return
             if event is CONNECTION_CLOSED:

@@ -34,15 +34,30 @@ from socksd.protocol.messages import (
     UserPassReply,
     UserPassRequest,
 )
+from socksd.protocol.udp import (
+    MAX_UDP_PAYLOAD_IPV4,
+    MAX_UDP_PAYLOAD_IPV6,
+    UDP_HEADER_IPV4,
+    UDP_HEADER_IPV6,
+    BindPeerFilter,
+    UdpClientFilter,
+    udp_header_length,
+    udp_reply_header,
+)
 
 __all__ = [
     "CONNECTION_CLOSED",
     "MAX_HANDSHAKE_MESSAGE",
+    "MAX_UDP_PAYLOAD_IPV4",
+    "MAX_UDP_PAYLOAD_IPV6",
     "NEED_DATA",
     "SOCKS_VERSION",
+    "UDP_HEADER_IPV4",
+    "UDP_HEADER_IPV6",
     "Address",
     "AddressType",
     "AuthMethod",
+    "BindPeerFilter",
     "ClientConnection",
     "Command",
     "Event",
@@ -59,6 +74,7 @@ __all__ = [
     "Request",
     "ServerConnection",
     "State",
+    "UdpClientFilter",
     "UdpDatagram",
     "UserPassReply",
     "UserPassRequest",
@@ -66,4 +82,6 @@ __all__ = [
     "format_hostport",
     "is_valid_hostname",
     "parse_address",
+    "udp_header_length",
+    "udp_reply_header",
 ]

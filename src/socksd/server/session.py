@@ -1,8 +1,9 @@
 """One client connection, from accept to the access-log line.
 
 accept (access rules, limits) -> greeting -> method selection -> sub-negotiation
-(username/password) -> request -> access rules -> command (``socksd.server.connect`` for
-CONNECT) -> relay -> access log. The rule and limit checks live in ``socksd.server.admission``.
+(username/password) -> request -> access rules -> command (``socksd.server.connect``, ``bind``,
+``udp``) -> relay or UDP association -> access log. The rule and limit checks live in
+``socksd.server.admission``.
 
 :class:`Session` is the ``asyncio.Protocol`` of the client's connection during the handshake. It
 feeds the bytes to the sans-I/O :class:`~socksd.protocol.ServerConnection` and acts on its events.
@@ -17,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from socksd.accesslog import SessionRecord
 from socksd.protocol import (
@@ -38,9 +39,11 @@ from socksd.protocol import (
     format_hostport,
 )
 from socksd.server import admission
+from socksd.server.bind import bind
 from socksd.server.connect import connect
 from socksd.server.context import ServerContext
 from socksd.server.relay import Relay
+from socksd.server.udp import udp_associate
 
 log = logging.getLogger("socksd.session")
 
@@ -48,8 +51,20 @@ PENDING_LIMIT = 64 * 1024
 """Bytes a client may send after its request, before the command is done, until reading pauses."""
 
 CommandHandler = Callable[["Session", Address], Coroutine[Any, Any, None]]
-COMMANDS: dict[Command, CommandHandler] = {Command.CONNECT: connect}
-"""The handler coroutine of each command (a command missing here is answered with 0x07)."""
+COMMANDS: dict[Command, CommandHandler] = {
+    Command.CONNECT: connect,
+    Command.BIND: bind,
+    Command.UDP_ASSOCIATE: udp_associate,
+}
+"""The handler coroutine of each command (a command missing here, or not in the ``commands``
+setting, is answered with 0x07)."""
+
+
+class Handover(Protocol):
+    """What owns the client connection once a command succeeded: a Relay, a UDP association."""
+
+    def abort(self, error: str) -> None:
+        """End at once, dropping buffered data (shutdown deadline)."""
 
 
 def _format_peer(peer: object) -> str:
@@ -69,7 +84,7 @@ class Session(asyncio.Protocol):
         self.client_eof = False
         self.closed = False
         self.task: asyncio.Task[None] | None = None
-        self.relay: Relay | None = None
+        self.relay: Handover | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._finished = False
         self.admission: admission.Admission | None = None
@@ -183,7 +198,7 @@ class Session(asyncio.Protocol):
         self.record.command = request.command.name
         self.record.target = str(request.address)
         handler = COMMANDS.get(request.command)
-        if handler is None:
+        if handler is None or request.command not in self.ctx.config.commands:
             self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} not supported")
             return
         if not admission.authorize(self, request):

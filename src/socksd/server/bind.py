@@ -1,0 +1,207 @@
+"""BIND (RFC 1928 sections 4 and 6): listen for one connection from the client's peer, relay it.
+
+1. The request's DST.ADDR names the peer the client expects (a name is resolved; 0.0.0.0 or ::
+   means any peer). socksd picks the local address on the route towards that peer: the source
+   address of a UDP socket connected to it (``connect`` on a UDP socket sends nothing, it only asks
+   the kernel for the route); for an unspecified DST, the address the control connection arrived
+   on. A listening socket is bound there on a free port.
+2. First reply: BND.ADDR/BND.PORT of that listener (``external_address`` instead of the local
+   address when set: a server behind NAT with the port forwarded).
+3. Wait, at most ``bind_timeout`` seconds, for a connection from the expected peer. A connection
+   from another host is closed and logged, and the wait goes on until the deadline. Timeout:
+   reply 0x06 and close.
+4. Second reply, carrying the peer's address and port (:class:`BindRelayOwner`, written from the
+   accepted connection's ``connection_made`` so no peer byte can overtake it); then the
+   connection is relayed with the same :class:`~socksd.server.relay.Relay` as CONNECT.
+
+While it waits, the control connection is watched by :class:`BindControl`. An EOF with nothing
+sent is a client that gave up: the BIND ends and its listener is closed at once. (TCP cannot tell
+that from a half-close without writing, and nothing may be written before the second reply; but a
+client has no connection of its own to half-close yet: SOCKS libraries and socksify hand the
+connection to the application only after the second reply.) Bytes a client sends early anyway are
+kept (bounded: reading pauses past ``EARLY_DATA_LIMIT``) and relayed to the peer after the second
+reply; an EOF after them is a half-close, passed on to the peer. A reset ends the BIND at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from socksd.protocol import Address, AddressType, BindPeerFilter, Reply, ReplyCode
+from socksd.protocol.udp import is_unspecified
+from socksd.server.relay import Relay
+from socksd.server.replycodes import reply_for_error
+
+if TYPE_CHECKING:
+    from socksd.server.session import Session
+
+log = logging.getLogger("socksd.bind")
+
+EARLY_DATA_LIMIT = 64 * 1024
+"""Bytes the client may send before the peer connects before reading pauses."""
+
+LISTEN_BACKLOG = 8
+"""Connections from wrong peers queue here while the right one is awaited; a few are enough."""
+
+
+def local_address_towards(ip: str) -> str:
+    """The local address the kernel would use to reach ``ip`` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((ip, 9))
+        return str(probe.getsockname()[0])
+
+
+def open_listener(ip: str) -> socket.socket:
+    """A non-blocking listening TCP socket on ``ip`` and a free port."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((ip, 0))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class BindControl(asyncio.Protocol):
+    """The client's control connection while BIND waits for the peer (see the module comment)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+
+    def watch(self, transport: asyncio.Transport) -> None:
+        """Take over ``transport`` (the session's) until the peer connects."""
+        self.transport = transport
+        transport.set_protocol(self)
+        if self.session.client_eof:  # the EOF came while the listener was being set up
+            self.eof_received()
+            return
+        transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.session.conn
+        conn.receive_data(data)  # BIND_WAIT: kept unparsed, handed over as trailing data
+        if conn.buffered >= EARLY_DATA_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        session = self.session
+        if session.conn.buffered == 0:
+            self.abandon()
+            return True
+        session.client_eof = True  # a half-close after early data: passed on to the peer later
+        return True
+
+    def abandon(self) -> None:
+        """The client closed before the peer connected: end the BIND, close the listener."""
+        session = self.session
+        if session.task is not None:
+            session.task.cancel()
+        session.close("client closed the connection before the peer connected")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.connection_lost(exc)
+
+
+class BindRelayOwner:
+    """The relay's owner after a BIND: writes the second reply, then reports to the session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
+        """Second reply with the peer's address, then relay (the CONNECT path's rules: called
+        from ``connection_made``, so no peer byte can overtake the reply)."""
+        session = self.session
+        if session.closed or session.transport is None or session.record is None:
+            transport.close()
+            return
+        session.relay = relay
+        peer = transport.get_extra_info("peername")
+        peer_address = Address.of(*peer[:2])
+        session.record.remote = str(peer_address)
+        session.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, peer_address))
+        relay.start(session.transport, session.conn.trailing_data(), session.client_eof)
+
+    def relay_finished(self, relay: Relay, error: str | None) -> None:
+        self.session.relay_finished(relay, error)
+
+
+async def expected_peer(session: Session, address: Address) -> tuple[BindPeerFilter, str | None]:
+    """The peer filter of a BIND request and the IP to route towards (None: unspecified)."""
+    if address.atyp == AddressType.DOMAIN:
+        infos = await session.ctx.resolver.resolve(address.host, address.port)
+        ips = [str(info[4][0]) for info in infos]
+        return BindPeerFilter.for_request(address, ips), ips[0]
+    if is_unspecified(address):
+        return BindPeerFilter(), None
+    return BindPeerFilter.for_request(address), address.host
+
+
+async def bind(session: Session, address: Address) -> None:
+    """Carry out one BIND request for ``session``."""
+    config = session.ctx.config
+    transport = session.transport
+    assert transport is not None
+    loop = asyncio.get_running_loop()
+    try:
+        peers, route_ip = await expected_peer(session, address)
+        local_ip = (
+            local_address_towards(route_ip)
+            if route_ip is not None
+            else str(transport.get_extra_info("sockname")[0])
+        )
+        listener = open_listener(local_ip)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # every failure is a reply code, never a crash
+        session.fail(reply_for_error(e), f"BIND: {e or type(e).__name__}")
+        return
+    accepted: socket.socket | None = None
+    try:
+        port = listener.getsockname()[1]
+        advertised = Address.of(config.external_address or local_ip, port)
+        session.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, advertised))
+        BindControl(session).watch(transport)
+        try:
+            async with asyncio.timeout(config.bind_timeout):
+                while True:
+                    accepted, peer = await loop.sock_accept(listener)
+                    if peers.accept(peer[0]):
+                        break
+                    log.warning(
+                        "BIND for %s: refused a connection from %s (expected %s)",
+                        session.record.client if session.record else "?",
+                        Address.of(*peer[:2]),
+                        ", ".join(sorted(peers.expected)),
+                    )
+                    accepted.close()
+                    accepted = None
+        except TimeoutError:
+            session.fail(
+                ReplyCode.TTL_EXPIRED, f"BIND: no peer connected within {config.bind_timeout:g}s"
+            )
+            return
+        except OSError as e:
+            session.fail(reply_for_error(e), f"BIND: accept failed: {e}")
+            return
+    finally:
+        listener.close()
+        if accepted is not None and session.closed:
+            accepted.close()
+    if session.closed:
+        return
+    relay = Relay(
+        BindRelayOwner(session), high_water=config.relay_buffer, idle_timeout=config.idle_timeout
+    )
+    # connection_made -> BindRelayOwner.target_connected: second reply (the peer), then relay.
+    await loop.connect_accepted_socket(lambda: relay.target, sock=accepted)

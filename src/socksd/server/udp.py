@@ -1,0 +1,507 @@
+"""UDP ASSOCIATE (RFC 1928 sections 4 and 7): one UDP relay per association, tied to its TCP.
+
+Sockets of one association (:class:`UdpAssociation`), none shared with another association:
+
+* the client side: bound on the local address the TCP control connection arrived on (never the
+  wildcard, so BND.ADDR is an address the client can send to) and a free port; its address is the
+  reply's BND.ADDR/BND.PORT (``external_address`` instead of the local address when set);
+* one target side per address family (IPv4, and IPv6 when the host has it), bound to the
+  wildcard address: what targets send back arrives there, apart from the client's traffic, so a
+  datagram on the client side is either the client's or dropped.
+
+Client to target (``ClientSide.datagram_received``): the source must pass the
+:class:`~socksd.protocol.udp.UdpClientFilter` (the control connection's client IP; the declared
+port, or the first datagram's port); FRAG must be 0 (RFC 1928 lets a server without reassembly
+drop fragments); the header's address bytes are the key of a small cache of target socket
+addresses, so a datagram to a known target costs one dict lookup and one ``sendto`` of a
+memoryview of its DATA (no copy). A domain name is resolved by the server's resolver, one
+lookup per name at a time (a Task per name, never per datagram), with at most
+``PENDING_PER_NAME`` datagrams held while it runs; answers are cached for ``NAME_TTL`` seconds.
+
+Target to client (``TargetSide.datagram_received``): accepted from a host the client has sent a
+datagram to (any port: a restricted-cone NAT's rule, which lets TFTP-style replies from a new port
+through); others are dropped. The header with the source's address is prepended and the result
+sent to the client's address.
+
+Drops are counted by reason and written in the session's access-log line: ``source`` (not the
+client), ``frag``, ``header`` (malformed), ``unresolved``, ``reply_source`` (from a host the client
+never sent to), ``send`` (the kernel refused to send, e.g. a reply too large for the header),
+``congested`` (the outgoing socket's buffer is full and the transport has paused writing past its
+high-water mark: further datagrams are dropped rather than queued, so a slow path cannot grow
+memory).
+
+The association ends when its TCP control connection does (:class:`UdpControl` sees the EOF or
+the loss and closes every UDP socket in that same callback, so no datagram is relayed after),
+when nothing was relayed for ``udp_idle_timeout`` seconds, or at the server's shutdown deadline.
+Bytes the client sends on the control connection are read and discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from socksd.accesslog import UdpStats
+from socksd.protocol import (
+    UDP_HEADER_IPV4,
+    Address,
+    AddressType,
+    RemoteProtocolError,
+    Reply,
+    ReplyCode,
+    UdpClientFilter,
+    parse_address,
+    udp_header_length,
+    udp_reply_header,
+)
+from socksd.server.replycodes import reply_for_error
+
+if TYPE_CHECKING:
+    from socksd.server.session import Session
+
+log = logging.getLogger("socksd.udp")
+
+SOCKET_BUFFER = 1 << 22
+"""Requested SO_RCVBUF/SO_SNDBUF of relay sockets (the kernel caps it at its own maximum)."""
+
+TARGET_CACHE_SIZE = 256
+"""Header -> target address entries kept per association (the cache is emptied when full)."""
+
+REPLY_HEADER_CACHE_SIZE = 256
+"""Source -> reply header entries kept per association (emptied when full)."""
+
+MAX_PEER_HOSTS = 4096
+"""Hosts the client has sent to that may answer (the oldest is forgotten past this)."""
+
+NAME_TTL = 60.0
+"""Seconds a resolved name is used before it is resolved again."""
+
+MAX_NAMES = 64
+"""Resolved names kept per association."""
+
+MAX_PENDING_NAMES = 8
+"""Names being resolved at once per association; datagrams to more names are dropped."""
+
+PENDING_PER_NAME = 32
+"""Datagrams held while their name is resolved; more are dropped."""
+
+SockAddr = tuple[Any, ...]
+
+
+def _tune(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+
+
+def _wildcard_socket(family: int) -> socket.socket:
+    """A UDP socket on the wildcard address and a free port (IPv6: IPv6 only)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(("::", 0))
+        else:
+            sock.bind(("0.0.0.0", 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ClientSide(asyncio.DatagramProtocol):
+    """The socket the client sends to (BND.ADDR/BND.PORT): client -> target."""
+
+    def __init__(self, association: UdpAssociation) -> None:
+        self.association = association
+        self.paused = False
+
+    def datagram_received(self, data: bytes, addr: SockAddr) -> None:
+        # The hot path: every check inline, one dict lookup, one sendto of a memoryview.
+        a = self.association
+        if (addr[1] != a.client_port or addr[0] != a.client_ip) and not a.accept_source(addr):
+            return
+        if len(data) >= UDP_HEADER_IPV4 and data[3] == 1:  # IPv4, the common case
+            end = UDP_HEADER_IPV4
+        else:
+            try:
+                end = udp_header_length(data)
+            except RemoteProtocolError:
+                a.drop("header")
+                return
+        if data[2]:
+            a.drop("frag")
+            return
+        key = data[3:end]
+        target = a.targets.get(key)
+        if target is None:
+            a.new_target(key, data, end)
+            return
+        side = target[0]
+        if side.paused or end == len(data):
+            a.send(target, data, end)  # the rare cases: congestion, an empty datagram
+            return
+        a.datagrams_up += 1
+        a.bytes_up += len(data) - end
+        side.transport.sendto(memoryview(data)[end:], target[1])  # type: ignore[union-attr]
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    def error_received(self, exc: Exception) -> None:
+        self.association.drop("send")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.association.close("UDP socket closed" if exc is None else f"UDP socket error: {exc}")
+
+
+class TargetSide(asyncio.DatagramProtocol):
+    """A socket datagrams to targets leave from, and their answers arrive on: target -> client."""
+
+    def __init__(self, association: UdpAssociation, sock: socket.socket | None = None) -> None:
+        self.association = association
+        self.sock = sock  # for empty datagrams, which the transport does not send
+        self.transport: asyncio.DatagramTransport | None = None
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    def datagram_received(self, data: bytes, addr: SockAddr) -> None:
+        a = self.association
+        header = a.reply_headers.get(addr)  # keyed by the address tuple as the socket gives it
+        if header is None:
+            header = a.reply_header(addr)
+            if header is None:
+                return
+        if a.client_side.paused:
+            a.drop("congested")
+            return
+        a.datagrams_down += 1
+        a.bytes_down += len(data)
+        a.client_transport.sendto(header + data, a.client_addr)  # type: ignore[union-attr]
+
+    def error_received(self, exc: Exception) -> None:
+        self.association.drop("send")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.association.close(f"UDP socket error: {exc}")
+
+
+class UdpControl(asyncio.Protocol):
+    """The TCP control connection of an association: its end is the association's end."""
+
+    def __init__(self, association: UdpAssociation) -> None:
+        self.association = association
+
+    def data_received(self, data: bytes) -> None:
+        pass  # nothing more is expected from the client; discarded, never buffered
+
+    def eof_received(self) -> bool:
+        self.association.close()  # the normal end of an association
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.association.close(None if exc is None else f"control connection lost: {exc}")
+
+
+class UdpAssociation:
+    """The sockets, caches and counters of one UDP ASSOCIATE session (see the module comment)."""
+
+    def __init__(self, session: Session, client: UdpClientFilter) -> None:
+        self.session = session
+        self.filter = client
+        self.client_ip = client.ip
+        self.client_port = client.port  # 0 until known: the fast check fails, accept_source runs
+        self.client_addr: SockAddr = (client.ip, client.port)
+        self.client_transport: asyncio.DatagramTransport | None = None
+        self.client_side = ClientSide(self)
+        self.target_sides: dict[int, TargetSide] = {}
+        self.targets: dict[bytes, tuple[TargetSide, SockAddr]] = {}
+        self.reply_headers: dict[SockAddr, bytes] = {}
+        self.peer_hosts: dict[str, None] = {}  # insertion-ordered set
+        self.names: dict[str, tuple[str, float]] = {}  # name -> (IP, expiry)
+        self.pending: dict[str, list[tuple[bytes, int, int]]] = {}  # name -> [(data, end, port)]
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.datagrams_up = self.datagrams_down = 0
+        self.bytes_up = self.bytes_down = 0
+        self.dropped: dict[str, int] = {}
+        self.closed = False
+        self._idle = session.ctx.config.udp_idle_timeout
+        self._idle_mark = (-1, 0.0)
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._control: asyncio.Transport | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    async def open(self, local_ip: str) -> Address:
+        """Create the client side on ``local_ip`` and the target sides; return the bound address."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in local_ip else socket.AF_INET
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: self.client_side, local_addr=(local_ip, 0), family=family
+        )
+        self.client_transport = transport
+        _tune(transport)
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock = _wildcard_socket(fam)
+            except OSError:  # no IPv6 (or no IPv4) on this host: targets of that family drop
+                continue
+            try:
+                side_transport, side = await loop.create_datagram_endpoint(
+                    functools.partial(TargetSide, self, sock), sock=sock
+                )
+            except BaseException:
+                sock.close()
+                raise
+            _tune(side_transport)
+            self.target_sides[fam] = side
+        host, port = transport.get_extra_info("sockname")[:2]
+        return Address.of(host, port)
+
+    def start(self, control: asyncio.Transport, client_eof: bool) -> None:
+        """Relay from now on; the association lives as long as ``control`` (and its idle timer)."""
+        self._control = control
+        control.set_protocol(UdpControl(self))
+        if client_eof:
+            self.close()
+            return
+        control.resume_reading()
+        if self._idle > 0:
+            self._schedule_idle_check()
+
+    # -- client -> target -----------------------------------------------------------------------
+
+    def accept_source(self, addr: SockAddr) -> bool:
+        """Slow path of the source check: learn the client's port, or drop."""
+        if not self.filter.accept(addr[0], addr[1]):
+            self.drop("source")
+            return False
+        self.client_port = self.filter.port
+        self.client_addr = addr
+        return True
+
+    def new_target(self, key: bytes, data: bytes, end: int) -> None:
+        """First datagram to a target: parse its address, then send it (or resolve the name)."""
+        try:
+            parsed = parse_address(data, 3)
+        except RemoteProtocolError:
+            self.drop("header")
+            return
+        assert parsed is not None  # udp_header_length checked the length
+        address = parsed[0]
+        if address.atyp == AddressType.DOMAIN:
+            self._to_name(address.host.lower().rstrip("."), address.port, data, end)
+            return
+        side = self.target_sides.get(
+            socket.AF_INET6 if address.atyp == AddressType.IPV6 else socket.AF_INET
+        )
+        if side is None or side.transport is None:
+            self.drop("unresolved")
+            return
+        target = (side, (address.host, address.port))
+        if len(self.targets) >= TARGET_CACHE_SIZE:
+            self.targets.clear()
+        self.targets[key] = target
+        self._allow_replies_from(address.host)
+        self.send(target, data, end)
+
+    def send(self, target: tuple[TargetSide, SockAddr], data: bytes, end: int) -> None:
+        """Send DATA (``data[end:]``, no copy) to the target, unless its socket is congested."""
+        side = target[0]
+        if side.paused:
+            self.drop("congested")
+            return
+        self.datagrams_up += 1
+        if end == len(data):  # asyncio transports silently skip empty datagrams
+            self._send_empty(side, target[1])
+            return
+        self.bytes_up += len(data) - end
+        side.transport.sendto(memoryview(data)[end:], target[1])  # type: ignore[union-attr]
+
+    def _send_empty(self, side: TargetSide, address: SockAddr) -> None:
+        try:
+            side.sock.sendto(b"", address)  # type: ignore[union-attr]
+        except OSError:
+            self.drop("send")
+
+    def _allow_replies_from(self, host: str) -> None:
+        hosts = self.peer_hosts
+        if host not in hosts:
+            if len(hosts) >= MAX_PEER_HOSTS:
+                del hosts[next(iter(hosts))]
+                # the caches may still name the forgotten host: start them afresh (rare)
+                self.targets.clear()
+                self.reply_headers.clear()
+            hosts[host] = None
+
+    def _to_name(self, name: str, port: int, data: bytes, end: int) -> None:
+        known = self.names.get(name)
+        if known is not None and known[1] > time.monotonic():
+            self._send_to_ip(known[0], port, data, end)
+            return
+        queue = self.pending.get(name)
+        if queue is not None:
+            if len(queue) >= PENDING_PER_NAME:
+                self.drop("unresolved")
+            else:
+                queue.append((data, end, port))
+            return
+        if len(self.pending) >= MAX_PENDING_NAMES:
+            self.drop("unresolved")
+            return
+        self.pending[name] = [(data, end, port)]
+        task = asyncio.get_running_loop().create_task(self._resolve(name, port))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _resolve(self, name: str, port: int) -> None:
+        ip: str | None = None
+        try:
+            infos = await self.session.ctx.resolver.resolve(name, port)
+            families = [info for info in infos if info[0] in self.target_sides]
+            if families:
+                ip = str(families[0][4][0])
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a failed lookup drops its datagrams; it cannot be answered
+            log.debug("UDP target %s does not resolve: %s", name, e)
+        queue = self.pending.pop(name, [])
+        if self.closed:
+            return
+        if ip is None:
+            self.drop("unresolved", len(queue))
+            return
+        if len(self.names) >= MAX_NAMES:
+            self.names.clear()
+        self.names[name] = (ip, time.monotonic() + NAME_TTL)
+        for data, end, dport in queue:
+            self._send_to_ip(ip, dport, data, end)
+
+    def _send_to_ip(self, ip: str, port: int, data: bytes, end: int) -> None:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        side = self.target_sides.get(family)
+        if side is None or side.transport is None:
+            self.drop("unresolved")
+            return
+        self._allow_replies_from(ip)
+        self.send((side, (ip, port)), data, end)
+
+    # -- target -> client -----------------------------------------------------------------------
+
+    def reply_header(self, source: SockAddr) -> bytes | None:
+        """The header for datagrams from ``source``, or None (dropped) for a stranger."""
+        if source[0] not in self.peer_hosts:
+            self.drop("reply_source")
+            return None
+        header = udp_reply_header(source[0], source[1])
+        if len(self.reply_headers) >= REPLY_HEADER_CACHE_SIZE:
+            self.reply_headers.clear()
+        self.reply_headers[source] = header
+        return header
+
+    # -- accounting and end ---------------------------------------------------------------------
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` datagrams dropped for ``reason``."""
+        if count:
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+    def stats(self) -> UdpStats:
+        return UdpStats(self.datagrams_up, self.datagrams_down, dict(self.dropped))
+
+    def _schedule_idle_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self._idle / 4, self._check_idle)
+
+    def _check_idle(self) -> None:
+        now = asyncio.get_running_loop().time()
+        total = self.datagrams_up + self.datagrams_down
+        if total != self._idle_mark[0]:
+            self._idle_mark = (total, now)
+        elif now - self._idle_mark[1] >= self._idle:
+            self.close(f"UDP association idle for {self._idle:g}s")
+            return
+        self._schedule_idle_check()
+
+    def close_sockets(self) -> None:
+        """Close every UDP socket now: nothing is relayed after this returns."""
+        if self.client_transport is not None:
+            self.client_transport.abort()
+        for side in self.target_sides.values():
+            if side.transport is not None:
+                side.transport.abort()
+        for task in self.tasks:
+            task.cancel()
+
+    def close(self, reason: str | None = None) -> None:
+        """End the association: UDP sockets, control connection, access-log line."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_sockets()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self._control is not None:
+            self._control.close()
+        session = self.session
+        if session.record is not None:
+            session.record.udp = self.stats()
+        session.finish(reason, self.bytes_up, self.bytes_down)
+
+    def abort(self, error: str) -> None:
+        """End at once (shutdown deadline)."""
+        if self._control is not None and not self.closed:
+            self._control.abort()
+        self.close(error)
+
+
+async def udp_associate(session: Session, address: Address) -> None:
+    """Carry out one UDP ASSOCIATE request for ``session``."""
+    config = session.ctx.config
+    control = session.transport
+    assert control is not None
+    local_ip = str(control.get_extra_info("sockname")[0])
+    client_ip = str(control.get_extra_info("peername")[0])
+    association = UdpAssociation(session, UdpClientFilter(client_ip, address))
+    try:
+        bound = await association.open(local_ip)
+    except asyncio.CancelledError:
+        association.close_sockets()
+        raise
+    except Exception as e:  # every failure is a reply code, never a crash
+        association.close_sockets()
+        session.fail(reply_for_error(e), f"UDP ASSOCIATE: {e or type(e).__name__}")
+        return
+    if session.closed:
+        association.close_sockets()
+        return
+    advertised = (
+        Address.of(config.external_address, bound.port) if config.external_address else bound
+    )
+    if session.record is not None:
+        session.record.remote = str(bound)
+    session.relay = association
+    session.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, advertised))
+    session.conn.trailing_data()  # bytes after the request mean nothing here: discarded
+    association.start(control, session.client_eof)
