@@ -584,3 +584,45 @@ def test_garbage_never_breaks_an_association(
         assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"alive")[2] == b"alive"
     line = association_line(udp_server, cport)
     assert "dgrams_up=1 dgrams_down=1 dropped=300(" in line, line
+
+
+# -- access rules, per datagram ------------------------------------------------------------------
+
+
+def test_rules_apply_to_each_datagrams_destination(
+    socksd: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """A datagram is a request of its own: `to`/`ports` rules hold for UDP as for CONNECT, by
+    address and by the address a name resolves to; denied datagrams are dropped and counted."""
+    allowed, denied = UdpEchoServer(), UdpEchoServer()
+    try:
+        config = tmp_path / "rules.toml"
+        config.write_text(
+            'listen = ["127.0.0.1:0"]\n'
+            'default = "allow"\n'
+            '[hosts]\n"open.test" = ["127.0.0.1"]\n"via-name.test" = ["127.0.0.9"]\n'
+            "[[rules]]\n"
+            'action = "deny"\ncommands = ["udp"]\n'
+            f'ports = ["{denied.port}"]\n'
+            "[[rules]]\n"
+            'action = "deny"\ncommands = ["udp"]\nto = ["127.0.0.9/32"]\n'
+        )
+        server = socksd("--config", str(config))
+        control, udp, relay, _ = udp_associate_raw(server)
+        cport = control.getsockname()[1]
+        with control, udp:
+            udp.settimeout(IO_TIMEOUT)
+            for i in range(3):
+                udp.sendto(udp_header("127.0.0.1", denied.port) + b"no %d" % i, relay)
+                udp.sendto(udp_header("via-name.test", allowed.port) + b"no", relay)
+                got = echo_through(udp, relay, ("open.test", allowed.port), b"yes %d" % i)
+                assert got == ("127.0.0.1", allowed.port, b"yes %d" % i)
+            time.sleep(0.3)
+            udp.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # nothing from the denied destinations
+                udp.recvfrom(65535)
+        line = association_line(server, cport)
+        assert "dgrams_up=3 dgrams_down=3 dropped=6(denied=6)" in line, line
+    finally:
+        allowed.close()
+        denied.close()

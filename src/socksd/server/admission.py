@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("socksd.session")
 
-_UNKNOWN_CLIENT: IP = (6, 0)
+UNKNOWN_CLIENT: IP = (6, 0)
 """A client whose address cannot be read: matched as ``::`` (no client rule, not loopback)."""
 
 
@@ -64,7 +64,7 @@ def admit(session: Session, host: str) -> bool:
         log.debug("refusing %s: blocked after failed logins", record.client)
         transport.close()
         return False
-    ip = parse_ip(host) or _UNKNOWN_CLIENT
+    ip = parse_ip(host) or UNKNOWN_CLIENT
     rules = ctx.rules
     if not rules.accept_all:
         decision = rules.check_client(ip)

@@ -51,6 +51,7 @@ from socksd.protocol import (
     UDP_HEADER_IPV4,
     Address,
     AddressType,
+    Command,
     RemoteProtocolError,
     Reply,
     ReplyCode,
@@ -59,6 +60,8 @@ from socksd.protocol import (
     udp_header_length,
     udp_reply_header,
 )
+from socksd.rules import NeedAddresses, RuleSet
+from socksd.server.admission import UNKNOWN_CLIENT
 from socksd.server.replycodes import reply_for_error
 
 if TYPE_CHECKING:
@@ -240,6 +243,8 @@ class UdpAssociation:
         self.reply_headers: dict[SockAddr, bytes] = {}
         self.peer_hosts: dict[str, None] = {}  # insertion-ordered set
         self.names: dict[str, tuple[str, float]] = {}  # name -> (IP, expiry)
+        self.verdicts: dict[tuple[str | None, str, int], bool] = {}  # access rules, per target
+        self.verdict_rules: RuleSet | None = None
         self.pending: dict[str, list[tuple[bytes, int, int]]] = {}  # name -> [(data, end, port)]
         self.tasks: set[asyncio.Task[None]] = set()
         self.datagrams_up = self.datagrams_down = 0
@@ -319,6 +324,8 @@ class UdpAssociation:
         if side is None or side.transport is None:
             self.drop("unresolved")
             return
+        if not self.permitted(None, address.host, address.port):
+            return
         target = (side, (address.host, address.port))
         if len(self.targets) >= TARGET_CACHE_SIZE:
             self.targets.clear()
@@ -358,7 +365,7 @@ class UdpAssociation:
     def _to_name(self, name: str, port: int, data: bytes, end: int) -> None:
         known = self.names.get(name)
         if known is not None and known[1] > time.monotonic():
-            self._send_to_ip(known[0], port, data, end)
+            self._send_to_ip(name, known[0], port, data, end)
             return
         queue = self.pending.get(name)
         if queue is not None:
@@ -396,13 +403,15 @@ class UdpAssociation:
             self.names.clear()
         self.names[name] = (ip, time.monotonic() + NAME_TTL)
         for data, end, dport in queue:
-            self._send_to_ip(ip, dport, data, end)
+            self._send_to_ip(name, ip, dport, data, end)
 
-    def _send_to_ip(self, ip: str, port: int, data: bytes, end: int) -> None:
+    def _send_to_ip(self, name: str, ip: str, port: int, data: bytes, end: int) -> None:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         side = self.target_sides.get(family)
         if side is None or side.transport is None:
             self.drop("unresolved")
+            return
+        if not self.permitted(name, ip, port):
             return
         self._allow_replies_from(ip)
         self.send((side, (ip, port)), data, end)
@@ -421,6 +430,54 @@ class UdpAssociation:
         return header
 
     # -- accounting and end ---------------------------------------------------------------------
+
+    def permitted(self, name: str | None, ip: str, port: int) -> bool:
+        """The access rules for one destination of this association (drop ``denied`` if not).
+
+        Each datagram's destination is a request of its own: the rules see command ``udp``, the
+        name the client gave (if any) and the address it resolved to, so ``to``/``ports`` rules
+        and ``protect_local`` hold for datagrams as they do for CONNECT. Verdicts are cached per
+        (name, address, port) until the rule set is reloaded.
+        """
+        rules = self.session.ctx.rules
+        if rules.allow_all:
+            return True
+        if rules is not self.verdict_rules:
+            self.verdicts.clear()
+            self.verdict_rules = rules
+        key = (name, ip, port)
+        verdict = self.verdicts.get(key)
+        if verdict is None:
+            verdict = self._decide(rules, name, ip, port)
+            if len(self.verdicts) >= TARGET_CACHE_SIZE:
+                self.verdicts.clear()
+            self.verdicts[key] = verdict
+        if not verdict:
+            self.drop("denied")
+        return verdict
+
+    def _decide(self, rules: RuleSet, name: str | None, ip: str, port: int) -> bool:
+        admission = self.session.admission
+        record = self.session.record
+        client = admission.ip if admission is not None else UNKNOWN_CLIENT
+        user = record.user if record is not None else None
+        command = Command.UDP_ASSOCIATE
+        decision = rules.check_request(client, user, command, name or ip, port)
+        if isinstance(decision, NeedAddresses):
+            decision = rules.check_address(
+                client,
+                user,
+                command,
+                name=name or ip,
+                address=ip,
+                port=port,
+                start=decision.start,
+            )
+        if not decision.allowed:
+            log.debug(
+                "UDP datagram to %s (%s) port %d denied by %s", name, ip, port, decision.label
+            )
+        return decision.allowed
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` datagrams dropped for ``reason``."""
