@@ -4,7 +4,12 @@
 ...                                                       "example.com", 80)
 """
 
-from socksd.client.connect import Proxy, create_connection, open_connection
+from socksd.client.connect import (
+    Proxy,
+    create_connection,
+    create_gssapi_connection,
+    open_connection,
+)
 from socksd.client.errors import (
     AuthenticationError,
     ProxyConnectionError,
@@ -12,16 +17,20 @@ from socksd.client.errors import (
     ProxyTimeoutError,
     ReplyError,
 )
+from socksd.client.gssapi import GssapiOptions, GssapiSocket
 from socksd.client.handshake import ClientHandshake
 
 __all__ = [
     "AuthenticationError",
     "ClientHandshake",
+    "GssapiOptions",
+    "GssapiSocket",
     "Proxy",
     "ProxyConnectionError",
     "ProxyError",
     "ProxyTimeoutError",
     "ReplyError",
     "create_connection",
+    "create_gssapi_connection",
     "open_connection",
 ]

@@ -18,10 +18,10 @@ import aiohappyeyeballs
 
 from socksd.protocol import Address, AddressType
 from socksd.resolver import AddrInfo
-from socksd.server.relay import Relay
 from socksd.server.replycodes import reply_for_error
 
 if TYPE_CHECKING:
+    from socksd.server.relay import Relay
     from socksd.server.session import Session
 
 HAPPY_EYEBALLS_DELAY = 0.25
@@ -63,7 +63,7 @@ async def open_target(relay: Relay, infos: list[AddrInfo], timeout: float) -> No
 async def connect(session: Session, address: Address) -> None:
     """Carry out one CONNECT request for ``session``."""
     config = session.ctx.config
-    relay = Relay(session, high_water=config.relay_buffer, idle_timeout=config.idle_timeout)
+    relay = session.new_relay()
     try:
         if address.atyp == AddressType.DOMAIN:
             infos = await session.ctx.resolver.resolve(address.host, address.port)

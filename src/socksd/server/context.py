@@ -12,7 +12,14 @@ from socksd.protocol import AuthMethod
 from socksd.resolver import Resolver
 
 if TYPE_CHECKING:
+    from socksd.auth.gssapi import GssapiAcceptor
     from socksd.server.session import Session
+
+_METHOD_CODES = {
+    "gssapi": AuthMethod.GSSAPI,
+    "userpass": AuthMethod.USERNAME_PASSWORD,
+    "none": AuthMethod.NO_AUTH,
+}
 
 
 @dataclass(slots=True)
@@ -23,12 +30,11 @@ class ServerContext:
     resolver: Resolver
     access_log: AccessLog
     authenticator: UserPassAuthenticator | None = None
+    gssapi: GssapiAcceptor | None = None
     sessions: set[Session] = field(default_factory=set)
     refused_sessions: int = 0
 
     @property
     def methods(self) -> tuple[int, ...]:
-        """Authentication methods in the server's order of preference."""
-        if self.authenticator is not None:
-            return (AuthMethod.USERNAME_PASSWORD,)
-        return (AuthMethod.NO_AUTH,)
+        """Authentication methods in the server's order of preference (``methods``)."""
+        return tuple(_METHOD_CODES[name] for name in self.config.auth_methods)

@@ -11,16 +11,19 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from socksd.accesslog import AccessLog
 from socksd.auth.htpasswd import UserFile
 from socksd.auth.userpass import UserPassAuthenticator
-from socksd.config import Config
+from socksd.config import Config, ConfigError
 from socksd.resolver import make_resolver
 from socksd.server.context import ServerContext
 from socksd.server.listener import Server
 from socksd.server.workers import Supervisor, worker_count
+
+if TYPE_CHECKING:
+    from socksd.auth.gssapi import GssapiAcceptor
 
 log = logging.getLogger("socksd")
 
@@ -60,15 +63,38 @@ def raise_fd_limit() -> None:
 
 
 def build_context(config: Config) -> ServerContext:
-    """Everything sessions share, built from the config (reads the user file)."""
+    """Everything sessions share, built from the config (reads the user file and the keytab)."""
     authenticator = None
     if config.users is not None:
         authenticator = UserPassAuthenticator(UserFile.load(config.users))
+    gssapi = _gssapi_acceptor(config) if "gssapi" in config.auth_methods else None
     resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
     access_log = AccessLog(config.access_log, config.log_format)
     return ServerContext(
-        config=config, resolver=resolver, access_log=access_log, authenticator=authenticator
+        config=config,
+        resolver=resolver,
+        access_log=access_log,
+        authenticator=authenticator,
+        gssapi=gssapi,
     )
+
+
+def _gssapi_acceptor(config: Config) -> GssapiAcceptor:
+    """The GSSAPI credentials; ConfigError when the gssapi package or the keytab is missing."""
+    try:
+        from socksd.auth.gssapi import GssapiAcceptor, GssapiSetupError
+    except ImportError as e:
+        raise ConfigError(
+            f"methods: gssapi needs the Python package 'gssapi' ({e}); install it with "
+            "pip install 'socksd[gssapi]' (it builds against MIT Kerberos: libkrb5-dev)"
+        ) from None
+    key = "gssapi_keytab" if config.gssapi_keytab is not None else "gssapi_service"
+    if config.gssapi_keytab is not None and not config.gssapi_keytab.is_file():
+        raise ConfigError(f"gssapi_keytab: {config.gssapi_keytab} is not a readable file")
+    try:
+        return GssapiAcceptor(config.service, config.gssapi_keytab)
+    except GssapiSetupError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 async def serve(

@@ -1,7 +1,8 @@
 """One client connection, from accept to the access-log line.
 
-accept -> greeting -> method selection -> sub-negotiation (username/password) -> request ->
-command (``socksd.server.connect`` for CONNECT) -> relay -> access log.
+accept -> greeting -> method selection -> sub-negotiation (username/password, or GSSAPI in
+``socksd.server.gssapi_handshake``) -> request -> command (``socksd.server.connect`` for CONNECT)
+-> relay (``relay_gssapi`` when GSSAPI encapsulates the traffic) -> access log.
 
 :class:`Session` is the ``asyncio.Protocol`` of the client's connection during the handshake. It
 feeds the bytes to the sans-I/O :class:`~socksd.protocol.ServerConnection` and acts on its events.
@@ -26,6 +27,7 @@ from socksd.protocol import (
     AuthMethod,
     Command,
     Greeting,
+    GssapiMessage,
     RemoteProtocolError,
     Reply,
     ReplyCode,
@@ -37,6 +39,7 @@ from socksd.protocol import (
 )
 from socksd.server.connect import connect
 from socksd.server.context import ServerContext
+from socksd.server.gssapi_handshake import GssapiHandshake
 from socksd.server.relay import Relay
 
 log = logging.getLogger("socksd.session")
@@ -65,6 +68,7 @@ class Session(asyncio.Protocol):
         self.closed = False
         self.task: asyncio.Task[None] | None = None
         self.relay: Relay | None = None
+        self.gssapi: GssapiHandshake | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._finished = False
 
@@ -138,6 +142,10 @@ class Session(asyncio.Protocol):
                 transport.pause_reading()
                 self.task = asyncio.get_running_loop().create_task(self._check_password(event))
                 return
+            elif isinstance(event, GssapiMessage):
+                transport.pause_reading()
+                self.task = asyncio.get_running_loop().create_task(self._gssapi_message(event))
+                return
             elif isinstance(event, Request):
                 self._request(event)
                 return
@@ -156,6 +164,15 @@ class Session(asyncio.Protocol):
             return
         self.transport.resume_reading()
         self._process()
+
+    async def _gssapi_message(self, message: GssapiMessage) -> None:
+        if self.gssapi is None:
+            assert self.ctx.gssapi is not None  # GSSAPI is only selected when configured
+            self.gssapi = GssapiHandshake(self, self.ctx.gssapi)
+        if await self.gssapi.receive(message):
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self._process()
 
     def _request(self, request: Request) -> None:
         assert self.transport is not None and self.record is not None
@@ -210,6 +227,18 @@ class Session(asyncio.Protocol):
         self.finish(error)
 
     # -- RelayOwner ----------------------------------------------------------------------------
+
+    def new_relay(self) -> Relay:
+        """The relay for this session's command: plain, or encapsulating after GSSAPI."""
+        config = self.ctx.config
+        codec = self.conn.encapsulation
+        if codec is None:
+            return Relay(self, high_water=config.relay_buffer, idle_timeout=config.idle_timeout)
+        from socksd.server.relay_gssapi import GssapiRelay
+
+        return GssapiRelay(
+            self, codec, high_water=config.relay_buffer, idle_timeout=config.idle_timeout
+        )
 
     def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
         """Reply with the outgoing connection's local address, then hand over to the relay.
