@@ -175,9 +175,10 @@ class AcceptorContext(_Context):
     def _step(self, token: bytes) -> tuple[bytes, bool]:
         try:
             output = self._ctx.step(token)
+            # python-gssapi returns the mechanism's error token and raises on the next access
+            complete = bool(self._ctx.complete)
         except GSSError as e:
             raise GssapiError(f"gss_accept_sec_context: {describe(e)}") from None
-        complete = bool(self._ctx.complete)
         if complete:
             self._check()
         return bytes(output or b""), complete
@@ -224,9 +225,9 @@ class InitiatorContext(_Context):
         """gss_init_sec_context (blocking: may ask the KDC for a ticket): (output, complete)."""
         try:
             output = self._ctx.step(token or None)
+            complete = bool(self._ctx.complete)  # raises a failure python-gssapi deferred
         except GSSError as e:
             raise GssapiError(f"gss_init_sec_context: {describe(e)}") from None
-        complete = bool(self._ctx.complete)
         if complete:
             missing = [
                 flag.name

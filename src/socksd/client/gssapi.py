@@ -107,11 +107,14 @@ class _UnwrappingProtocol(asyncio.Protocol):
         inner: asyncio.StreamReaderProtocol,
         reader: asyncio.StreamReader,
         transport: asyncio.Transport,
+        handshake_writer: asyncio.StreamWriter,
     ) -> None:
         self._codec = codec
         self._inner = inner
         self._reader = reader
         self._transport = transport
+        # Held so that it is not collected: StreamWriter.__del__ closes an open transport.
+        self._handshake_writer = handshake_writer
 
     def data_received(self, data: bytes) -> None:
         self._codec.receive_data(data)
@@ -160,7 +163,7 @@ def encapsulated_streams(
     inner = asyncio.StreamReaderProtocol(reader, loop=loop)
     wrapped = EncapsulatingTransport(raw, codec)
     inner.connection_made(wrapped)
-    protocol = _UnwrappingProtocol(codec, inner, reader, raw)
+    protocol = _UnwrappingProtocol(codec, inner, reader, raw, writer)
     raw.set_protocol(protocol)
     if early:
         inner.data_received(early)
