@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from tests.e2e.support import (
     wait_for,
     wait_for_log,
 )
+from tests.e2e.wiretap import Tap
 from tests.krb5 import HOST, TestRealm
 
 PRINCIPAL = "user@KRBTEST.COM"
@@ -67,47 +67,6 @@ def gss_server(module_socksd: Callable[..., ServerProcess], realm: TestRealm) ->
 def gss_proxy(server: ServerProcess | int, level: int = 2, **options: Any) -> Proxy:
     port = server if isinstance(server, int) else server.port
     return Proxy("127.0.0.1", port, gssapi=GssapiOptions(hostname=HOST, level=level, **options))
-
-
-class Tap:
-    """A loopback TCP forwarder to ``port`` recording what passes: ``up`` (to it), ``down``."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.up = bytearray()
-        self.down = bytearray()
-        self._threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        self.listener.settimeout(30)
-        try:
-            client, _ = self.listener.accept()
-        except OSError:
-            return
-        server = socket.create_connection(("127.0.0.1", self.target), timeout=30)
-        for src, dst, log in ((client, server, self.up), (server, client, self.down)):
-            t = threading.Thread(target=self._pump, args=(src, dst, log), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, log: bytearray) -> None:
-        src.settimeout(30)
-        try:
-            while chunk := src.recv(65536):
-                log += chunk
-                dst.sendall(chunk)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        for t in self._threads:
-            t.join(10)
-        self.listener.close()
 
 
 @pytest.fixture
