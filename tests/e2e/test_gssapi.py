@@ -35,13 +35,11 @@ from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
     IO_TIMEOUT,
-    access_lines,
     connect_proxy,
     random_bytes,
     recv_exact,
     recv_until_eof,
     socksd_cli,
-    wait_for,
     wait_for_log,
 )
 from tests.e2e.wiretap import Tap
@@ -100,11 +98,6 @@ def blocking_echo(proxy: Proxy, port: int, payload: bytes) -> bytes:
         return bytes(out)
 
 
-def last_access(server: ServerProcess) -> str:
-    assert wait_for(lambda: access_lines(server), 10)
-    return access_lines(server)[-1]
-
-
 # -- each protection level, data checked, encryption seen on the wire ---------------------------
 
 
@@ -122,9 +115,11 @@ def test_asyncio_client_each_level(
     assert tap.up[:3] == b"\x05\x01\x01"  # greeting offers GSSAPI only
     log = wait_for_log(gss_server, f"protection level {level} (asked {level})")
     assert PRINCIPAL in log
-    line = last_access(gss_server)
-    assert f"user={PRINCIPAL} CONNECT 127.0.0.1:{module_echo.port}" in line
-    assert f"up={len(payload)} down={len(payload)}" in line
+    wait_for_log(
+        gss_server,
+        f"user={PRINCIPAL} CONNECT 127.0.0.1:{module_echo.port} -> 127.0.0.1:{module_echo.port} "
+        f"rep=0x00 up={len(payload)} down={len(payload)}",
+    )
 
 
 @pytest.mark.parametrize("level", [1, 2])
@@ -406,7 +401,7 @@ def test_method_preference(
     )
     reader_writer = asyncio.run(_echo_and_close(proxy, module_echo.port))
     assert reader_writer == b"preferred"
-    assert f"user={user} " in last_access(server)
+    wait_for_log(server, f"user={user} CONNECT 127.0.0.1:{module_echo.port}")
 
 
 async def _echo_and_close(proxy: Proxy, port: int) -> bytes:
@@ -527,3 +522,13 @@ def test_client_without_gssapi_proxy_settings_rejects_blocking_gssapi_call() -> 
 
 def test_proxy_connection_error_type() -> None:
     assert issubclass(ProxyConnectionError, ConnectionError)
+
+
+def test_gssapi_with_two_workers(
+    socksd: Callable[..., ServerProcess], realm: TestRealm, module_echo: EchoServer
+) -> None:
+    """Each worker process acquires its own credentials and runs its own thread pool."""
+    server = socksd("--gssapi-keytab", str(realm.keytab), "--workers", "2", env=realm.env)
+    for i in range(6):
+        payload = b"worker round %d" % i
+        assert blocking_echo(gss_proxy(server, 1 + i % 2), module_echo.port, payload) == payload

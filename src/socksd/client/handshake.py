@@ -13,6 +13,7 @@ handshake does not run them itself: while ``step_pending`` the wrapper calls ``r
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING
 
 from socksd.client.errors import AuthenticationError, ProxyConnectionError, ReplyError
@@ -43,6 +44,19 @@ from socksd.protocol.address import Address
 if TYPE_CHECKING:
     from socksd.auth.gssapi import InitiatorContext
     from socksd.client.gssapi import GssapiOptions
+
+
+def service_hostname(host: str) -> str:
+    """The host part of the proxy's service name: ``host``, or for an IP literal its DNS name
+    (as Dante's client does), else the literal itself."""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return host
+    try:
+        return socket.getnameinfo((host, 0), socket.NI_NAMEREQD)[0]
+    except OSError:
+        return host
 
 
 def _as_bytes(value: str | bytes) -> bytes:
@@ -85,23 +99,27 @@ class ClientHandshake:
 
     def _setup_gssapi(self, options: GssapiOptions, proxy_host: str) -> None:
         try:
-            from socksd.auth.gssapi import InitiatorContext
+            import socksd.auth.gssapi  # noqa: F401 (fail early, not in the middle of a handshake)
         except ImportError as e:
             raise AuthenticationError(
                 f"GSSAPI needs the Python package 'gssapi' ({e}): pip install 'socksd[gssapi]'"
             ) from None
-        try:
-            self.gssapi = context = InitiatorContext(
-                options.service, options.hostname or proxy_host, options.credentials
-            )
-        except GssapiError as e:
-            raise AuthenticationError(f"GSSAPI: {e}") from None
+        self._gssapi_options = options
+        self._gssapi_host = options.hostname or proxy_host
         accepted = None
         if options.accept_levels is not None:
             accepted = [ProtectionLevel(level) for level in options.accept_levels]
         self.negotiation = GssapiClientNegotiation(
-            context.wrap, context.unwrap, ProtectionLevel(options.level), accepted
+            self._wrap, self._unwrap, ProtectionLevel(options.level), accepted
         )
+
+    def _wrap(self, data: bytes, confidential: bool) -> bytes:
+        assert self.gssapi is not None
+        return self.gssapi.wrap(data, confidential)
+
+    def _unwrap(self, token: bytes) -> tuple[bytes, bool]:
+        assert self.gssapi is not None
+        return self.gssapi.unwrap(token)
 
     @property
     def step_pending(self) -> bool:
@@ -115,8 +133,14 @@ class ClientHandshake:
         AuthenticationError is raised.
         """
         token, self._step = self._step, None
-        assert token is not None and self.gssapi is not None and self.negotiation is not None
+        assert token is not None and self.negotiation is not None
         try:
+            if self.gssapi is None:  # here, not earlier: naming the proxy may ask the DNS
+                from socksd.auth.gssapi import InitiatorContext
+
+                options = self._gssapi_options
+                host = service_hostname(self._gssapi_host)
+                self.gssapi = InitiatorContext(options.service, host, options.credentials)
             output, complete = self.gssapi.step(token)
             message = self.negotiation.context_step(output, complete)
         except GssapiError as e:
