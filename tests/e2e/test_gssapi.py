@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,12 @@ from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
     IO_TIMEOUT,
+    SourceServer,
     connect_proxy,
     random_bytes,
     recv_exact,
     recv_until_eof,
+    rss_kb,
     socksd_cli,
     wait_for_log,
 )
@@ -532,3 +535,32 @@ def test_gssapi_with_two_workers(
     for i in range(6):
         payload = b"worker round %d" % i
         assert blocking_echo(gss_proxy(server, 1 + i % 2), module_echo.port, payload) == payload
+
+
+def test_slow_reader_does_not_grow_memory(gss_server: ServerProcess) -> None:
+    """Backpressure as in the plain relay: a client not reading pauses the target."""
+    size = 30 * 1024 * 1024
+    source = SourceServer(random_bytes(size, seed=5))
+    try:
+        proxy = gss_proxy(gss_server, 1)
+        with create_gssapi_connection(proxy, ("127.0.0.1", source.port)) as gs:  # warm-up
+            assert recv_all(gs) == source.data
+        with create_gssapi_connection(proxy, ("127.0.0.1", source.port)) as gs:
+            gs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            before = peak = rss_kb(gss_server.proc.pid)
+            for _ in range(20):  # 2 s without reading
+                time.sleep(0.1)
+                peak = max(peak, rss_kb(gss_server.proc.pid))
+            data = recv_all(gs)
+    finally:
+        source.close()
+    assert hashlib.sha256(data).hexdigest() == source.digest
+    assert peak - before < 8 * 1024, f"socksd RSS grew by {peak - before} kB while paused"
+
+
+def recv_all(gs: Any) -> bytes:
+    gs.settimeout(60)
+    out = bytearray()
+    while chunk := gs.recv(1 << 20):
+        out += chunk
+    return bytes(out)
