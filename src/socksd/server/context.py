@@ -33,8 +33,8 @@ class ServerContext:
     gssapi: GssapiAcceptor | None = None
     sessions: set[Session] = field(default_factory=set)
     refused_sessions: int = 0
+    methods: tuple[int, ...] = field(init=False)
+    """Authentication methods in the server's order of preference (``methods``)."""
 
-    @property
-    def methods(self) -> tuple[int, ...]:
-        """Authentication methods in the server's order of preference (``methods``)."""
-        return tuple(_METHOD_CODES[name] for name in self.config.auth_methods)
+    def __post_init__(self) -> None:
+        self.methods = tuple(_METHOD_CODES[name] for name in self.config.auth_methods)

@@ -142,12 +142,12 @@ class Session(asyncio.Protocol):
                 transport.pause_reading()
                 self.task = asyncio.get_running_loop().create_task(self._check_password(event))
                 return
+            elif isinstance(event, Request):
+                self._request(event)
+                return
             elif isinstance(event, GssapiMessage):
                 transport.pause_reading()
                 self.task = asyncio.get_running_loop().create_task(self._gssapi_message(event))
-                return
-            elif isinstance(event, Request):
-                self._request(event)
                 return
 
     async def _check_password(self, creds: UserPassRequest) -> None:
