@@ -25,6 +25,7 @@ from socksd.protocol import (
     GssapiServerNegotiation,
     MechanismStep,
     ProtectionLevel,
+    State,
 )
 
 if TYPE_CHECKING:
@@ -77,8 +78,19 @@ class GssapiHandshake:
             )
             return True
         except GssapiError as e:
-            if not session.closed:
-                transport.write(conn.send(self.negotiation.abort()))
-                log.warning("GSSAPI authentication of %s failed: %s", record.client, e)
-                session.close(f"GSSAPI: {e}")
+            self._fail(f"{e}")
             return False
+        except Exception as e:  # a bug or an unexpected library error: end this session only
+            log.exception("GSSAPI negotiation with %s failed unexpectedly", record.client)
+            self._fail(f"{type(e).__name__}: {e}")
+            return False
+
+    def _fail(self, reason: str) -> None:
+        """Abort message, log line, close (unless the session has already ended)."""
+        session = self.session
+        if session.closed or session.transport is None or session.record is None:
+            return
+        if session.conn.state is State.AUTH_GSSAPI:
+            session.transport.write(session.conn.send(self.negotiation.abort()))
+        log.warning("GSSAPI authentication of %s failed: %s", session.record.client, reason)
+        session.close(f"GSSAPI: {reason}")
