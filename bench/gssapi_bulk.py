@@ -1,12 +1,14 @@
-"""GSSAPI bulk upload: socksd beside Dante's sockd, same client, same KDC, one run.
+"""GSSAPI bulk transfer: socksd beside Dante's sockd, same client, same KDC, one run.
 
 Both servers require GSSAPI (RFC 1961) with the same keytab of a throwaway realm
 (tests/krb5.py). The client is Dante's own client library (LD_PRELOAD of libdsocksd.so from
 scripts/build-dante-gssapi.sh into ncat), so the C client is the same for both servers and only
-the server differs. Each transfer sends SIZE bytes to the shared bench's C sink (benchsrv),
-encapsulated at protection level 1 (integrity) or 2 (confidentiality). Reported: MB/s (wall)
+the server differs. Each transfer sends SIZE bytes to the shared bench's C sink (benchsrv), or
+receives SIZE bytes from its source, encapsulated at protection level 1 (integrity) or 2
+(confidentiality): the server unwraps uploads and wraps downloads. Reported: MB/s (wall)
 and server CPU seconds per GB (utime+stime of the server's process tree), median of REPS, and
-socksd's ratio to Dante for each. Loopback only; ports 21034 (socksd), 21134 (sink), 21234 (sockd).
+socksd's ratio to Dante for each. Loopback only; ports 21034 (socksd), 21134-21136 (benchsrv),
+21234 (sockd).
 
     PYTHONPATH=src python3 bench/gssapi_bulk.py [--size-mb 200] [--reps 3]
 """
@@ -28,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.krb5 import TestRealm  # noqa: E402
 
-SOCKSD_PORT, SINK_PORT, SOCKD_PORT = 21034, 21134, 21234
+SOCKSD_PORT, SINK_PORT, SOURCE_PORT, SOCKD_PORT = 21034, 21134, 21136, 21234
 BENCHSRV = Path(os.environ.get("SOCKS_BENCH_BIN", "/tmp/socks-bench-bin")) / "benchsrv"
 
 
@@ -89,8 +91,10 @@ def start_sockd(realm: TestRealm, dante: Path, tmp: Path) -> subprocess.Popen[by
     )  # fmt: skip
 
 
-def transfer(realm: TestRealm, dante: Path, tmp: Path, port: int, level: str, size: int) -> float:
-    """Upload ``size`` zero bytes through the proxy on ``port`` with Dante's client; seconds."""
+def transfer(
+    realm: TestRealm, dante: Path, tmp: Path, port: int, level: str, size: int, direction: str
+) -> float:
+    """Move ``size`` bytes up (to the sink) or down (from the source) with Dante's client."""
     conf = tmp / f"socks-{port}-{level}.conf"
     conf.write_text(
         "route {\n"
@@ -103,15 +107,32 @@ def transfer(realm: TestRealm, dante: Path, tmp: Path, port: int, level: str, si
         "LD_PRELOAD": str(dante / "lib" / "libdsocksd.so"),
     }  # fmt: skip
     start = time.monotonic()
-    with subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE) as src:
-        result = subprocess.run(
-            ["ncat", "127.0.0.1", str(SINK_PORT)], stdin=src.stdout, env=env,
-            capture_output=True, timeout=600, check=False,
-        )  # fmt: skip
-    elapsed = time.monotonic() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"transfer failed: {result.stderr.decode(errors='replace')}")
-    return elapsed
+    if direction == "up":
+        with subprocess.Popen(
+            ["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE
+        ) as src:
+            result = subprocess.run(
+                ["ncat", "127.0.0.1", str(SINK_PORT)], stdin=src.stdout, env=env,
+                capture_output=True, timeout=600, check=False,
+            )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"transfer failed: {result.stderr.decode(errors='replace')}")
+    else:
+        # Dante's client fails now and then ("Ncat: Protocol error", 0 bytes) when target data
+        # follows the reply at once, with Dante's server as with socksd: such a start is retried.
+        command = f"ncat --recv-only 127.0.0.1 {SOURCE_PORT} | head -c {size} | wc -c"
+        for _ in range(5):
+            start = time.monotonic()
+            out = subprocess.run(
+                ["sh", "-c", command], env=env, capture_output=True, timeout=600, check=False
+            )
+            if out.stdout.strip() == str(size).encode():
+                break
+            if out.stdout.strip() != b"0":
+                raise RuntimeError(f"download got {out.stdout!r}: {out.stderr!r}")
+        else:
+            raise RuntimeError(f"download failed 5 times: {out.stderr.decode(errors='replace')}")
+    return time.monotonic() - start
 
 
 def main() -> None:
@@ -128,10 +149,11 @@ def main() -> None:
     )  # fmt: skip
     realm = TestRealm.start()
     tmp = realm.tmpdir
-    rows: dict[tuple[str, str], tuple[float, float]] = {}
+    rows: dict[tuple[str, str, str], tuple[float, float]] = {}
+    cases = [(d, level) for d in ("up", "down") for level in ("integrity", "confidentiality")]
     try:
         wait_port(SINK_PORT, sink)
-        for level in ("integrity", "confidentiality"):
+        for direction, level in cases:
             for name, port, start in (
                 ("socksd", SOCKSD_PORT, lambda: start_socksd(realm)),
                 ("dante", SOCKD_PORT, lambda: start_sockd(realm, dante, tmp)),
@@ -139,15 +161,18 @@ def main() -> None:
                 server = start()
                 try:
                     wait_port(port, server)
-                    transfer(realm, dante, tmp, port, level, 1_000_000)  # warm-up
+                    transfer(realm, dante, tmp, port, level, 1_000_000, direction)  # warm-up
                     rates, cpus = [], []
                     for _ in range(args.reps):
                         before = tree_cpu(server.pid)
-                        seconds = transfer(realm, dante, tmp, port, level, size)
+                        seconds = transfer(realm, dante, tmp, port, level, size, direction)
                         cpu = tree_cpu(server.pid) - before
                         rates.append(size / seconds / 1e6)
                         cpus.append(cpu / (size / 1e9))
-                    rows[(name, level)] = (statistics.median(rates), statistics.median(cpus))
+                    rows[(name, direction, level)] = (
+                        statistics.median(rates),
+                        statistics.median(cpus),
+                    )
                 finally:
                     server.send_signal(signal.SIGTERM)
                     server.wait(20)
@@ -155,15 +180,15 @@ def main() -> None:
         realm.stop()
         sink.terminate()
         sink.wait(10)
-    print(f"GSSAPI upload, {args.size_mb} MB x {args.reps} (median), Dante's client for both")
-    print("| level | server | MB/s | server CPU-s/GB | socksd/Dante MB/s | socksd/Dante CPU |")
-    print("|---|---|---|---|---|---|")
-    for level in ("integrity", "confidentiality"):
-        d_rate, d_cpu = rows[("dante", level)]
+    print(f"GSSAPI bulk, {args.size_mb} MB x {args.reps} (median), Dante's client for both")
+    print("| direction | level | server | MB/s | server CPU-s/GB | socksd/Dante MB/s | CPU |")
+    print("|---|---|---|---|---|---|---|")
+    for direction, level in cases:
+        d_rate, d_cpu = rows[("dante", direction, level)]
         for name in ("socksd", "dante"):
-            rate, cpu = rows[(name, level)]
+            rate, cpu = rows[(name, direction, level)]
             ratio = f"{rate / d_rate:.2f} | {cpu / d_cpu:.2f}" if name == "socksd" else "|"
-            print(f"| {level} | {name} | {rate:.0f} | {cpu:.2f} | {ratio} |")
+            print(f"| {direction} | {level} | {name} | {rate:.0f} | {cpu:.2f} | {ratio} |")
 
 
 if __name__ == "__main__":
