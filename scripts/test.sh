@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs, then run lint, types and the tests.
-# System packages: curl, ncat, htpasswd (apache2-utils), Dante (server and socksify client) and gcc
-# (it builds the small C programs socksify runs), installed with apt-get when missing. Python
-# packages: socksd with its [test] extra.
+# System packages: curl, ncat, htpasswd (apache2-utils), Dante (server and socksify client), gcc
+# (it builds the small C programs socksify runs), and MIT Kerberos for the GSSAPI tests (a KDC and
+# its admin tools for k5test's throwaway realm, kinit, and libkrb5-dev with a C compiler, which the
+# Python package gssapi is built against), installed with apt-get when missing. Python packages:
+# socksd with its [test] extra. Then Dante is built with GSSAPI for the interop tests
+# (scripts/build-dante-gssapi.sh, cached outside the repo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +16,11 @@ command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v socksify >/dev/null || need+=(dante-client)
 command -v sockd >/dev/null || command -v danted >/dev/null || need+=(dante-server)
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
+[ -x /usr/sbin/krb5kdc ] || need+=(krb5-kdc)
+[ -x /usr/sbin/kadmin.local ] || need+=(krb5-admin-server)
+command -v kinit >/dev/null || need+=(krb5-user)
+command -v krb5-config >/dev/null || need+=(libkrb5-dev)
+command -v cc >/dev/null || need+=(build-essential)
 if ((${#need[@]})); then
     echo "test.sh: installing system packages: ${need[*]}"
     sudo=""
@@ -24,6 +32,10 @@ fi
 # Debian's own python3 refuses pip installs outside a venv (PEP 668); this machine is a test box.
 export PIP_BREAK_SYSTEM_PACKAGES=1
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+
+# Dante with GSSAPI for tests/e2e/test_dante_gssapi.py (minutes the first time, then cached). On
+# failure those tests run the script again and skip (registry unreachable) or fail with its reason.
+./scripts/build-dante-gssapi.sh >/dev/null || echo "test.sh: Dante with GSSAPI was not built"
 
 echo "== ruff"; python3 -m ruff check src tests
 echo "== mypy"; python3 -m mypy

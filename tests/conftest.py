@@ -168,3 +168,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def krb5_realm() -> Iterator[object]:
+    """A throwaway Kerberos realm (tests/krb5.py) used by this process for the whole session."""
+    from tests.krb5 import TestRealm
+
+    realm = TestRealm.start()
+    try:
+        with realm.environment():
+            yield realm
+    finally:
+        realm.stop()

@@ -181,3 +181,76 @@ def test_bind_udp_flags_mirror_keys() -> None:
     assert config.bind_timeout == 5.0
     assert config.udp_idle_timeout == 0.0
     assert config.external_address == "192.0.2.1"
+
+
+# -- authentication methods and GSSAPI keys ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "methods"),
+    [
+        ({}, ("none",)),
+        ({"users": "u"}, ("userpass",)),
+        ({"gssapi_keytab": "k"}, ("gssapi",)),
+        ({"gssapi_service": "socks"}, ("gssapi",)),
+        ({"gssapi_keytab": "k", "users": "u"}, ("gssapi", "userpass")),
+        ({"methods": "userpass,gssapi", "users": "u"}, ("userpass", "gssapi")),
+        ({"methods": ["gssapi", "none"]}, ("gssapi", "none")),
+        ({"methods": " GSSAPI , None "}, ("gssapi", "none")),
+    ],
+)
+def test_methods_derived_or_given(values: dict[str, object], methods: tuple[str, ...]) -> None:
+    config = build_config(values, {})
+    assert config.auth_methods == methods
+    assert config.requires_auth is ("none" not in methods)
+
+
+def test_gssapi_defaults_and_values() -> None:
+    config = build_config({}, {})
+    assert config.service == "rcmd"
+    assert config.gssapi_levels == (1, 2, 3)
+    config = build_config({"gssapi_levels": [2, 1, 2]}, {"gssapi_levels": None})
+    assert config.gssapi_levels == (2, 1)
+    config = build_config({"gssapi_levels": [1]}, {"gssapi_levels": "3, 2"})
+    assert config.gssapi_levels == (3, 2)
+    assert build_config({"gssapi_service": "socks"}, {}).service == "socks"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"methods": "kerberos"}, "methods: 'kerberos' is not one of gssapi, userpass, none"),
+        ({"methods": []}, "methods: give each method once"),
+        ({"methods": "none,none"}, "methods: give each method once"),
+        ({"methods": 3}, "methods: expected a list"),
+        ({"methods": "userpass"}, "methods: userpass needs a user file"),
+        ({"methods": "none", "users": "u"}, "users: a user file is given but methods"),
+        ({"methods": "userpass", "users": "u", "gssapi_keytab": "k"}, "gssapi_keytab/"),
+        ({"gssapi_levels": []}, "gssapi_levels: expected a list"),
+        ({"gssapi_levels": [0]}, "gssapi_levels: 0 is not a protection level"),
+        ({"gssapi_levels": [True]}, "gssapi_levels: True is not a protection level"),
+        ({"gssapi_levels": "1,x"}, "gssapi_levels: 'x' is not a protection level"),
+        ({"gssapi_service": "rcmd/host"}, "gssapi_service: 'rcmd/host' is not a service name"),
+        ({"gssapi_service": ""}, "gssapi_service: '' is not a service name"),
+        ({"gssapi_keytab": 5}, "gssapi_keytab: expected the path of a Kerberos keytab"),
+    ],
+)
+def test_method_errors_name_the_key(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message[:20]}") as info:
+        build_config(values, {})
+    assert message in str(info.value)
+
+
+def test_open_proxy_guard_counts_none_among_methods() -> None:
+    exposed = {"listen": ["0.0.0.0:1080"]}
+    build_config({**exposed, "gssapi_keytab": "k"}, {})
+    build_config({**exposed, "methods": "gssapi,userpass", "users": "u", "gssapi_keytab": "k"}, {})
+    with pytest.raises(ConfigError, match="open proxy"):
+        build_config({**exposed, "methods": "gssapi,none", "gssapi_keytab": "k"}, {})
+    build_config({**exposed, "methods": "gssapi,none", "allow_open": True}, {})
+
+
+def test_keytab_path_relative_to_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "socksd.toml"
+    path.write_text('gssapi_keytab = "krb/socksd.keytab"\n')
+    assert load_file(path)["gssapi_keytab"] == str(tmp_path / "krb" / "socksd.keytab")

@@ -39,6 +39,28 @@ def _serve_parser(sub: Any) -> None:
         help="htpasswd file (bcrypt); when given, username/password is required",
     )
     p.add_argument(
+        "--methods",
+        metavar="LIST",
+        help="authentication methods in the order of preference, from gssapi, userpass, none "
+        "(default: gssapi when a keytab or service is given, userpass when users are, else none)",
+    )
+    p.add_argument(
+        "--gssapi-keytab",
+        metavar="PATH",
+        help="Kerberos keytab for GSSAPI (RFC 1961) authentication (default: KRB5_KTNAME)",
+    )
+    p.add_argument(
+        "--gssapi-service",
+        metavar="NAME",
+        help="GSSAPI host-based service name; clients ask for NAME@<host> (default rcmd)",
+    )
+    p.add_argument(
+        "--gssapi-levels",
+        metavar="LIST",
+        help="GSSAPI protection levels accepted: 1 integrity, 2 confidentiality, "
+        "3 selective (default 1,2,3)",
+    )
+    p.add_argument(
         "--allow-open",
         action="store_const",
         const=True,
@@ -230,7 +252,7 @@ def _check_config_parser(sub: Any) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="socksd", description="A SOCKS5 proxy server (RFC 1928, RFC 1929)."
+        prog="socksd", description="A SOCKS5 proxy server (RFC 1928, RFC 1929, RFC 1961)."
     )
     parser.add_argument("--version", action="version", version=f"socksd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,user,check-config}")
@@ -243,6 +265,10 @@ def make_parser() -> argparse.ArgumentParser:
 _SERVE_KEYS = (
     "listen",
     "users",
+    "methods",
+    "gssapi_keytab",
+    "gssapi_service",
+    "gssapi_levels",
     "allow_open",
     "log_format",
     "log_level",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,10 @@ COMMAND_NAMES: dict[str, Command] = {
 }
 """Names of the SOCKS commands in ``commands`` (config) and ``--commands`` (flag)."""
 
+METHODS = ("gssapi", "userpass", "none")
+"""Authentication method names of ``methods``, for RFC 1961, RFC 1929 and no authentication."""
+DEFAULT_GSSAPI_SERVICE = "rcmd"
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -109,11 +113,33 @@ class Config:
     bind_timeout: float = 60.0
     udp_idle_timeout: float = 300.0
     external_address: str | None = None
+    methods: tuple[str, ...] = ()
+    gssapi_keytab: Path | None = None
+    gssapi_service: str | None = None
+    gssapi_levels: tuple[int, ...] = (1, 2, 3)
+
+    @property
+    def auth_methods(self) -> tuple[str, ...]:
+        """``methods``, or when not given: gssapi (keytab or service set), userpass (users set),
+        else none."""
+        if self.methods:
+            return self.methods
+        derived = []
+        if self.gssapi_keytab is not None or self.gssapi_service is not None:
+            derived.append("gssapi")
+        if self.users is not None:
+            derived.append("userpass")
+        return tuple(derived) or ("none",)
+
+    @property
+    def service(self) -> str:
+        """The GSS-API service name (``gssapi_service`` or ``rcmd``)."""
+        return self.gssapi_service or DEFAULT_GSSAPI_SERVICE
 
     @property
     def requires_auth(self) -> bool:
         """True when clients must authenticate."""
-        return self.users is not None
+        return "none" not in self.auth_methods
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -136,6 +162,9 @@ def _convert(key: str, value: Any) -> Any:
         return _commands(value)
     if key == "external_address":
         return _external_address(value)
+    converter = _CONVERTERS.get(key)
+    if converter is not None:
+        return converter(value)
     if key == "listen":
         items = [value] if isinstance(value, str) else value
         if (
@@ -145,11 +174,12 @@ def _convert(key: str, value: Any) -> Any:
         ):
             raise ConfigError('listen: expected a list of "HOST:PORT" strings')
         return tuple(ListenAddress.parse(v) for v in items)
-    if key == "users":
+    if key in ("users", "gssapi_keytab"):
         if value is None or value == "":
             return None
         if not isinstance(value, str | Path):
-            raise ConfigError("users: expected the path of an htpasswd file")
+            what = "an htpasswd file" if key == "users" else "a Kerberos keytab"
+            raise ConfigError(f"{key}: expected the path of {what}")
         return Path(value)
     if key == "allow_open":
         if not isinstance(value, bool):
@@ -292,6 +322,71 @@ def _external_address(value: Any) -> str | None:
     return str(ip)
 
 
+def _methods(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise ConfigError('methods: expected a list such as ["gssapi", "userpass", "none"]')
+    names = [v.strip().lower() for v in items]
+    for name in names:
+        if name not in METHODS:
+            raise ConfigError(f"methods: {name!r} is not one of {', '.join(METHODS)}")
+    if not names or len(set(names)) != len(names):
+        raise ConfigError("methods: give each method once, in the order of preference")
+    return tuple(names)
+
+
+def _service(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c in value for c in "@/ \t"):
+        raise ConfigError(
+            f"gssapi_service: {value!r} is not a service name (like rcmd or socks; "
+            "the host part comes from the keytab)"
+        )
+    return value
+
+
+def _levels(value: Any) -> tuple[int, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError("gssapi_levels: expected a list of protection levels such as [1, 2, 3]")
+    levels: list[int] = []
+    for item in items:
+        text = item.strip() if isinstance(item, str) else item
+        if isinstance(text, bool) or text not in (1, 2, 3, "1", "2", "3"):
+            raise ConfigError(
+                f"gssapi_levels: {item!r} is not a protection level (1 integrity, "
+                "2 confidentiality, 3 selective)"
+            )
+        if int(text) not in levels:
+            levels.append(int(text))
+    return tuple(levels)
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "methods": _methods,
+    "gssapi_service": _service,
+    "gssapi_levels": _levels,
+}
+
+
+def check_methods(config: Config) -> None:
+    """Each method has what it needs, and nothing configured is left unused."""
+    methods = config.auth_methods
+    if "userpass" in methods and config.users is None:
+        raise ConfigError("methods: userpass needs a user file; give users (--users FILE)")
+    if config.methods:
+        if config.users is not None and "userpass" not in methods:
+            raise ConfigError(
+                f"users: a user file is given but methods ({','.join(methods)}) has no userpass; "
+                "add userpass to methods or drop users"
+            )
+        gssapi_set = config.gssapi_keytab is not None or config.gssapi_service is not None
+        if gssapi_set and "gssapi" not in methods:
+            raise ConfigError(
+                f"gssapi_keytab/gssapi_service: set but methods ({','.join(methods)}) has no "
+                "gssapi; add gssapi to methods or drop them"
+            )
+
+
 def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> Config:
     """Merge the file's values with command-line overrides (which win) and validate them all."""
     merged: dict[str, Any] = {}
@@ -306,6 +401,7 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
             merged[name] = _convert(name, value)
     _compile_access(merged)
     config = Config(**merged)
+    check_methods(config)
     check_safety(config)
     return config
 
@@ -336,8 +432,9 @@ def check_safety(config: Config) -> None:
     if exposed:
         raise ConfigError(
             f"listen: {', '.join(exposed)} is reachable from other machines and no authentication "
-            "is configured; this would be an open proxy. Add users (--users FILE) or, if you "
-            "really mean it, --allow-open (allow_open = true)"
+            "is required (methods include none); this would be an open proxy. Add users "
+            "(--users FILE) or a Kerberos keytab (--gssapi-keytab FILE), or, if you really mean "
+            "it, --allow-open (allow_open = true)"
         )
 
 
@@ -352,6 +449,8 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
-    if "users" in data and isinstance(data["users"], str) and not Path(data["users"]).is_absolute():
-        data["users"] = str(path.parent / data["users"])
+    for key in ("users", "gssapi_keytab"):
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[key] = str(path.parent / value)
     return data

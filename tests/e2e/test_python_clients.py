@@ -275,3 +275,22 @@ def test_own_client_proxy_down() -> None:
     with pytest.raises(ProxyConnectionError) as info:
         socksd.client.create_connection(f"socks5://127.0.0.1:{port}", ("127.0.0.1", 9))
     assert isinstance(info.value, ProxyError)
+
+
+def test_own_blocking_client_keeps_bytes_that_follow_the_reply(server: ServerProcess) -> None:
+    """A target that speaks first: its banner may arrive in the same segment as the reply."""
+    banner = b"SSH-2.0-banner-first\r\n"
+    target = EchoServer(banner=banner)
+    try:
+        for _ in range(50):
+            with socksd.client.create_connection(
+                f"127.0.0.1:{server.port}", ("127.0.0.1", target.port), timeout=10
+            ) as sock:
+                got = b""
+                while len(got) < len(banner):
+                    chunk = sock.recv(4096)
+                    assert chunk, got
+                    got += chunk
+                assert got == banner
+    finally:
+        target.close()

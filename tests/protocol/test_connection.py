@@ -597,7 +597,8 @@ def test_refusal_bytes_parse_as_the_expected_answers() -> None:
     assert Reply.parse(FAIL_REPLY % 0x07) == (Reply(ReplyCode.COMMAND_NOT_SUPPORTED), 10)
 
 
-def test_refusal_in_gssapi_is_silent() -> None:
+def test_refusal_in_gssapi_is_the_abort_message() -> None:
+    """RFC 1961 s. 3.8: a server refusing the client for any reason answers 01 FF."""
     server = ServerConnection()
     server.receive_data(b"\x05\x01\x01")
     server.next_event()
@@ -605,7 +606,8 @@ def test_refusal_in_gssapi_is_silent() -> None:
     server.receive_data(b"\x01\x07\x00\x00")
     with pytest.raises(RemoteProtocolError) as info:
         server.next_event()
-    assert server.refusal(info.value) == b""
+    assert server.refusal(info.value) == b"\x01\xff"
+    assert server.state is State.CLOSED
 
 
 # --- GSSAPI: a sub-negotiation of several round trips (RFC 1961) ---------------------------------

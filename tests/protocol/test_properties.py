@@ -337,7 +337,7 @@ def _chunks(data: st.DataObject, buf: bytes) -> list[bytes]:
     return [buf[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
-REFUSALS = {b"", b"\x05\xff", b"\x01\x01"} | {
+REFUSALS = {b"", b"\x05\xff", b"\x01\x01", b"\x01\xff"} | {
     Reply(code).to_bytes() for code in ReplyCode if code is not ReplyCode.SUCCEEDED
 }
 

@@ -7,7 +7,12 @@
 """
 
 from socksd.client.bind import BindListener, BlockingBind, bind, create_bind
-from socksd.client.connect import Proxy, create_connection, open_connection
+from socksd.client.connect import (
+    Proxy,
+    create_connection,
+    create_gssapi_connection,
+    open_connection,
+)
 from socksd.client.errors import (
     AuthenticationError,
     ProxyConnectionError,
@@ -15,6 +20,7 @@ from socksd.client.errors import (
     ProxyTimeoutError,
     ReplyError,
 )
+from socksd.client.gssapi import GssapiOptions, GssapiSocket
 from socksd.client.handshake import ClientHandshake
 from socksd.client.udp import (
     BlockingUdpAssociation,
@@ -29,6 +35,8 @@ __all__ = [
     "BlockingBind",
     "BlockingUdpAssociation",
     "ClientHandshake",
+    "GssapiOptions",
+    "GssapiSocket",
     "Proxy",
     "ProxyConnectionError",
     "ProxyError",
@@ -38,6 +46,7 @@ __all__ = [
     "bind",
     "create_bind",
     "create_connection",
+    "create_gssapi_connection",
     "create_udp_association",
     "open_connection",
     "udp_associate",

@@ -4,6 +4,11 @@
 ``asyncio.open_connection``; ``create_connection(proxy, (host, port))`` returns a connected
 ``socket.socket`` like ``socket.create_connection``. Host names are sent to the proxy as names
 (resolved there), IP literals as addresses.
+
+With ``Proxy(..., gssapi=GssapiOptions(...))`` the client authenticates with GSS-API (RFC 1961)
+and all later traffic is encapsulated: ``open_connection`` returns streams that wrap and unwrap
+(``socksd.client.gssapi``), and the blocking ``create_gssapi_connection`` returns a socket-like
+``GssapiSocket`` (a real ``socket.socket`` cannot hide the framing).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import socket
 from dataclasses import dataclass, field
 
 from socksd.client.errors import ProxyConnectionError, ProxyError, ProxyTimeoutError
+from socksd.client.gssapi import GssapiOptions, GssapiSocket, encapsulated_streams
 from socksd.client.handshake import ClientHandshake
-from socksd.protocol import Address, Command, Reply
+from socksd.protocol import Address, Command, Reply, State
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +31,10 @@ class Proxy:
     port: int = 1080
     username: str | bytes | None = None
     password: str | bytes | None = field(default=None, repr=False)
+    gssapi: GssapiOptions | None = None
 
     @classmethod
-    def parse(cls, url: str) -> Proxy:
+    def parse(cls, url: str, *, gssapi: GssapiOptions | None = None) -> Proxy:
         """``socks5://user:pass@host:port`` or ``host:port`` (IPv6 as ``[::1]:1080``)."""
         from urllib.parse import unquote, urlsplit
 
@@ -38,14 +45,30 @@ class Proxy:
             raise ValueError(f"no proxy host in {url!r}")
         user = unquote(parts.username) if parts.username is not None else None
         password = unquote(parts.password) if parts.password is not None else None
-        return cls(parts.hostname, parts.port or 1080, user, password)
+        return cls(parts.hostname, parts.port or 1080, user, password, gssapi)
 
 
 ProxyLike = Proxy | str
 
 
+# Larger than anything a StreamReader can hold (2 x its 64 KiB limit + one 256 KiB read), so the
+# handshake's last read leaves nothing behind in the reader when GSSAPI streams replace it.
+_READ_ALL = 1 << 20
+
+
 def _proxy(proxy: ProxyLike) -> Proxy:
     return Proxy.parse(proxy) if isinstance(proxy, str) else proxy
+
+
+def _handshake(p: Proxy, address: Address) -> ClientHandshake:
+    return ClientHandshake(
+        Command.CONNECT,
+        address,
+        username=p.username,
+        password=p.password,
+        gssapi=p.gssapi,
+        proxy_host=p.host,
+    )
 
 
 async def handshake_over_streams(
@@ -59,7 +82,14 @@ async def handshake_over_streams(
             await writer.drain()
         if hs.done:
             return hs.trailing_data()
-        hs.receive_data(await reader.read(4096))
+        if hs.step_pending:
+            try:
+                await asyncio.to_thread(hs.run_step)
+            except ProxyError:
+                writer.write(hs.data_to_send())  # the abort message, as a courtesy
+                raise
+            continue
+        hs.receive_data(await reader.read(_READ_ALL))
 
 
 async def open_connection(
@@ -71,9 +101,7 @@ async def open_connection(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to ``host:port`` through ``proxy``; return asyncio streams to the target."""
     p = _proxy(proxy)
-    hs = ClientHandshake(
-        Command.CONNECT, Address.of(host, port), username=p.username, password=p.password
-    )
+    hs = _handshake(p, Address.of(host, port))
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(p.host, p.port)
@@ -88,6 +116,8 @@ async def open_connection(
         raise ProxyTimeoutError(f"SOCKS handshake with {p.host}:{p.port} timed out") from None
     except OSError as e:
         raise ProxyConnectionError(f"cannot reach proxy {p.host}:{p.port}: {e}") from e
+    if hs.encapsulation is not None:
+        return encapsulated_streams(writer, hs.encapsulation, early)
     if early:
         reader.feed_data(early)  # cannot happen with a StreamReader; kept for completeness
     return reader, writer
@@ -101,7 +131,18 @@ def handshake_over_socket(sock: socket.socket, hs: ClientHandshake) -> bytes:
             sock.sendall(out)
         if hs.done:
             return hs.trailing_data()
-        hs.receive_data(sock.recv(4096))
+        if hs.step_pending:
+            try:
+                hs.run_step()
+            except ProxyError:
+                sock.sendall(hs.data_to_send())  # the abort message, as a courtesy
+                raise
+            continue
+        # Once the request is out, target bytes may follow the reply in the same segment. A plain
+        # socket cannot give them back, so the reply is read a byte at a time (it is 10-22 bytes;
+        # GSSAPI sessions keep early bytes in their GssapiSocket instead).
+        at_reply = hs.conn.state in (State.REPLY, State.BIND_WAIT) and hs.encapsulation is None
+        hs.receive_data(sock.recv(1 if at_reply else 65536))
 
 
 def create_connection(
@@ -110,11 +151,39 @@ def create_connection(
     *,
     timeout: float = 10.0,
 ) -> socket.socket:
-    """Blocking CONNECT through ``proxy``; the returned socket talks to the target."""
+    """Blocking CONNECT through ``proxy``; the returned socket talks to the target.
+
+    For a GSSAPI proxy use :func:`create_gssapi_connection` (ValueError here).
+    """
     p = _proxy(proxy)
-    hs = ClientHandshake(
-        Command.CONNECT, Address.of(*address), username=p.username, password=p.password
-    )
+    if p.gssapi is not None:
+        raise ValueError("a GSSAPI proxy encapsulates the data: use create_gssapi_connection()")
+    sock, _, _ = _blocking_connect(p, address, timeout)
+    return sock
+
+
+def create_gssapi_connection(
+    proxy: ProxyLike,
+    address: tuple[str, int],
+    *,
+    timeout: float = 10.0,
+) -> GssapiSocket:
+    """Blocking CONNECT through a GSSAPI proxy (``proxy.gssapi`` set; RFC 1961).
+
+    Returns a socket-like :class:`GssapiSocket` whose ``sendall``/``recv`` wrap and unwrap.
+    """
+    p = _proxy(proxy)
+    if p.gssapi is None:
+        raise ValueError("proxy.gssapi is not set: use create_connection()")
+    sock, hs, early = _blocking_connect(p, address, timeout)
+    assert hs.encapsulation is not None
+    return GssapiSocket(sock, hs.encapsulation, early)
+
+
+def _blocking_connect(
+    p: Proxy, address: tuple[str, int], timeout: float
+) -> tuple[socket.socket, ClientHandshake, bytes]:
+    hs = _handshake(p, Address.of(*address))
     try:
         sock = socket.create_connection((p.host, p.port), timeout=timeout)
     except TimeoutError:
@@ -122,7 +191,7 @@ def create_connection(
     except OSError as e:
         raise ProxyConnectionError(f"cannot reach proxy {p.host}:{p.port}: {e}") from e
     try:
-        handshake_over_socket(sock, hs)
+        early = handshake_over_socket(sock, hs)
     except TimeoutError:
         sock.close()
         raise ProxyTimeoutError(f"SOCKS handshake with {p.host}:{p.port} timed out") from None
@@ -130,7 +199,7 @@ def create_connection(
         sock.close()
         raise
     sock.settimeout(None)
-    return sock
+    return sock, hs, early
 
 
 def bound_address(reply: Reply) -> tuple[str, int]:

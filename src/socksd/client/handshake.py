@@ -3,9 +3,18 @@
 ``ClientHandshake`` decides what the client says (the methods it offers, its credentials, its
 request); the async and sync wrappers only move bytes: they write ``data_to_send()``, feed what
 they read to ``receive_data()`` and stop when ``done``. The replies end up in ``replies``.
+
+GSSAPI (RFC 1961): the sub-negotiation is ``GssapiClientNegotiation``; the mechanism's steps
+(gss_init_sec_context, which may ask the KDC for a ticket) are the one blocking thing, so the
+handshake does not run them itself: while ``step_pending`` the wrapper calls ``run_step()``
+(the asyncio one on a thread). Once the level is agreed the request and reply are encapsulated and
+``encapsulation`` is the codec the caller's streams go on with.
 """
 
 from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
 
 from socksd.client.errors import AuthenticationError, ProxyConnectionError, ReplyError
 from socksd.protocol import (
@@ -15,7 +24,15 @@ from socksd.protocol import (
     ClientConnection,
     Command,
     Greeting,
+    GssapiClientNegotiation,
+    GssapiEncapsulation,
+    GssapiError,
+    GssapiMessage,
+    GssapiMessageType,
+    LevelAgreed,
+    MechanismStep,
     MethodSelection,
+    ProtectionLevel,
     Reply,
     Request,
     State,
@@ -23,6 +40,23 @@ from socksd.protocol import (
     UserPassRequest,
 )
 from socksd.protocol.address import Address
+
+if TYPE_CHECKING:
+    from socksd.auth.gssapi import InitiatorContext
+    from socksd.client.gssapi import GssapiOptions
+
+
+def service_hostname(host: str) -> str:
+    """The host part of the proxy's service name: ``host``, or for an IP literal its DNS name
+    (as Dante's client does), else the literal itself."""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return host
+    try:
+        return socket.getnameinfo((host, 0), socket.NI_NAMEREQD)[0]
+    except OSError:
+        return host
 
 
 def _as_bytes(value: str | bytes) -> bytes:
@@ -39,7 +73,11 @@ class ClientHandshake:
         *,
         username: str | bytes | None = None,
         password: str | bytes | None = None,
+        gssapi: GssapiOptions | None = None,
+        proxy_host: str = "localhost",
     ) -> None:
+        """``gssapi``: offer GSSAPI (and no longer "no authentication"); ``proxy_host`` is the
+        default host part of its service name."""
         self.conn = ClientConnection()
         self.request = Request(command, address)
         self.credentials: UserPassRequest | None = None
@@ -47,9 +85,73 @@ class ClientHandshake:
         if username is not None:
             self.credentials = UserPassRequest(_as_bytes(username), _as_bytes(password or b""))
             methods = (AuthMethod.USERNAME_PASSWORD, AuthMethod.NO_AUTH)
+        self.gssapi: InitiatorContext | None = None
+        self.negotiation: GssapiClientNegotiation | None = None
+        self._step: bytes | None = None
+        if gssapi is not None:
+            self._setup_gssapi(gssapi, proxy_host)
+            methods = (AuthMethod.GSSAPI,)
+            if self.credentials is not None:
+                methods += (AuthMethod.USERNAME_PASSWORD,)
         self.replies: list[Reply] = []
         self._out = bytearray(self.conn.send(Greeting(methods)))
         self._wanted = 2 if command == Command.BIND else 1
+
+    def _setup_gssapi(self, options: GssapiOptions, proxy_host: str) -> None:
+        try:
+            import socksd.auth.gssapi  # noqa: F401 (fail early, not in the middle of a handshake)
+        except ImportError as e:
+            raise AuthenticationError(
+                f"GSSAPI needs the Python package 'gssapi' ({e}): pip install 'socksd[gssapi]'"
+            ) from None
+        self._gssapi_options = options
+        self._gssapi_host = options.hostname or proxy_host
+        accepted = None
+        if options.accept_levels is not None:
+            accepted = [ProtectionLevel(level) for level in options.accept_levels]
+        self.negotiation = GssapiClientNegotiation(
+            self._wrap, self._unwrap, ProtectionLevel(options.level), accepted
+        )
+
+    def _wrap(self, data: bytes, confidential: bool) -> bytes:
+        assert self.gssapi is not None
+        return self.gssapi.wrap(data, confidential)
+
+    def _unwrap(self, token: bytes) -> tuple[bytes, bool]:
+        assert self.gssapi is not None
+        return self.gssapi.unwrap(token)
+
+    @property
+    def step_pending(self) -> bool:
+        """A GSS-API mechanism step is due: call ``run_step()`` (it may block) before reading."""
+        return self._step is not None
+
+    def run_step(self) -> None:
+        """Run the pending gss_init_sec_context step and queue its message.
+
+        On failure the RFC 1961 abort message is queued (send it if you can) and
+        AuthenticationError is raised.
+        """
+        token, self._step = self._step, None
+        assert token is not None and self.negotiation is not None
+        try:
+            if self.gssapi is None:  # here, not earlier: naming the proxy may ask the DNS
+                from socksd.auth.gssapi import InitiatorContext
+
+                options = self._gssapi_options
+                host = service_hostname(self._gssapi_host)
+                self.gssapi = InitiatorContext(options.service, host, options.credentials)
+            output, complete = self.gssapi.step(token)
+            message = self.negotiation.context_step(output, complete)
+        except GssapiError as e:
+            self._out += self.conn.send(self.negotiation.abort())
+            raise AuthenticationError(f"GSSAPI: {e}") from None
+        self._out += self.conn.send(message)
+
+    @property
+    def encapsulation(self) -> GssapiEncapsulation | None:
+        """The RFC 1961 codec the connection goes on with after a GSSAPI handshake."""
+        return self.conn.encapsulation
 
     @property
     def done(self) -> bool:
@@ -78,8 +180,11 @@ class ClientHandshake:
 
     def _advance(self, *, eof: bool) -> None:
         conn = self.conn
-        while not self.done:
-            event = conn.next_event()
+        while not self.done and not self.step_pending:
+            try:
+                event = conn.next_event()
+            except GssapiError as e:
+                raise ProxyConnectionError(f"GSSAPI: {e}") from None
             if event is NEED_DATA:
                 if eof:
                     raise ProxyConnectionError("proxy closed the connection during the handshake")
@@ -92,10 +197,30 @@ class ClientHandshake:
                 if not event.ok:
                     raise AuthenticationError("proxy rejected the username/password")
                 self._out += conn.send(self.request)
+            elif isinstance(event, GssapiMessage):
+                self._gssapi_message(event)
             elif isinstance(event, Reply):
                 if not event.ok:
                     raise ReplyError(event.reply)
                 self.replies.append(event)
+
+    def _gssapi_message(self, message: GssapiMessage) -> None:
+        negotiation = self.negotiation
+        assert negotiation is not None and self.gssapi is not None
+        try:
+            answer = negotiation.receive(message)
+            if isinstance(answer, MechanismStep):
+                self._step = answer.token
+            elif isinstance(answer, LevelAgreed):
+                max_payload = self.gssapi.max_payload(answer.level)
+                self.conn.authentication_done(negotiation.encapsulation(max_payload))
+                self._out += self.conn.send(self.request)
+            else:
+                self._out += self.conn.send(answer)
+        except GssapiError as e:
+            if message.mtyp == GssapiMessageType.ABORT:
+                raise AuthenticationError("proxy refused the GSSAPI authentication") from None
+            raise AuthenticationError(f"GSSAPI: {e}") from None
 
     def _selected(self, method: int) -> None:
         if method == AuthMethod.NO_ACCEPTABLE:
@@ -105,6 +230,8 @@ class ClientHandshake:
             self._out += self.conn.send(self.credentials)
         elif method == AuthMethod.NO_AUTH:
             self._out += self.conn.send(self.request)
+        elif method == AuthMethod.GSSAPI:
+            self._step = b""  # the client's first context token comes first
         else:  # pragma: no cover - ClientConnection rejects methods not offered
             raise AuthenticationError(f"unsupported method {method:#04x}")
 

@@ -18,10 +18,23 @@ from socksd.protocol.constants import (
     AuthMethod,
     Command,
     GssapiMessageType,
+    ProtectionLevel,
     ReplyCode,
     UserPassStatus,
 )
-from socksd.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from socksd.protocol.errors import (
+    GssapiError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from socksd.protocol.gssapi import (
+    GssapiClientNegotiation,
+    GssapiEncapsulation,
+    GssapiServerNegotiation,
+    LevelAgreed,
+    MechanismStep,
+)
 from socksd.protocol.messages import (
     MAX_HANDSHAKE_MESSAGE,
     Greeting,
@@ -62,11 +75,18 @@ __all__ = [
     "Command",
     "Event",
     "Greeting",
+    "GssapiClientNegotiation",
+    "GssapiEncapsulation",
+    "GssapiError",
     "GssapiMessage",
     "GssapiMessageType",
+    "GssapiServerNegotiation",
+    "LevelAgreed",
     "LocalProtocolError",
+    "MechanismStep",
     "Message",
     "MethodSelection",
+    "ProtectionLevel",
     "ProtocolError",
     "RemoteProtocolError",
     "Reply",

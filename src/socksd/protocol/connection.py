@@ -14,7 +14,10 @@ state lives in the tables below:
   code and the command decide it).
 
 A method's sub-negotiation may take several round trips (GSSAPI): in ``AUTH_GSSAPI`` both sides
-exchange RFC 1961 messages until the authentication code calls ``authentication_done()``.
+exchange RFC 1961 messages until the authentication code calls ``authentication_done()``. Given an
+encapsulation (``socksd.protocol.gssapi``), that call puts the codec between the wire and the
+parser: received bytes are unwrapped before they are parsed (those already buffered too), sent
+messages are wrapped, so the request and reply go through the same parsers as without GSSAPI.
 
 Once the request has been answered with success the connection is ``ESTABLISHED``;
 ``trailing_data()`` hands over whatever the peer sent after its last handshake message, so no byte
@@ -28,8 +31,9 @@ from collections.abc import Callable
 from enum import Enum, auto
 from typing import Any, Final
 
-from socksd.protocol.constants import AuthMethod, Command, ReplyCode
-from socksd.protocol.errors import LocalProtocolError, RemoteProtocolError
+from socksd.protocol.constants import AuthMethod, Command, GssapiMessageType, ReplyCode
+from socksd.protocol.errors import GssapiError, LocalProtocolError, RemoteProtocolError
+from socksd.protocol.gssapi import ABORT, GssapiEncapsulation
 from socksd.protocol.messages import (
     Greeting,
     GssapiMessage,
@@ -98,6 +102,10 @@ def _after_reply(command: Command | None, reply: Reply, state: State) -> State:
     return State.ESTABLISHED
 
 
+def _after_gssapi(message: GssapiMessage) -> State:
+    return State.CLOSED if message.mtyp == GssapiMessageType.ABORT else State.AUTH_GSSAPI
+
+
 _Parser = Callable[[Any, int], "tuple[Any, int] | None"]
 
 _SERVER_EXPECTS: dict[State, _Parser] = {
@@ -121,14 +129,14 @@ _SERVER_SENDS: dict[tuple[State, type], _Transition] = {
     (State.AUTH_USERPASS_REPLY, UserPassReply): lambda c, m: (
         State.REQUEST if m.ok else State.CLOSED
     ),
-    (State.AUTH_GSSAPI, GssapiMessage): lambda c, m: State.AUTH_GSSAPI,
+    (State.AUTH_GSSAPI, GssapiMessage): lambda c, m: _after_gssapi(m),
     (State.REPLY, Reply): lambda c, m: _after_reply(c.command, m, State.REPLY),
     (State.BIND_WAIT, Reply): lambda c, m: _after_reply(c.command, m, State.BIND_WAIT),
 }
 _CLIENT_SENDS: dict[tuple[State, type], _Transition] = {
     (State.GREETING, Greeting): lambda c, m: State.METHOD,
     (State.AUTH_USERPASS, UserPassRequest): lambda c, m: State.AUTH_USERPASS_REPLY,
-    (State.AUTH_GSSAPI, GssapiMessage): lambda c, m: State.AUTH_GSSAPI,
+    (State.AUTH_GSSAPI, GssapiMessage): lambda c, m: _after_gssapi(m),
     (State.REQUEST, Request): lambda c, m: State.REPLY,
 }
 
@@ -147,13 +155,18 @@ class _Connection:
         self._failed_state: State | None = None
         self._buf = bytearray()
         self._eof = False
+        self.encapsulation: GssapiEncapsulation | None = None
+        """The RFC 1961 codec all bytes go through after the sub-negotiation (None: plain)."""
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the peer; ``b""`` means the peer closed its side."""
         if data:
             if self._eof:
                 raise LocalProtocolError("data received after end of stream")
-            self._buf += data
+            if self.encapsulation is not None:
+                self.encapsulation.receive_data(data)
+            else:
+                self._buf += data
         else:
             self._eof = True
 
@@ -166,6 +179,8 @@ class _Connection:
         if parser is None:
             return NEED_DATA
         try:
+            if self.encapsulation is not None and self.encapsulation.buffered:
+                self._buf += self.encapsulation.read()
             parsed = parser(self._buf, 0)
         except RemoteProtocolError:
             self._failed_state = self.state
@@ -174,7 +189,7 @@ class _Connection:
         if parsed is None:
             if self._eof:
                 self.state = State.CLOSED
-                if self._buf:
+                if self.buffered:
                     raise RemoteProtocolError("connection closed in the middle of a message")
                 return CONNECTION_CLOSED
             return NEED_DATA
@@ -191,10 +206,16 @@ class _Connection:
                 f"cannot send {type(message).__name__} in state {self.state.name}"
             )
         self.state = transition(self, message)
+        if self.encapsulation is not None:
+            return self.encapsulation.encode(message.to_bytes())
         return message.to_bytes()
 
     def trailing_data(self) -> bytes:
-        """Bytes the peer sent after the handshake; only once ESTABLISHED. Empties the buffer."""
+        """Bytes the peer sent after the handshake; only once ESTABLISHED. Empties the buffer.
+
+        With an encapsulation these are the plain bytes decoded so far; undecoded frames stay in
+        the codec, which the relay goes on with.
+        """
         if self.state is not State.ESTABLISHED and self.state is not State.BIND_WAIT:
             raise LocalProtocolError(f"no trailing data in state {self.state.name}")
         data = bytes(self._buf)
@@ -203,14 +224,24 @@ class _Connection:
 
     @property
     def buffered(self) -> int:
-        """How many received bytes are not consumed yet."""
-        return len(self._buf)
+        """How many received bytes are not consumed yet (encoded ones included)."""
+        codec = self.encapsulation
+        return len(self._buf) + (codec.buffered if codec is not None else 0)
 
-    def authentication_done(self) -> None:
-        """End a multi-round-trip sub-negotiation (GSSAPI): the request comes next."""
+    def authentication_done(self, encapsulation: GssapiEncapsulation | None = None) -> None:
+        """End a multi-round-trip sub-negotiation (GSSAPI): the request comes next.
+
+        With ``encapsulation`` every later byte goes through it (RFC 1961 s. 5), starting with the
+        bytes already received and not parsed.
+        """
         if self.state is not State.AUTH_GSSAPI:
             raise LocalProtocolError(f"no sub-negotiation in progress (state {self.state.name})")
         self.state = State.REQUEST
+        if encapsulation is not None:
+            self.encapsulation = encapsulation
+            if self._buf:
+                encapsulation.receive_data(bytes(self._buf))
+                self._buf.clear()
 
     def _received(self, message: Any) -> None:
         raise NotImplementedError
@@ -252,17 +283,21 @@ class ServerConnection(_Connection):
         """The bytes to answer a RemoteProtocolError with, for the phase it happened in.
 
         A bad greeting gets ``05 FF``, a bad RFC 1929 request a failure status, a bad request a
-        reply carrying the error's code (0x01 when it has none). The state becomes CLOSED.
+        reply carrying the error's code (0x01 when it has none; encapsulated after GSSAPI), a
+        GSSAPI failure the RFC 1961 abort message. The state becomes CLOSED.
         """
         failed = self._failed_state
         self.state = State.CLOSED
+        if isinstance(error, GssapiError) or failed is State.AUTH_GSSAPI:
+            return ABORT
         if failed is State.GREETING:
             return MethodSelection(AuthMethod.NO_ACCEPTABLE).to_bytes()
         if failed is State.AUTH_USERPASS:
             return UserPassReply(1).to_bytes()
         if failed is State.REQUEST:
             code = error.reply if error.reply is not None else ReplyCode.GENERAL_FAILURE
-            return Reply(code).to_bytes()
+            reply = Reply(code).to_bytes()
+            return self.encapsulation.encode(reply) if self.encapsulation is not None else reply
         return b""
 
 

@@ -60,3 +60,11 @@ class GssapiMessageType(IntEnum):
     PROTECTION = 0x02
     ENCAPSULATION = 0x03
     ABORT = 0xFF
+
+
+class ProtectionLevel(IntEnum):
+    """RFC 1961 s. 4.2 security context protection levels (the octet of the MTYP=2 exchange)."""
+
+    INTEGRITY = 0x01  # every message gss_wrap'ed with conf_req_flag FALSE
+    CONFIDENTIALITY = 0x02  # every message gss_wrap'ed with conf_req_flag TRUE
+    SELECTIVE = 0x03  # conf_req_flag chosen per message by each sender

@@ -2,7 +2,8 @@
 
 ``RemoteProtocolError``: the peer sent something the protocol does not allow. It carries the reply
 code that a server should answer with (``None`` when the RFC has no answer and the connection is
-simply closed). ``LocalProtocolError``: this side misused the API (sent a message out of order).
+simply closed); its subclass ``GssapiError`` is an RFC 1961 failure, answered with the abort
+message. ``LocalProtocolError``: this side misused the API (sent a message out of order).
 """
 
 from socksd.protocol.constants import ReplyCode
@@ -18,6 +19,13 @@ class RemoteProtocolError(ProtocolError):
     def __init__(self, message: str, reply: ReplyCode | None = None) -> None:
         super().__init__(message)
         self.reply = reply
+
+
+class GssapiError(RemoteProtocolError):
+    """An RFC 1961 failure: the peer aborted, or a token failed the GSS-API checks.
+
+    It is answered with the RFC 1961 abort message (``01 FF``), never with a SOCKS reply.
+    """
 
 
 class LocalProtocolError(ProtocolError):

@@ -20,11 +20,10 @@ import aiohappyeyeballs
 from socksd.protocol import Address, AddressType, format_hostport
 from socksd.resolver import AddrInfo
 from socksd.server.admission import allowed_addresses
-from socksd.server.bandwidth import relay_for
-from socksd.server.relay import Relay
 from socksd.server.replycodes import reply_for_error
 
 if TYPE_CHECKING:
+    from socksd.server.relay import Relay
     from socksd.server.session import Session
 
 HAPPY_EYEBALLS_DELAY = 0.25
@@ -79,7 +78,7 @@ async def connect(session: Session, address: Address) -> None:
                 return  # denied: the session has answered 0x02
         else:
             infos = literal_addrinfo(address)
-        await open_target(session, relay_for(session), infos, config.connect_timeout)
+        await open_target(session, session.new_relay(), infos, config.connect_timeout)
     except asyncio.CancelledError:
         raise
     except Exception as e:  # every failure is a reply code, never a crash

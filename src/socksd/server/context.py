@@ -15,7 +15,14 @@ from socksd.resolver import Resolver
 from socksd.rules import RuleSet
 
 if TYPE_CHECKING:
+    from socksd.auth.gssapi import GssapiAcceptor
     from socksd.server.session import Session
+
+_METHOD_CODES = {
+    "gssapi": AuthMethod.GSSAPI,
+    "userpass": AuthMethod.USERNAME_PASSWORD,
+    "none": AuthMethod.NO_AUTH,
+}
 
 
 @dataclass(slots=True)
@@ -26,15 +33,14 @@ class ServerContext:
     resolver: Resolver
     access_log: AccessLog
     authenticator: UserPassAuthenticator | None = None
+    gssapi: GssapiAcceptor | None = None
     sessions: set[Session] = field(default_factory=set)
     refused_sessions: int = 0
     rules: RuleSet = field(default_factory=RuleSet)
     """``config.rules`` guarding this host's addresses too (``protect_local``)."""
     limits: Limits = field(default_factory=Limits)
+    methods: tuple[int, ...] = field(init=False)
+    """Authentication methods in the server's order of preference (``methods``)."""
 
-    @property
-    def methods(self) -> tuple[int, ...]:
-        """Authentication methods in the server's order of preference."""
-        if self.authenticator is not None:
-            return (AuthMethod.USERNAME_PASSWORD,)
-        return (AuthMethod.NO_AUTH,)
+    def __post_init__(self) -> None:
+        self.methods = tuple(_METHOD_CODES[name] for name in self.config.auth_methods)

@@ -110,8 +110,7 @@ class Relay:
     ) -> None:
         self.owner = owner
         self.high_water = high_water
-        self.client = RelayEndpoint(self)
-        self.target = RelayEndpoint(self)
+        self.client, self.target = self._endpoints()
         self.client.peer = self.target
         self.target.peer = self.client
         self._idle = idle_timeout
@@ -119,6 +118,10 @@ class Relay:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._error: str | None = None
         self._done = False
+
+    def _endpoints(self) -> tuple[RelayEndpoint, RelayEndpoint]:
+        """The (client, target) endpoints; a subclass may translate (GSSAPI encapsulation)."""
+        return RelayEndpoint(self), RelayEndpoint(self)
 
     @property
     def up(self) -> int:

@@ -17,12 +17,12 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from socksd.accesslog import AccessLog
 from socksd.auth.htpasswd import UserFile
 from socksd.auth.userpass import UserPassAuthenticator
-from socksd.config import Config
+from socksd.config import Config, ConfigError
 from socksd.limits import Limits
 from socksd.resolver import make_resolver
 from socksd.server.context import ServerContext
@@ -30,6 +30,9 @@ from socksd.server.hostaddrs import effective_rules
 from socksd.server.listener import Server
 from socksd.server.reload import ConfigSource, reload
 from socksd.server.workers import Supervisor, worker_count
+
+if TYPE_CHECKING:
+    from socksd.auth.gssapi import GssapiAcceptor
 
 log = logging.getLogger("socksd")
 
@@ -72,10 +75,11 @@ def raise_fd_limit() -> None:
 
 
 def build_context(config: Config) -> ServerContext:
-    """Everything sessions share, built from the config (reads the user file)."""
+    """Everything sessions share, built from the config (reads the user file and the keytab)."""
     authenticator = None
     if config.users is not None:
         authenticator = UserPassAuthenticator(UserFile.load(config.users))
+    gssapi = _gssapi_acceptor(config) if "gssapi" in config.auth_methods else None
     resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
     access_log = AccessLog(config.access_log, config.log_format)
     return ServerContext(
@@ -85,7 +89,26 @@ def build_context(config: Config) -> ServerContext:
         authenticator=authenticator,
         rules=effective_rules(config),
         limits=Limits(config),
+        gssapi=gssapi,
     )
+
+
+def _gssapi_acceptor(config: Config) -> GssapiAcceptor:
+    """The GSSAPI credentials; ConfigError when the gssapi package or the keytab is missing."""
+    try:
+        from socksd.auth.gssapi import GssapiAcceptor, GssapiSetupError
+    except ImportError as e:
+        raise ConfigError(
+            f"methods: gssapi needs the Python package 'gssapi' ({e}); install it with "
+            "pip install 'socksd[gssapi]' (it builds against MIT Kerberos: libkrb5-dev)"
+        ) from None
+    key = "gssapi_keytab" if config.gssapi_keytab is not None else "gssapi_service"
+    if config.gssapi_keytab is not None and not config.gssapi_keytab.is_file():
+        raise ConfigError(f"gssapi_keytab: {config.gssapi_keytab} is not a readable file")
+    try:
+        return GssapiAcceptor(config.service, config.gssapi_keytab)
+    except GssapiSetupError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 async def serve(
@@ -95,6 +118,7 @@ async def serve(
     sockets: list[socket.socket] | None = None,
     announce: bool = True,
     source: ConfigSource | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads from
     ``source`` (by default the same config: the user file is read again, the access log
@@ -109,6 +133,8 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, ctx, source or (lambda: config))
     await server.start(sockets, announce=announce)
+    if on_ready is not None:
+        on_ready()  # a worker tells its supervisor: accepting, signal handlers in place
     await stop.wait()
     log.info("signal received: shutting down")
     stop.clear()

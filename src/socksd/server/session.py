@@ -1,8 +1,9 @@
 """One client connection, from accept to the access-log line.
 
 accept (access rules, limits) -> greeting -> method selection -> sub-negotiation
-(username/password) -> request -> access rules -> command (``socksd.server.connect``, ``bind``,
-``udp``) -> relay or UDP association -> access log. The rule and limit checks live in
+(username/password, or GSSAPI in ``socksd.server.gssapi_handshake``) -> request -> access rules ->
+command (``socksd.server.connect``, ``bind``, ``udp``) -> relay (``relay_gssapi`` when GSSAPI
+encapsulates the traffic) or UDP association -> access log. The rule and limit checks live in
 ``socksd.server.admission``.
 
 :class:`Session` is the ``asyncio.Protocol`` of the client's connection during the handshake. It
@@ -28,6 +29,7 @@ from socksd.protocol import (
     AuthMethod,
     Command,
     Greeting,
+    GssapiMessage,
     RemoteProtocolError,
     Reply,
     ReplyCode,
@@ -39,9 +41,11 @@ from socksd.protocol import (
     format_hostport,
 )
 from socksd.server import admission
+from socksd.server.bandwidth import relay_for
 from socksd.server.bind import bind
 from socksd.server.connect import connect
 from socksd.server.context import ServerContext
+from socksd.server.gssapi_handshake import GssapiHandshake
 from socksd.server.relay import Relay
 from socksd.server.udp import udp_associate
 
@@ -85,6 +89,7 @@ class Session(asyncio.Protocol):
         self.closed = False
         self.task: asyncio.Task[None] | None = None
         self.relay: Handover | None = None
+        self.gssapi: GssapiHandshake | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._finished = False
         self.admission: admission.Admission | None = None
@@ -173,6 +178,10 @@ class Session(asyncio.Protocol):
             elif isinstance(event, Request):
                 self._request(event)
                 return
+            elif isinstance(event, GssapiMessage):
+                transport.pause_reading()
+                self.task = asyncio.get_running_loop().create_task(self._gssapi_message(event))
+                return
 
     async def _check_password(self, creds: UserPassRequest) -> None:
         auth = self.ctx.authenticator
@@ -190,6 +199,15 @@ class Session(asyncio.Protocol):
         self.transport.resume_reading()
         self._process()
 
+    async def _gssapi_message(self, message: GssapiMessage) -> None:
+        if self.gssapi is None:
+            assert self.ctx.gssapi is not None  # GSSAPI is only selected when configured
+            self.gssapi = GssapiHandshake(self, self.ctx.gssapi)
+        if await self.gssapi.receive(message):
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self._process()
+
     def _request(self, request: Request) -> None:
         assert self.transport is not None and self.record is not None
         if self._timer is not None:
@@ -200,6 +218,14 @@ class Session(asyncio.Protocol):
         handler = COMMANDS.get(request.command)
         if handler is None or request.command not in self.ctx.config.commands:
             self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} not supported")
+            return
+        if self.conn.encapsulation is not None and request.command != Command.CONNECT:
+            # RFC 1961 encapsulation is wired for CONNECT only so far: answer rather than relay
+            # BIND or UDP traffic unprotected.
+            self.fail(
+                ReplyCode.COMMAND_NOT_SUPPORTED,
+                f"{request.command.name} is not available over GSSAPI encapsulation yet",
+            )
             return
         if not admission.authorize(self, request):
             return
@@ -244,6 +270,20 @@ class Session(asyncio.Protocol):
         self.finish(error)
 
     # -- RelayOwner ----------------------------------------------------------------------------
+
+    def new_relay(self) -> Relay:
+        """The relay for this session's command: plain (rate-limited when its user has a
+        bandwidth limit; idle timeout from its rule), or encapsulating after GSSAPI."""
+        codec = self.conn.encapsulation
+        if codec is None:
+            return relay_for(self)
+        from socksd.server.relay_gssapi import GssapiRelay
+
+        config = self.ctx.config
+        idle = config.idle_timeout
+        if self.admission is not None and self.admission.idle_timeout is not None:
+            idle = self.admission.idle_timeout
+        return GssapiRelay(self, codec, high_water=config.relay_buffer, idle_timeout=idle)
 
     def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
         """Reply with the outgoing connection's local address, then hand over to the relay.

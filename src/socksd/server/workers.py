@@ -20,9 +20,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import select
 import signal
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -33,6 +35,7 @@ from socksd.server.reload import ConfigSource, ReloadError, load_checked, restar
 
 log = logging.getLogger("socksd")
 
+READY_TIMEOUT = 30.0
 RESTART_WINDOW = 60.0
 MAX_RESTARTS = 5
 
@@ -52,6 +55,8 @@ class Supervisor:
         self.worker_config = self.for_worker(config)
         self.sockets = bind_for_workers(config.listen, self.count)
         self.children: dict[int, int] = {}  # pid -> worker index
+        self.ready_pipes: set[int] = set()  # read ends: a worker writes one byte once serving
+        self.announced = False
         self.stopping = False
         self.restarts: list[float] = []
 
@@ -71,6 +76,8 @@ class Supervisor:
         try:
             for index in range(self.count):
                 self._spawn(index)
+            self._wait_ready()
+            self.announced = True
             for sock in self.sockets[0]:
                 host, port = sock.getsockname()[:2]
                 ready_log.info(
@@ -108,10 +115,34 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
 
+    def _wait_ready(self) -> None:
+        """Wait (bounded) until each worker said it accepts and handles signals, so that the
+        "listening on" line, which scripts wait for, means the whole server is ready."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while self.ready_pipes and time.monotonic() < deadline:
+            fds = list(self.ready_pipes)
+            readable, _, _ = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))
+            for fd in readable:
+                os.read(fd, 1)
+                os.close(fd)
+                self.ready_pipes.discard(fd)
+        if self.ready_pipes:
+            log.warning("%d workers not ready after %gs", len(self.ready_pipes), READY_TIMEOUT)
+
     def _spawn(self, index: int) -> None:
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1
+            os.close(ready_r)
+            for fd in self.ready_pipes:
+                os.close(fd)
+
+            def ready() -> None:
+                with contextlib.suppress(OSError):  # a restarted worker: nobody listens
+                    os.write(ready_w, b"r")
+                os.close(ready_w)
+
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
@@ -122,7 +153,10 @@ class Supervisor:
                             sock.close()
                 source = self.source
                 _worker_main(
-                    self.worker_config, self.sockets[index], lambda: self.for_worker(source())
+                    self.worker_config,
+                    self.sockets[index],
+                    lambda: self.for_worker(source()),
+                    ready,
                 )
                 status = 0
             except BaseException:
@@ -130,6 +164,11 @@ class Supervisor:
             finally:
                 logging.shutdown()
                 os._exit(status)
+        os.close(ready_w)
+        if self.announced:
+            os.close(ready_r)  # a restarted worker: nobody waits for it
+        else:
+            self.ready_pipes.add(ready_r)
         self.children[pid] = index
 
     def _watch(self) -> int:
@@ -163,11 +202,18 @@ class Supervisor:
         return status
 
 
-def _worker_main(config: Config, sockets: list[socket.socket], source: ConfigSource) -> None:
+def _worker_main(
+    config: Config,
+    sockets: list[socket.socket],
+    source: ConfigSource,
+    ready: Callable[[], None],
+) -> None:
     from socksd.server.run import build_context, loop_factory, serve
 
     ctx = build_context(config)
     factory = loop_factory(config.loop)
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
-        runner.run(serve(config, ctx, sockets=sockets, announce=False, source=source))
+        runner.run(
+            serve(config, ctx, sockets=sockets, announce=False, source=source, on_ready=ready)
+        )
