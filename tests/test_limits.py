@@ -173,6 +173,7 @@ def test_limits_configure_keeps_buckets_and_applies_new_rates() -> None:
     assert limits.buckets_for("alice", 2.0) is alice  # same buckets, new rate
     assert alice[0].rate == alice[1].rate == 500_000
     assert limits.buckets_for("bob", 2.0) is None  # no longer limited
+    assert bob[0].rate >= 1e12  # and the running sessions' buckets are lifted
 
 
 def test_limits_forget_idle_buckets_of_users_without_sessions() -> None:

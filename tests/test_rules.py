@@ -796,3 +796,22 @@ def test_network_set_agrees_with_ipaddress(nets: list[str], address: str) -> Non
 
 def test_action_enum_values() -> None:
     assert [a.value for a in Action] == ["allow", "deny"]
+
+
+def test_rules_per_client_are_remembered_within_a_bound() -> None:
+    from socksd.rules import CLIENT_CACHE_SIZE
+
+    rs = ruleset(
+        {"action": "deny", "clients": ["10.0.0.0/8"], "ports": ["22"]},
+        {"action": "allow", "users": ["alice"]},
+        {"action": "deny", "clients": ["10.1.0.0/16"]},
+    )
+    assert [r.number for r in rs.rules_for((4, 0x0A010203))] == [1, 2, 3]
+    assert [r.number for r in rs.rules_for((4, 0x0B000001))] == [2]
+    assert rs.rules_for((4, 0x0B000001)) is rs.rules_for((4, 0x0B000001))
+    for i in range(CLIENT_CACHE_SIZE + 10):
+        rs.rules_for((6, i))
+    assert len(rs._by_client or {}) <= CLIENT_CACHE_SIZE
+    assert outcome(request(rs, "1.1.1.1", 22, client="10.1.2.3")) == "deny:rule 1"
+    assert outcome(request(rs, "1.1.1.1", 23, client="10.1.2.3")) == "deny:rule 3"
+    assert ruleset({"action": "deny", "ports": ["1"]})._by_client is None  # nothing to remember

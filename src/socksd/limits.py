@@ -11,7 +11,8 @@ per-user bandwidth. Pure bookkeeping: the caller passes the time (``loop.time()`
   forwards what the bucket allows and holds the rest of a read, with reading paused, until
   ``wait()`` says enough tokens have come (``socksd.server.bandwidth``): no polling.
 - :class:`Limits` bundles them with the settings; ``configure()`` swaps the settings on reload and
-  keeps the counters and buckets (an existing user's buckets take the new rate at once).
+  keeps the counters and buckets (an existing user's buckets take the new rate at once; a limit
+  removed is lifted for the running sessions too).
 
 Per-user bandwidth (``[bandwidth]``): a user's own entry wins, else the lowest rate among the
 groups holding the user, else ``"*"`` (every authenticated user). All sessions of a user share one
@@ -28,6 +29,9 @@ from typing import Protocol
 
 MIN_BURST = 4096
 """Smallest bucket capacity: a slow rate still moves data in useful pieces."""
+
+LIFTED_RATE = 1e12
+"""The rate given to the buckets of running sessions whose user no longer has a limit."""
 
 PRUNE_BUCKETS_AT = 1024
 """Number of users with buckets above which idle buckets are forgotten."""
@@ -234,10 +238,9 @@ class Limits:
         self._rates, self._default_rate = bandwidth_rates(settings.bandwidth, settings.groups)
         for user, buckets in list(self._buckets.items()):
             rate = self.rate_for(user)
-            if rate:
-                for bucket in buckets:
-                    bucket.set_rate(rate, now)
-            else:
+            for bucket in buckets:  # running sessions keep their buckets: lift or change them
+                bucket.set_rate(rate or LIFTED_RATE, now)
+            if not rate:
                 del self._buckets[user]
 
     def rate_for(self, user: str | None) -> int:

@@ -32,8 +32,10 @@ Domain patterns: ``example.org`` is that name only; ``*.example.org`` is any nam
 case and without a trailing dot.
 
 Matching costs a few set and bisect look-ups per rule: networks, ports and names are compiled
-into sorted ranges and sets when the rules are loaded, and a config without rules decides with
-two attribute checks.
+into sorted ranges and sets when the rules are loaded. The rules that can apply to a client
+address (its ``clients`` match, or the rule has none) are remembered per address, so the
+checkpoints of a session walk only those. A config without rules decides in a few attribute
+checks.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ LOCAL_NETWORKS = (
 
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
 """Clients in these networks are on the proxy host itself: ``protect_local`` does not apply."""
+
+CLIENT_CACHE_SIZE = 4096
+"""Client addresses whose applicable rules are remembered (the table is emptied when full)."""
 
 RULE_KEYS = ("action", "clients", "users", "commands", "to", "ports", "idle_timeout")
 
@@ -258,14 +263,15 @@ class Rule:
     spec: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """The fields as written (``users`` with groups unexpanded), for printing."""
     decision: Decision = field(init=False, compare=False, repr=False)
+    has_to: bool = field(init=False, compare=False, repr=False)
+    deny: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         decision = Decision(self.action is Action.ALLOW, f"rule {self.number}", self)
         object.__setattr__(self, "decision", decision)
-
-    @property
-    def has_to(self) -> bool:
-        return self.to_networks is not None or self.to_domains is not None
+        has_to = self.to_networks is not None or self.to_domains is not None
+        object.__setattr__(self, "has_to", has_to)
+        object.__setattr__(self, "deny", self.action is Action.DENY)
 
     @property
     def client_only(self) -> bool:
@@ -273,16 +279,6 @@ class Rule:
         return (
             self.users is None and self.commands is None and not self.has_to and self.ports is None
         )
-
-    def fixed_match(self, client: IP, user: str | None, command: int, port: int) -> bool:
-        """Whether the fields other than ``to`` match."""
-        if self.clients is not None and client not in self.clients:
-            return False
-        if self.users is not None and (user is None or user not in self.users):
-            return False
-        if self.commands is not None and command not in self.commands:
-            return False
-        return self.ports is None or port in self.ports
 
     def describe(self) -> str:
         """One line: ``rule N: allow clients=... to=...``."""
@@ -319,6 +315,9 @@ class RuleSet:
     """Every request is allowed: nothing to check."""
     _default: Decision = field(init=False, compare=False, repr=False)
     _guard: Decision = field(init=False, compare=False, repr=False)
+    _by_client: dict[IP, tuple[Rule, ...]] | None = field(init=False, compare=False, repr=False)
+    """The rules whose ``clients`` hold a client address, per address (None: no rule has
+    ``clients``, every rule applies to every client)."""
 
     def __post_init__(self) -> None:
         nets: list[Network] = [ipaddress.ip_network(n) for n in LOCAL_NETWORKS]
@@ -331,6 +330,7 @@ class RuleSet:
             "allow_all": allow_default and not self.rules and not self.protect_local,
             "_default": Decision(allow_default, "default"),
             "_guard": Decision(False, "protect_local"),
+            "_by_client": {} if any(r.clients is not None for r in self.rules) else None,
         }
         for name, value in fields.items():
             object.__setattr__(self, name, value)
@@ -341,16 +341,29 @@ class RuleSet:
 
     # -- checkpoints --------------------------------------------------------------------------
 
+    def rules_for(self, client: IP) -> tuple[Rule, ...]:
+        """The rules that can apply to ``client`` (in order): those whose ``clients`` hold it or
+        that have no ``clients``. Remembered for the last ``CLIENT_CACHE_SIZE`` addresses, so a
+        session's checkpoints walk only these rules and never test ``clients`` again."""
+        cache = self._by_client
+        if cache is None:
+            return self.rules
+        rules = cache.get(client)
+        if rules is None:
+            rules = tuple(r for r in self.rules if r.clients is None or client in r.clients)
+            if len(cache) >= CLIENT_CACHE_SIZE:
+                cache.clear()
+            cache[client] = rules
+        return rules
+
     def check_client(self, client: IP) -> Decision:
         """Accept checkpoint: refuse only a client all of whose requests would be denied."""
         if self.accept_all:
             return _ACCEPTED
-        for rule in self.rules:
-            if rule.clients is not None and client not in rule.clients:
-                continue
+        for rule in self.rules_for(client):
             if rule.client_only:
                 return rule.decision
-            if rule.action is Action.ALLOW:
+            if not rule.deny:
                 return _ACCEPTED
         return self._default
 
@@ -365,15 +378,19 @@ class RuleSet:
             return self._decide(client, user, command, port, name=None, ip=ip, start=0)
         name = normalize_name(host)
         guard = self.protect_local and client not in _LOOPBACK
-        rules = self.rules
+        rules = self.rules_for(client)
         for i, rule in enumerate(rules):
-            if not rule.fixed_match(client, user, command, port):
+            if rule.users is not None and (user is None or user not in rule.users):
+                continue
+            if rule.commands is not None and command not in rule.commands:
+                continue
+            if rule.ports is not None and port not in rule.ports:
                 continue
             if rule.has_to and not (rule.to_domains is not None and rule.to_domains.matches(name)):
                 if rule.to_networks is not None:
                     return NeedAddresses(i)
                 continue
-            if rule.action is Action.DENY:
+            if rule.deny:
                 return rule.decision
             return NeedAddresses(i) if guard else rule.decision
         if guard and self.default is Action.ALLOW:
@@ -412,10 +429,14 @@ class RuleSet:
     ) -> Decision:
         guard = self.protect_local and ip in self.protected and client not in _LOOPBACK
         passed_over = False
-        rules = self.rules
+        rules = self.rules_for(client)
         for i in range(start, len(rules)):
             rule = rules[i]
-            if not rule.fixed_match(client, user, command, port):
+            if rule.users is not None and (user is None or user not in rule.users):
+                continue
+            if rule.commands is not None and command not in rule.commands:
+                continue
+            if rule.ports is not None and port not in rule.ports:
                 continue
             by_network = False
             if rule.has_to:
@@ -426,7 +447,7 @@ class RuleSet:
                     and rule.to_domains.matches(name)
                 ):
                     continue
-            if rule.action is Action.DENY:
+            if rule.deny:
                 return rule.decision
             if guard and not by_network:
                 passed_over = True  # only an allow listing the address opens a local one
