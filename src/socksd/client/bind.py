@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from socksd.client.connect import ProxyLike, _proxy
+from socksd.client.connect import ProxyLike, _proxy, handshake_errors
 from socksd.client.errors import ProxyConnectionError, ProxyError, ProxyTimeoutError
 from socksd.client.handshake import ClientHandshake
 from socksd.protocol import Address, Command, Reply, State
@@ -119,7 +119,7 @@ async def _open_bind(proxy: ProxyLike, peer: tuple[str, int], timeout: float) ->
     p = _proxy(proxy)
     hs = ClientHandshake(Command.BIND, Address.of(*peer), username=p.username, password=p.password)
     hs.first_reply_only()
-    try:
+    with handshake_errors(p):
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(p.host, p.port)
             try:
@@ -133,12 +133,6 @@ async def _open_bind(proxy: ProxyLike, peer: tuple[str, int], timeout: float) ->
             except BaseException:
                 writer.close()
                 raise
-    except ProxyError:
-        raise
-    except TimeoutError:
-        raise ProxyTimeoutError(f"SOCKS handshake with {p.host}:{p.port} timed out") from None
-    except OSError as e:
-        raise ProxyConnectionError(f"cannot reach proxy {p.host}:{p.port}: {e}") from e
     return BindListener(hs, reader, writer, advertised(hs.replies[0], p.host))
 
 

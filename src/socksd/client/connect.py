@@ -14,7 +14,9 @@ and all later traffic is encapsulated: ``open_connection`` returns streams that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from socksd.client.errors import ProxyConnectionError, ProxyError, ProxyTimeoutError
@@ -71,6 +73,19 @@ def _handshake(p: Proxy, address: Address) -> ClientHandshake:
     )
 
 
+@contextlib.contextmanager
+def handshake_errors(p: Proxy) -> Iterator[None]:
+    """Turn what can go wrong reaching a proxy into the client's errors (ProxyError passes)."""
+    try:
+        yield
+    except ProxyError:
+        raise
+    except TimeoutError:
+        raise ProxyTimeoutError(f"SOCKS handshake with {p.host}:{p.port} timed out") from None
+    except OSError as e:
+        raise ProxyConnectionError(f"cannot reach proxy {p.host}:{p.port}: {e}") from e
+
+
 async def handshake_over_streams(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hs: ClientHandshake
 ) -> bytes:
@@ -102,7 +117,7 @@ async def open_connection(
     """Connect to ``host:port`` through ``proxy``; return asyncio streams to the target."""
     p = _proxy(proxy)
     hs = _handshake(p, Address.of(host, port))
-    try:
+    with handshake_errors(p):
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(p.host, p.port)
             try:
@@ -110,16 +125,12 @@ async def open_connection(
             except BaseException:
                 writer.close()
                 raise
-    except ProxyError:
-        raise
-    except TimeoutError:
-        raise ProxyTimeoutError(f"SOCKS handshake with {p.host}:{p.port} timed out") from None
-    except OSError as e:
-        raise ProxyConnectionError(f"cannot reach proxy {p.host}:{p.port}: {e}") from e
     if hs.encapsulation is not None:
         return encapsulated_streams(writer, hs.encapsulation, early)
     if early:
-        reader.feed_data(early)  # cannot happen with a StreamReader; kept for completeness
+        # Target bytes that came in the same read as the reply: the reader's buffer is empty
+        # now, so putting them back keeps them ahead of everything read later.
+        reader.feed_data(early)
     return reader, writer
 
 
