@@ -583,3 +583,27 @@ def recv_all(gs: Any) -> bytes:
     while chunk := gs.recv(1 << 20):
         out += chunk
     return bytes(out)
+
+
+@pytest.mark.parametrize("command", [Command.BIND, Command.UDP_ASSOCIATE])
+def test_bind_and_udp_over_gssapi_are_refused_not_unprotected(
+    gss_server: ServerProcess, module_echo: EchoServer, command: Command
+) -> None:
+    """Encapsulation is wired for CONNECT only: BIND and UDP ASSOCIATE get an (encapsulated)
+    0x07 instead of a relay that would carry their traffic unprotected."""
+    from socksd.client import ClientHandshake, ReplyError
+    from socksd.client.connect import handshake_over_socket
+
+    proxy = gss_proxy(gss_server, 2)
+    hs = ClientHandshake(
+        command,
+        Address.of("127.0.0.1", 0),
+        gssapi=proxy.gssapi,
+        proxy_host=proxy.host,
+    )
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        with pytest.raises(ReplyError) as info:
+            handshake_over_socket(sock, hs)
+        assert info.value.reply == 0x07
+        assert hs.encapsulation is not None  # the reply itself came protected
+    assert_server_still_serves(gss_server, module_echo)
