@@ -585,12 +585,12 @@ def recv_all(gs: Any) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize("command", [Command.BIND, Command.UDP_ASSOCIATE])
-def test_bind_and_udp_over_gssapi_are_refused_not_unprotected(
+@pytest.mark.parametrize("command", [Command.UDP_ASSOCIATE])
+def test_udp_over_gssapi_is_refused_not_unprotected(
     gss_server: ServerProcess, module_echo: EchoServer, command: Command
 ) -> None:
-    """Encapsulation is wired for CONNECT only: BIND and UDP ASSOCIATE get an (encapsulated)
-    0x07 instead of a relay that would carry their traffic unprotected."""
+    """Encapsulation is wired for CONNECT and BIND only: UDP ASSOCIATE gets an (encapsulated)
+    0x07 instead of a relay that would carry its traffic unprotected."""
     from socksd.client import ClientHandshake, ReplyError
     from socksd.client.connect import handshake_over_socket
 
@@ -607,3 +607,44 @@ def test_bind_and_udp_over_gssapi_are_refused_not_unprotected(
         assert info.value.reply == 0x07
         assert hs.encapsulation is not None  # the reply itself came protected
     assert_server_still_serves(gss_server, module_echo)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_bind_over_gssapi(gss_server: ServerProcess, level: int) -> None:
+    """BIND after GSSAPI: both replies come wrapped, then the peer's connection is relayed with
+    RFC 1961 encapsulation on the client's side (level 2: the marker never crosses in clear)."""
+    from socksd.client.connect import GssapiSocket, handshake_over_socket
+
+    proxy = gss_proxy(gss_server, level)
+    hs = ClientHandshake(
+        Command.BIND, Address.of("127.0.0.1", 0), gssapi=proxy.gssapi, proxy_host=proxy.host
+    )
+    hs.first_reply_only()
+    tap = Tap(gss_server.port)
+    try:
+        with socket.create_connection(("127.0.0.1", tap.port), timeout=IO_TIMEOUT) as sock:
+            handshake_over_socket(sock, hs)
+            assert hs.encapsulation is not None
+            first = hs.replies[0].address
+            with socket.create_connection((first.host, first.port), timeout=IO_TIMEOUT) as peer:
+                hs.expect_second_reply()
+                while not hs.done:
+                    chunk = sock.recv(65536)
+                    hs.receive_data(chunk)
+                second = hs.replies[1].address
+                assert (second.host, second.port) == peer.getsockname()[:2]
+                gs = GssapiSocket(sock, hs.encapsulation, hs.trailing_data())
+                gs.sendall(MARKER + b" up")
+                assert recv_exact(peer, len(MARKER) + 3) == MARKER + b" up"
+                peer.sendall(MARKER + b" down")
+                peer.shutdown(socket.SHUT_WR)
+                assert recv_all(gs) == MARKER + b" down"
+                gs.shutdown(socket.SHUT_WR)
+                assert recv_until_eof(peer) == b""
+    finally:
+        tap.close()
+    seen = bytes(tap.up + tap.down)
+    if level == 2:
+        assert MARKER not in seen
+    else:
+        assert MARKER in seen  # integrity only: the tap does see the bytes

@@ -219,9 +219,9 @@ class Session(asyncio.Protocol):
         if handler is None or request.command not in self.ctx.config.commands:
             self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} not supported")
             return
-        if self.conn.encapsulation is not None and request.command != Command.CONNECT:
-            # RFC 1961 encapsulation is wired for CONNECT only so far: answer rather than relay
-            # BIND or UDP traffic unprotected.
+        if self.conn.encapsulation is not None and request.command == Command.UDP_ASSOCIATE:
+            # RFC 1961 encapsulation is wired for CONNECT and BIND so far: answer rather than
+            # relay UDP traffic unprotected.
             self.fail(
                 ReplyCode.COMMAND_NOT_SUPPORTED,
                 f"{request.command.name} is not available over GSSAPI encapsulation yet",
