@@ -592,7 +592,8 @@ def recv_all(gs: Any) -> bytes:
 @pytest.mark.parametrize("level", [1, 2])
 def test_bind_over_gssapi(gss_server: ServerProcess, level: int) -> None:
     """BIND after GSSAPI: both replies come wrapped, then the peer's connection is relayed with
-    RFC 1961 encapsulation on the client's side (level 2: the marker never crosses in clear)."""
+    RFC 1961 encapsulation on the client's side (level 2: the marker never crosses in clear);
+    a frame the client sends before the peer connects reaches the peer first."""
     from socksd.client.connect import GssapiSocket, handshake_over_socket
 
     proxy = gss_proxy(gss_server, level)
@@ -606,6 +607,7 @@ def test_bind_over_gssapi(gss_server: ServerProcess, level: int) -> None:
             handshake_over_socket(sock, hs)
             assert hs.encapsulation is not None
             first = hs.replies[0].address
+            sock.sendall(hs.encapsulation.encode(b"early "))  # kept until the peer connects
             with socket.create_connection((first.host, first.port), timeout=IO_TIMEOUT) as peer:
                 hs.expect_second_reply()
                 while not hs.done:
@@ -615,7 +617,7 @@ def test_bind_over_gssapi(gss_server: ServerProcess, level: int) -> None:
                 assert (second.host, second.port) == peer.getsockname()[:2]
                 gs = GssapiSocket(sock, hs.encapsulation, hs.trailing_data())
                 gs.sendall(MARKER + b" up")
-                assert recv_exact(peer, len(MARKER) + 3) == MARKER + b" up"
+                assert recv_exact(peer, 6 + len(MARKER) + 3) == b"early " + MARKER + b" up"
                 peer.sendall(MARKER + b" down")
                 peer.shutdown(socket.SHUT_WR)
                 assert recv_all(gs) == MARKER + b" down"
