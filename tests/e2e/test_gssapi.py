@@ -37,12 +37,16 @@ from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
     IO_TIMEOUT,
     SourceServer,
+    UdpEchoServer,
+    access_lines,
     connect_proxy,
+    parse_udp,
     random_bytes,
     recv_exact,
     recv_until_eof,
     rss_kb,
     socksd_cli,
+    udp_header,
     wait_for,
     wait_for_log,
 )
@@ -585,25 +589,111 @@ def recv_all(gs: Any) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize("command", [Command.BIND, Command.UDP_ASSOCIATE])
-def test_bind_and_udp_over_gssapi_are_refused_not_unprotected(
-    gss_server: ServerProcess, module_echo: EchoServer, command: Command
-) -> None:
-    """Encapsulation is wired for CONNECT only: BIND and UDP ASSOCIATE get an (encapsulated)
-    0x07 instead of a relay that would carry their traffic unprotected."""
-    from socksd.client import ClientHandshake, ReplyError
+@pytest.mark.parametrize("level", [1, 2])
+def test_bind_over_gssapi(gss_server: ServerProcess, level: int) -> None:
+    """BIND after GSSAPI: both replies come wrapped, then the peer's connection is relayed with
+    RFC 1961 encapsulation on the client's side (level 2: the marker never crosses in clear);
+    a frame the client sends before the peer connects reaches the peer first."""
+    from socksd.client.connect import GssapiSocket, handshake_over_socket
+
+    proxy = gss_proxy(gss_server, level)
+    hs = ClientHandshake(
+        Command.BIND, Address.of("127.0.0.1", 0), gssapi=proxy.gssapi, proxy_host=proxy.host
+    )
+    hs.first_reply_only()
+    tap = Tap(gss_server.port)
+    try:
+        with socket.create_connection(("127.0.0.1", tap.port), timeout=IO_TIMEOUT) as sock:
+            handshake_over_socket(sock, hs)
+            assert hs.encapsulation is not None
+            first = hs.replies[0].address
+            sock.sendall(hs.encapsulation.encode(b"early "))  # kept until the peer connects
+            with socket.create_connection((first.host, first.port), timeout=IO_TIMEOUT) as peer:
+                hs.expect_second_reply()
+                while not hs.done:
+                    chunk = sock.recv(65536)
+                    hs.receive_data(chunk)
+                second = hs.replies[1].address
+                assert (second.host, second.port) == peer.getsockname()[:2]
+                gs = GssapiSocket(sock, hs.encapsulation, hs.trailing_data())
+                gs.sendall(MARKER + b" up")
+                assert recv_exact(peer, 6 + len(MARKER) + 3) == b"early " + MARKER + b" up"
+                peer.sendall(MARKER + b" down")
+                peer.shutdown(socket.SHUT_WR)
+                assert recv_all(gs) == MARKER + b" down"
+                gs.shutdown(socket.SHUT_WR)
+                assert recv_until_eof(peer) == b""
+    finally:
+        tap.close()
+    seen = bytes(tap.up + tap.down)
+    if level == 2:
+        assert MARKER not in seen
+    else:
+        assert MARKER in seen  # integrity only: the tap does see the bytes
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_udp_associate_over_gssapi(gss_server: ServerProcess, level: int) -> None:
+    """UDP ASSOCIATE after GSSAPI: each datagram is one RFC 1961 frame around the SOCKS UDP
+    datagram, both ways; tampered, unencapsulated and out-of-sequence datagrams are dropped and
+    counted as ``gssapi``, and the association goes on after them."""
     from socksd.client.connect import handshake_over_socket
 
-    proxy = gss_proxy(gss_server, 2)
+    echo = UdpEchoServer()
+    proxy = gss_proxy(gss_server, level)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(IO_TIMEOUT)
     hs = ClientHandshake(
-        command,
-        Address.of("127.0.0.1", 0),
+        Command.UDP_ASSOCIATE,
+        Address.of("127.0.0.1", udp.getsockname()[1]),
         gssapi=proxy.gssapi,
         proxy_host=proxy.host,
     )
-    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
-        with pytest.raises(ReplyError) as info:
-            handshake_over_socket(sock, hs)
-        assert info.value.reply == 0x07
-        assert hs.encapsulation is not None  # the reply itself came protected
-    assert_server_still_serves(gss_server, module_echo)
+    header = udp_header("127.0.0.1", echo.port)
+    try:
+        with socket.create_connection((proxy.host, proxy.port), timeout=IO_TIMEOUT) as control:
+            cport = control.getsockname()[1]
+            handshake_over_socket(control, hs)
+            codec = hs.encapsulation
+            assert codec is not None
+            bound = hs.replies[0].address
+            relay = (bound.host, bound.port)
+
+            def echo_through(payload: bytes) -> bytes:
+                udp.sendto(codec.encode_datagram(header + payload), relay)
+                raw, _ = udp.recvfrom(65535)
+                if MARKER in payload:
+                    assert (MARKER not in raw) is (level == 2)
+                frag, host, port, data = parse_udp(codec.decode_datagram(raw))
+                assert (frag, host, port) == (0, "127.0.0.1", echo.port)
+                return data
+
+            assert echo_through(MARKER + b" 1") == MARKER + b" 1"
+            good = codec.encode_datagram(header + MARKER + b" 2")
+            tampered = bytearray(good)
+            tampered[-1] ^= 0x01
+            udp.sendto(bytes(tampered), relay)  # dropped: fails verification
+            udp.sendto(header + b"plain", relay)  # dropped: not encapsulated
+            udp.sendto(good, relay)  # the genuine one still passes: the bad ones changed nothing
+            raw, _ = udp.recvfrom(65535)
+            assert parse_udp(codec.decode_datagram(raw))[3] == MARKER + b" 2"
+            codec.encode_datagram(header + b"lost")  # never sent: a datagram lost on the way
+            udp.sendto(codec.encode_datagram(header + b"gap"), relay)  # GAP_TOKEN: dropped
+            assert echo_through(b"after the gap") == b"after the gap"
+            assert echo.received == 3
+        line = wait_for_access_line(gss_server, f":{cport} ")
+        assert "dgrams_up=3 dgrams_down=3 dropped=3(gssapi=3)" in line, line
+    finally:
+        udp.close()
+        echo.close()
+
+
+def wait_for_access_line(server: ServerProcess, needle: str) -> str:
+    def found() -> list[str]:
+        return [line for line in access_lines(server) if needle in line]
+
+    wait_for(lambda: bool(found()), 10)
+    lines = found()
+    assert lines, f"no access-log line with {needle!r}:\n{server.log()}"
+    return lines[-1]

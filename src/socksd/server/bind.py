@@ -12,7 +12,8 @@
    reply 0x06 and close.
 4. Second reply, carrying the peer's address and port (:class:`BindRelayOwner`, written from the
    accepted connection's ``connection_made`` so no peer byte can overtake it); then the
-   connection is relayed with the same :class:`~socksd.server.relay.Relay` as CONNECT.
+   connection is relayed with the same :class:`~socksd.server.relay.Relay` as CONNECT (after
+   GSSAPI: a :class:`~socksd.server.relay_gssapi.GssapiRelay`; both replies are wrapped too).
 
 While it waits, the control connection is watched by :class:`BindControl`. An EOF with nothing
 sent is a client that gave up: the BIND ends and its listener is closed at once. (TCP cannot tell
@@ -136,6 +137,20 @@ class BindRelayOwner:
         self.session.relay_finished(relay, error)
 
 
+def bind_relay(session: Session) -> Relay:
+    """The relay of an accepted BIND: plain, or encapsulating (RFC 1961) after GSSAPI."""
+    config = session.ctx.config
+    owner = BindRelayOwner(session)
+    codec = session.conn.encapsulation
+    if codec is None:
+        return Relay(owner, high_water=config.relay_buffer, idle_timeout=config.idle_timeout)
+    from socksd.server.relay_gssapi import GssapiRelay
+
+    return GssapiRelay(
+        owner, codec, high_water=config.relay_buffer, idle_timeout=config.idle_timeout
+    )
+
+
 async def expected_peer(session: Session, address: Address) -> tuple[BindPeerFilter, str | None]:
     """The peer filter of a BIND request and the IP to route towards (None: unspecified)."""
     if address.atyp == AddressType.DOMAIN:
@@ -200,8 +215,6 @@ async def bind(session: Session, address: Address) -> None:
             accepted.close()
     if session.closed:
         return
-    relay = Relay(
-        BindRelayOwner(session), high_water=config.relay_buffer, idle_timeout=config.idle_timeout
-    )
+    relay = bind_relay(session)
     # connection_made -> BindRelayOwner.target_connected: second reply (the peer), then relay.
     await loop.connect_accepted_socket(lambda: relay.target, sock=accepted)

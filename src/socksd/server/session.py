@@ -219,14 +219,6 @@ class Session(asyncio.Protocol):
         if handler is None or request.command not in self.ctx.config.commands:
             self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} not supported")
             return
-        if self.conn.encapsulation is not None and request.command != Command.CONNECT:
-            # RFC 1961 encapsulation is wired for CONNECT only so far: answer rather than relay
-            # BIND or UDP traffic unprotected.
-            self.fail(
-                ReplyCode.COMMAND_NOT_SUPPORTED,
-                f"{request.command.name} is not available over GSSAPI encapsulation yet",
-            )
-            return
         if not admission.authorize(self, request):
             return
         self.task = asyncio.get_running_loop().create_task(handler(self, request.address))
