@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -98,24 +99,20 @@ def server(socksd: Callable[..., ServerProcess]) -> ServerProcess:
     return socksd()
 
 
-class EchoServer:
-    """A threaded TCP echo server on loopback (IPv4 or IPv6); ``mode`` changes what it does.
+class ThreadedTarget:
+    """A listening socket on loopback (IPv4 or IPv6) with one thread per accepted connection;
+    subclasses say what to do with each connection in ``handle``."""
 
-    modes: ``echo`` (echo until EOF, then close), ``banner`` (send a banner first, then echo),
-    ``halfclose`` (read until EOF, then send back the sha of what it read and close).
-    """
-
-    def __init__(self, host: str = "127.0.0.1", mode: str = "echo", banner: bytes = b"") -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.sock.listen(512)
         self.host = host
-        self.port = self.sock.getsockname()[1]
-        self.mode = mode
-        self.banner = banner
+        self.port: int = self.sock.getsockname()[1]
         self.peers: list[tuple[str, int]] = []
+        self.errors: list[BaseException] = []
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -125,34 +122,51 @@ class EchoServer:
         while not self._stop:
             try:
                 conn, peer = self.sock.accept()
-            except (TimeoutError, OSError):
+            except OSError:
                 continue
             self.peers.append(peer[:2])
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._guarded, args=(conn,), daemon=True).start()
 
-    def _handle(self, conn: socket.socket) -> None:
-        import hashlib
-
+    def _guarded(self, conn: socket.socket) -> None:
         conn.settimeout(30)
         try:
             with conn:
-                if self.banner:
-                    conn.sendall(self.banner)
-                if self.mode == "halfclose":
-                    digest = hashlib.sha256()
-                    while chunk := conn.recv(65536):
-                        digest.update(chunk)
-                    conn.sendall(digest.hexdigest().encode())
-                    return
-                while chunk := conn.recv(65536):
-                    conn.sendall(chunk)
-        except OSError:
-            pass
+                self.handle(conn)
+        except OSError as e:
+            self.errors.append(e)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._stop = True
         self._thread.join(2)
         self.sock.close()
+
+
+class EchoServer(ThreadedTarget):
+    """A threaded TCP echo server on loopback (IPv4 or IPv6); ``mode`` changes what it does.
+
+    modes: ``echo`` (echo until EOF, then close), ``banner`` (send a banner first, then echo),
+    ``halfclose`` (read until EOF, then send back the sha of what it read and close).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", mode: str = "echo", banner: bytes = b"") -> None:
+        self.mode = mode
+        self.banner = banner
+        super().__init__(host)
+
+    def handle(self, conn: socket.socket) -> None:
+        if self.banner:
+            conn.sendall(self.banner)
+        if self.mode == "halfclose":
+            digest = hashlib.sha256()
+            while chunk := conn.recv(65536):
+                digest.update(chunk)
+            conn.sendall(digest.hexdigest().encode())
+            return
+        while chunk := conn.recv(65536):
+            conn.sendall(chunk)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, ThreadedTarget
 
 IO_TIMEOUT = 15.0
 """Generous per-operation socket timeout: the machine may be loaded."""
@@ -257,46 +257,7 @@ def add_user(path: Path, name: str, password: str) -> None:
 # -- loopback targets ----------------------------------------------------------------------------
 
 
-class _ThreadedTarget:
-    """A listening socket on loopback with one thread per accepted connection."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(128)
-        self.host = host
-        self.port: int = self.sock.getsockname()[1]
-        self.errors: list[BaseException] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._guarded, args=(conn,), daemon=True).start()
-
-    def _guarded(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
-        try:
-            with conn:
-                self.handle(conn)
-        except OSError as e:
-            self.errors.append(e)
-
-    def handle(self, conn: socket.socket) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
+_ThreadedTarget = ThreadedTarget  # the shared base, from tests/conftest.py
 
 
 class SourceServer(_ThreadedTarget):
