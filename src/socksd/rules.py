@@ -280,6 +280,14 @@ class Rule:
             self.users is None and self.commands is None and not self.has_to and self.ports is None
         )
 
+    def matches_request(self, user: str | None, command: int, port: int) -> bool:
+        """The user, command and port fields (the client's and the destination's are apart)."""
+        return (
+            (self.users is None or (user is not None and user in self.users))
+            and (self.commands is None or command in self.commands)
+            and (self.ports is None or port in self.ports)
+        )
+
     def describe(self) -> str:
         """One line: ``rule N: allow clients=... to=...``."""
         parts = [f"rule {self.number}: {self.action.value}"]
@@ -380,11 +388,7 @@ class RuleSet:
         guard = self.protect_local and client not in _LOOPBACK
         rules = self.rules_for(client)
         for i, rule in enumerate(rules):
-            if rule.users is not None and (user is None or user not in rule.users):
-                continue
-            if rule.commands is not None and command not in rule.commands:
-                continue
-            if rule.ports is not None and port not in rule.ports:
+            if not rule.matches_request(user, command, port):
                 continue
             if rule.has_to and not (rule.to_domains is not None and rule.to_domains.matches(name)):
                 if rule.to_networks is not None:
@@ -432,11 +436,7 @@ class RuleSet:
         rules = self.rules_for(client)
         for i in range(start, len(rules)):
             rule = rules[i]
-            if rule.users is not None and (user is None or user not in rule.users):
-                continue
-            if rule.commands is not None and command not in rule.commands:
-                continue
-            if rule.ports is not None and port not in rule.ports:
+            if not rule.matches_request(user, command, port):
                 continue
             by_network = False
             if rule.has_to:

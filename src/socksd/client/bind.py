@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from socksd.client.connect import ProxyLike, _proxy, handshake_errors
+from socksd.client.connect import ProxyLike, _proxy, connect_to_proxy, handshake_errors
 from socksd.client.errors import ProxyConnectionError, ProxyError, ProxyTimeoutError
 from socksd.client.handshake import ClientHandshake
 from socksd.protocol import Address, Command, Reply, State
@@ -213,12 +213,7 @@ def create_bind(
     p = _proxy(proxy)
     hs = ClientHandshake(Command.BIND, Address.of(*peer), username=p.username, password=p.password)
     hs.first_reply_only()
-    try:
-        sock = socket.create_connection((p.host, p.port), timeout=timeout)
-    except TimeoutError:
-        raise ProxyTimeoutError(f"cannot reach proxy {p.host}:{p.port}: timed out") from None
-    except OSError as e:
-        raise ProxyConnectionError(f"cannot reach proxy {p.host}:{p.port}: {e}") from e
+    sock = connect_to_proxy(p, timeout)
     pending = bytearray()
     try:
         while not hs.done:

@@ -191,16 +191,21 @@ def create_gssapi_connection(
     return GssapiSocket(sock, hs.encapsulation, early)
 
 
-def _blocking_connect(
-    p: Proxy, address: tuple[str, int], timeout: float
-) -> tuple[socket.socket, ClientHandshake, bytes]:
-    hs = _handshake(p, Address.of(*address))
+def connect_to_proxy(p: Proxy, timeout: float) -> socket.socket:
+    """A blocking TCP connection to the proxy, failures as the client's errors."""
     try:
-        sock = socket.create_connection((p.host, p.port), timeout=timeout)
+        return socket.create_connection((p.host, p.port), timeout=timeout)
     except TimeoutError:
         raise ProxyTimeoutError(f"cannot reach proxy {p.host}:{p.port}: timed out") from None
     except OSError as e:
         raise ProxyConnectionError(f"cannot reach proxy {p.host}:{p.port}: {e}") from e
+
+
+def _blocking_connect(
+    p: Proxy, address: tuple[str, int], timeout: float
+) -> tuple[socket.socket, ClientHandshake, bytes]:
+    hs = _handshake(p, Address.of(*address))
+    sock = connect_to_proxy(p, timeout)
     try:
         early = handshake_over_socket(sock, hs)
     except TimeoutError:

@@ -26,7 +26,13 @@ import socket
 from typing import Any, cast
 
 from socksd.client.bind import Opening, _Closable, advertised
-from socksd.client.connect import ProxyLike, _proxy, handshake_over_socket, handshake_over_streams
+from socksd.client.connect import (
+    ProxyLike,
+    _proxy,
+    connect_to_proxy,
+    handshake_over_socket,
+    handshake_over_streams,
+)
 from socksd.client.errors import ProxyConnectionError, ProxyError, ProxyTimeoutError
 from socksd.client.handshake import ClientHandshake
 from socksd.protocol import Address, Command, RemoteProtocolError, UdpDatagram
@@ -243,12 +249,7 @@ class BlockingUdpAssociation:
 def create_udp_association(proxy: ProxyLike, *, timeout: float = 10.0) -> BlockingUdpAssociation:
     """Blocking UDP ASSOCIATE through ``proxy``."""
     p = _proxy(proxy)
-    try:
-        control = socket.create_connection((p.host, p.port), timeout=timeout)
-    except TimeoutError:
-        raise ProxyTimeoutError(f"cannot reach proxy {p.host}:{p.port}: timed out") from None
-    except OSError as e:
-        raise ProxyConnectionError(f"cannot reach proxy {p.host}:{p.port}: {e}") from e
+    control = connect_to_proxy(p, timeout)
     sock: socket.socket | None = None
     try:
         sock = _udp_socket(control.getsockname()[0], control.family)

@@ -159,15 +159,9 @@ class ThrottledEndpoint(RelayEndpoint):
 
     def _delivered(self) -> None:
         """Everything read has been passed on: carry out what waited for that."""
-        peer = self.peer
         if self.eof_pending:
             self.eof_pending = False
-            if not peer.lost:
-                if not peer.write_done:
-                    peer.write_done = True
-                    peer.transport.write_eof()  # type: ignore[union-attr]
-                if peer.read_done:
-                    peer.transport.close()  # type: ignore[union-attr]
+            self.pass_eof()
         if self.lost_pending:
             self.lost_pending = False
             super().connection_lost(self.lost_exc)

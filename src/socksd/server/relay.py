@@ -62,6 +62,13 @@ class RelayEndpoint(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.read_done = True
+        self.pass_eof()
+        if self.write_done:
+            self.transport.close()  # type: ignore[union-attr]
+        return True
+
+    def pass_eof(self) -> None:
+        """Shut down the peer's write side for this side's EOF; close the peer if it is done."""
         peer = self.peer
         if not peer.lost:
             if not peer.write_done:
@@ -69,9 +76,6 @@ class RelayEndpoint(asyncio.Protocol):
                 peer.transport.write_eof()  # type: ignore[union-attr]
             if peer.read_done:
                 peer.transport.close()  # type: ignore[union-attr]
-        if self.write_done:
-            self.transport.close()  # type: ignore[union-attr]
-        return True
 
     def pause_writing(self) -> None:
         if not self.peer.lost:
