@@ -176,6 +176,9 @@ class Relay:
             if endpoint.transport is not None and not endpoint.lost:
                 endpoint.transport.abort()
 
+    def reloaded(self) -> None:
+        """A reload does not change an established relay (its limits live in shared buckets)."""
+
     def _finished(self, exc: Exception | None) -> None:
         if self._done:
             return

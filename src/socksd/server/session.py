@@ -70,6 +70,9 @@ class Handover(Protocol):
     def abort(self, error: str) -> None:
         """End at once, dropping buffered data (shutdown deadline)."""
 
+    def reloaded(self) -> None:
+        """The configuration was reloaded: drop what was derived from the old one."""
+
 
 def _format_peer(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -201,7 +204,9 @@ class Session(asyncio.Protocol):
 
     async def _gssapi_message(self, message: GssapiMessage) -> None:
         if self.gssapi is None:
-            assert self.ctx.gssapi is not None  # GSSAPI is only selected when configured
+            if self.ctx.gssapi is None:  # selected, then switched off by a reload
+                self.close("GSSAPI: switched off by a reload")
+                return
             self.gssapi = GssapiHandshake(self, self.ctx.gssapi)
         if await self.gssapi.receive(message):
             assert self.transport is not None
@@ -252,6 +257,11 @@ class Session(asyncio.Protocol):
                 self.task.cancel()
             self.transport.abort()
             self.finish(error)
+
+    def reloaded(self) -> None:
+        """The configuration was reloaded (SIGHUP): tell what owns the connection now."""
+        if self.relay is not None:
+            self.relay.reloaded()
 
     def close(self, error: str | None = None) -> None:
         """Close the client connection (after flushing what is written) and log the session."""

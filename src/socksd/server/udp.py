@@ -541,6 +541,16 @@ class UdpAssociation:
             )
         return decision.allowed
 
+    def reloaded(self) -> None:
+        """A reload: every destination is checked and resolved afresh, as for a new request.
+
+        The caches of target addresses (whose datagrams skip the rules), rule verdicts and
+        resolved names are all derived from the old rules and resolver."""
+        self.targets.clear()
+        self.verdicts.clear()
+        self.names.clear()
+        self.verdict_rules = None
+
     def drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` datagrams dropped for ``reason``."""
         if count:
