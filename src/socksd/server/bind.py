@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from socksd.protocol import Address, AddressType, BindPeerFilter, Reply, ReplyCode
 from socksd.protocol.udp import is_unspecified
 from socksd.server.relay import Relay
+from socksd.server.relays import make_relay
 from socksd.server.replycodes import reply_for_error
 
 if TYPE_CHECKING:
@@ -137,20 +138,6 @@ class BindRelayOwner:
         self.session.relay_finished(relay, error)
 
 
-def bind_relay(session: Session) -> Relay:
-    """The relay of an accepted BIND: plain, or encapsulating (RFC 1961) after GSSAPI."""
-    config = session.ctx.config
-    owner = BindRelayOwner(session)
-    codec = session.conn.encapsulation
-    if codec is None:
-        return Relay(owner, high_water=config.relay_buffer, idle_timeout=config.idle_timeout)
-    from socksd.server.relay_gssapi import GssapiRelay
-
-    return GssapiRelay(
-        owner, codec, high_water=config.relay_buffer, idle_timeout=config.idle_timeout
-    )
-
-
 async def expected_peer(session: Session, address: Address) -> tuple[BindPeerFilter, str | None]:
     """The peer filter of a BIND request and the IP to route towards (None: unspecified)."""
     if address.atyp == AddressType.DOMAIN:
@@ -215,6 +202,6 @@ async def bind(session: Session, address: Address) -> None:
             accepted.close()
     if session.closed:
         return
-    relay = bind_relay(session)
+    relay = make_relay(BindRelayOwner(session), session.relay_terms(), session.conn.encapsulation)
     # connection_made -> BindRelayOwner.target_connected: second reply (the peer), then relay.
     await loop.connect_accepted_socket(lambda: relay.target, sock=accepted)
