@@ -36,6 +36,8 @@ COMMAND_NAMES: dict[str, Command] = {
     "bind": Command.BIND,
     "udp": Command.UDP_ASSOCIATE,
 }
+"""Names of the SOCKS commands in a rule's ``commands``, in the ``commands`` setting and in
+``--commands``."""
 _COMMAND_TEXT = {command: name for name, command in COMMAND_NAMES.items()}
 
 RULE_KEYS = ("action", "clients", "users", "commands", "to", "ports", "idle_timeout")
