@@ -151,6 +151,27 @@ class RuleSet:
                 return _ACCEPTED
         return self._default
 
+    def check_open_request(self, client: IP, user: str | None, command: int) -> Decision:
+        """Request checkpoint when the destinations are not known yet: a UDP ASSOCIATE (DST is
+        the client's own address), a BIND for any peer (DST ``0.0.0.0`` / ``::``).
+
+        Each destination is checked later (every datagram; the peer that connects), so here
+        only a rule that holds whatever the destination is can deny: one without ``to`` and
+        ``ports``. A destination rule that allows lets the request through (some destinations
+        may be allowed); one that denies is passed over. ``protect_local`` guards destinations
+        only."""
+        if self.allow_all:
+            return self._default
+        for rule in self.rules_for(client):
+            if rule.users is not None and (user is None or user not in rule.users):
+                continue
+            if rule.commands is not None and command not in rule.commands:
+                continue
+            if rule.deny and (rule.has_to or rule.ports is not None):
+                continue
+            return rule.decision
+        return self._default
+
     def check_request(
         self, client: IP, user: str | None, command: int, host: str, port: int
     ) -> Decision | NeedAddresses:

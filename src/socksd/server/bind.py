@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from socksd.protocol import Address, AddressType, BindPeerFilter, Reply, ReplyCode
 from socksd.protocol.udp import is_unspecified
+from socksd.server.admission import peer_decision
 from socksd.server.relay import Relay
 from socksd.server.relays import make_relay
 from socksd.server.replycodes import reply_for_error
@@ -149,6 +150,18 @@ async def expected_peer(session: Session, address: Address) -> tuple[BindPeerFil
     return BindPeerFilter.for_request(address), address.host
 
 
+def _refusal(session: Session, peers: BindPeerFilter, peer: tuple[Any, ...]) -> str | None:
+    """Why the connection from ``peer`` is not the BIND's peer; None when it is."""
+    host = str(peer[0])
+    if not peers.accept(host):
+        return f"expected {', '.join(sorted(peers.expected))}"
+    if peers.accepts_any:  # any peer: the rules see the one that came
+        decision = peer_decision(session, host, int(peer[1]))
+        if not decision.allowed:
+            return f"denied by {decision.label}"
+    return None
+
+
 async def bind(session: Session, address: Address) -> None:
     """Carry out one BIND request for ``session``."""
     config = session.ctx.config
@@ -178,13 +191,14 @@ async def bind(session: Session, address: Address) -> None:
             async with asyncio.timeout(config.bind_timeout):
                 while True:
                     accepted, peer = await loop.sock_accept(listener)
-                    if peers.accept(peer[0]):
+                    why = _refusal(session, peers, peer)
+                    if why is None:
                         break
                     log.warning(
-                        "BIND for %s: refused a connection from %s (expected %s)",
+                        "BIND for %s: refused a connection from %s (%s)",
                         session.record.client if session.record else "?",
                         Address.of(*peer[:2]),
-                        ", ".join(sorted(peers.expected)),
+                        why,
                     )
                     accepted.close()
                     accepted = None
