@@ -28,7 +28,6 @@ from typing import Self
 
 from socksd.client import async_io, sync_io
 from socksd.client.async_io import Opening, Streams
-from socksd.client.connect import refuse_gssapi
 from socksd.client.errors import ProxyError
 from socksd.client.gssapi import GssapiSocket
 from socksd.client.handshake import ClientHandshake, advertised
@@ -144,7 +143,7 @@ def create_bind(
     For a GSSAPI proxy use :func:`create_gssapi_bind` (ValueError here, before connecting).
     """
     p = as_proxy(proxy)
-    refuse_gssapi(p, "create_gssapi_bind")
+    sync_io.check_style(p, gssapi=False, other="create_gssapi_bind")
     sock, hs, _ = sync_io.open_session(p, Command.BIND, Address.of(*peer), timeout)
     return BlockingBind(sock, hs, advertised(hs.replies[0], p.host))
 
@@ -154,7 +153,6 @@ def create_gssapi_bind(
 ) -> GssapiBind:
     """Blocking BIND through a GSSAPI proxy (``proxy.gssapi`` set; RFC 1961)."""
     p = as_proxy(proxy)
-    if p.gssapi is None:
-        raise ValueError("proxy.gssapi is not set: use create_bind()")
+    sync_io.check_style(p, gssapi=True, other="create_bind")
     sock, hs, _ = sync_io.open_session(p, Command.BIND, Address.of(*peer), timeout)
     return GssapiBind(sock, hs, advertised(hs.replies[0], p.host))

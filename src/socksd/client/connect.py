@@ -50,12 +50,6 @@ async def open_connection(
     return async_io.target_streams(*session)
 
 
-def refuse_gssapi(p: Proxy, instead: str) -> None:
-    """ValueError for a plain-socket call given a GSSAPI proxy: the framing needs ``instead``."""
-    if p.gssapi is not None:
-        raise ValueError(f"a GSSAPI proxy encapsulates the data: use {instead}()")
-
-
 def create_connection(
     proxy: ProxyLike,
     address: tuple[str, int],
@@ -67,7 +61,7 @@ def create_connection(
     For a GSSAPI proxy use :func:`create_gssapi_connection` (ValueError here, before connecting).
     """
     p = as_proxy(proxy)
-    refuse_gssapi(p, "create_gssapi_connection")
+    sync_io.check_style(p, gssapi=False, other="create_gssapi_connection")
     sock, _, _ = sync_io.open_session(p, Command.CONNECT, Address.of(*address), timeout)
     return sock
 
@@ -83,8 +77,7 @@ def create_gssapi_connection(
     Returns a socket-like :class:`GssapiSocket` whose ``sendall``/``recv`` wrap and unwrap.
     """
     p = as_proxy(proxy)
-    if p.gssapi is None:
-        raise ValueError("proxy.gssapi is not set: use create_connection()")
+    sync_io.check_style(p, gssapi=True, other="create_connection")
     return sync_io.gssapi_socket(
         *sync_io.open_session(p, Command.CONNECT, Address.of(*address), timeout)
     )

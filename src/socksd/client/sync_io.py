@@ -56,6 +56,18 @@ def open_session(
     return sock, hs, early
 
 
+def check_style(p: Proxy, *, gssapi: bool, other: str) -> None:
+    """ValueError, before connecting, when a blocking call is for the other kind of proxy.
+
+    The calls that return a plain ``socket.socket`` cannot carry RFC 1961 frames (a GSSAPI proxy
+    needs the ``create_gssapi_*`` call that returns a GssapiSocket), and the reverse: ``other``
+    names the call to use instead.
+    """
+    if (p.gssapi is not None) != gssapi:
+        why = "a GSSAPI proxy encapsulates the data" if p.gssapi else "proxy.gssapi is not set"
+        raise ValueError(f"{why}: use {other}()")
+
+
 def wait_second_reply(sock: socket.socket, hs: ClientHandshake, timeout: float | None) -> bytes:
     """BIND: wait for the second reply (the peer connected); return the early bytes after it."""
     hs.expect_second_reply()
