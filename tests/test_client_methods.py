@@ -24,9 +24,10 @@ NO_AUTH, GSSAPI, USERPASS = 0x00, 0x01, 0x02
 
 
 class FakeProxy:
-    """Accepts connections one by one, records each greeting's methods, answers 05 FF."""
+    """Accepts connections one by one, records each greeting's methods, answers ``answer``."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = b"\x05\xff") -> None:
+        self.answer = answer
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.greetings: list[bytes] = []
@@ -44,7 +45,7 @@ class FakeProxy:
                 head = recv_exact(conn, 2)
                 methods = recv_exact(conn, head[1]) if len(head) == 2 else b""
                 self.greetings.append(head + methods)
-                conn.sendall(b"\x05\xff")
+                conn.sendall(self.answer)
 
     def close(self) -> None:
         self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
@@ -149,3 +150,27 @@ def test_blocking_plain_socket_calls_refuse_a_gssapi_proxy_before_connecting(nam
         listener.setblocking(False)
         with pytest.raises(BlockingIOError):  # nobody connected: nothing was offered at all
             listener.accept()
+
+
+@pytest.mark.parametrize("name", ["create_connection", "create_bind", *ENTRY_POINTS])
+@pytest.mark.parametrize(
+    "answer", [b"\x04\x00", b"\x05\x07"], ids=["version-4", "method-not-offered"]
+)
+def test_a_proxy_breaking_the_protocol_is_a_proxy_connection_error(
+    name: str, answer: bytes
+) -> None:
+    """Every command and driver maps a malformed answer (wrong version, a method never offered)
+    to ProxyConnectionError, never a bare protocol exception."""
+    calls: dict[str, Callable[[Proxy], Any]] = {
+        **ENTRY_POINTS,
+        "create_connection": lambda p: client.create_connection(p, ("127.0.0.1", 9)),
+        "create_bind": lambda p: client.create_bind(p, ("127.0.0.1", 0)),
+    }
+    fake = FakeProxy(answer)
+    try:
+        plain = name in ("create_connection", "create_bind")
+        proxy = Proxy("127.0.0.1", fake.port) if plain else gss(fake.port)
+        with pytest.raises(client.ProxyConnectionError, match="broke the protocol"):
+            calls[name](proxy)
+    finally:
+        fake.close()

@@ -155,6 +155,22 @@ def test_asyncio_udp(gss_server: ServerProcess, udp_echo: UdpEchoServer, level: 
     assert "dgrams_up=3 dgrams_down=3 dropped=0" in line, line
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 11 defect 7 on the client's side: python-gssapi raises on a gap token, so the "
+    "datagram after a lost one is dropped; fixed where auth/gssapi.py unwraps (both roles)",
+)
+def test_blocking_udp_datagram_after_a_lost_one(
+    gss_server: ServerProcess, udp_echo: UdpEchoServer
+) -> None:
+    with create_udp_association(gss_proxy(gss_server.port, 2)) as assoc:
+        assoc.sendto(b"lost", ("127.0.0.1", udp_echo.port))
+        assoc.sock.settimeout(IO_TIMEOUT)
+        assoc.sock.recv(65535)  # the relay's answer, taken before the client sees it: "lost"
+        assoc.sendto(b"next", ("127.0.0.1", udp_echo.port))
+        assert assoc.recvfrom(timeout=5)[0] == b"next"
+
+
 def test_create_bind_points_to_the_gssapi_call(gss_server: ServerProcess) -> None:
     with pytest.raises(ValueError, match="create_gssapi_bind"):
         create_bind(gss_proxy(gss_server.port, 2), ("127.0.0.1", 0))
