@@ -194,3 +194,55 @@ def test_connect_from_a_remote_client_and_protect_local(
             assert read_reply(sock)[0][1] == 2
     finally:
         target.close()
+
+
+def _code(server: ServerProcess, source: str, host: str, port: int) -> int:
+    with _open(server, source, 1, host, port) as sock:
+        return read_reply(sock)[0][1]
+
+
+def test_protect_local_from_other_machines(
+    netns: str, socksd: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """protect_local: a remote client is denied the proxy host's loopback, own and link-local
+    addresses whatever an allow rule without them in ``to`` or a name says; a rule listing the
+    network opens just that; ``protect_local = false`` opens them all; loopback clients are
+    not concerned."""
+    loop, own = EchoServer("127.0.0.1"), EchoServer(PROXY)
+    requests = {
+        "127.0.0.1": loop.port,
+        PROXY: own.port,
+        "localhost": loop.port,
+        "169.254.169.254": 80,
+        "0.0.0.0": loop.port,
+    }
+    scenarios = {
+        "default": "",
+        "allow_clients": '[[rules]]\naction = "allow"\nclients = ["192.0.2.0/24"]',
+        "allow_listed": f'[[rules]]\naction = "allow"\nto = ["127.0.0.1/32"]\nports = ["{loop.port}"]',
+        "allow_name": '[[rules]]\naction = "allow"\nto = ["localhost"]',
+        "off": "protect_local = false",
+    }
+    codes: dict[str, dict[str, int]] = {}
+    try:
+        for name, body in scenarios.items():
+            path = tmp_path / f"{name}.toml"
+            path.write_text(f'listen = ["{PROXY}:0"]\nallow_open = true\n{body}\n')
+            server = socksd("--config", str(path))
+            codes[name] = {host: _code(server, CLIENT_A, host, p) for host, p in requests.items()}
+            codes[name]["loopback client"] = _code(server, "127.0.0.1", "127.0.0.1", loop.port)
+            if name == "default":
+                assert access_line(server, "0.0.0.0:").count("rule=protect_local") == 1
+            server.stop()
+    finally:
+        loop.close()
+        own.close()
+    assert codes["default"] == {**dict.fromkeys(requests, 2), "loopback client": 0}
+    assert codes["allow_clients"] == codes["default"]
+    assert codes["allow_name"] == codes["default"]
+    listed = codes["allow_listed"]
+    assert listed["127.0.0.1"] == 0
+    assert listed[PROXY] == 2 and listed["169.254.169.254"] == 2
+    off = codes["off"]
+    assert off["127.0.0.1"] == 0 and off[PROXY] == 0 and off["localhost"] == 0
+    assert off["169.254.169.254"] != 2  # not there: 0x03, 0x04 or 0x06, never "not allowed"
