@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
-from socksd.accesslog import SessionRecord
+from socksd.accesslog import SessionRecord, user_name
 from socksd.protocol import (
     CONNECTION_CLOSED,
     NEED_DATA,
@@ -156,8 +156,8 @@ class Session(asyncio.Protocol):
                 event = conn.next_event()
             except RemoteProtocolError as e:
                 transport.write(conn.refusal(e))
-                if e.reply is not None and self.record is not None:
-                    self.record.reply = e.reply
+                if conn.refused_reply is not None and self.record is not None:
+                    self.record.reply = conn.refused_reply  # what was sent, not what was raised
                 self.close(f"protocol error: {e}")
                 return
             if event is NEED_DATA:
@@ -187,7 +187,7 @@ class Session(asyncio.Protocol):
         auth = self.ctx.authenticator
         ok = auth is not None and await auth.verify(creds.username, creds.password)
         assert self.record is not None and self.transport is not None
-        self.record.user = creds.username.decode("utf-8", "backslashreplace")
+        self.record.user = user_name(creds.username)
         self.transport.write(self.conn.send(UserPassReply(0 if ok else 1)))
         if not ok:
             log.warning(
