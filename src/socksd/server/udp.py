@@ -377,7 +377,7 @@ class UdpAssociation:
         assert parsed is not None  # udp_header_length checked the length
         address = parsed[0]
         if address.atyp == AddressType.DOMAIN:
-            self._to_name(address.host.lower().rstrip("."), address.port, data, end)
+            self._to_name(address.host.lower(), address.port, data, end)
             return
         side = self.target_sides.get(
             socket.AF_INET6 if address.atyp == AddressType.IPV6 else socket.AF_INET
