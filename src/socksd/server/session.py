@@ -281,7 +281,7 @@ class Session(asyncio.Protocol):
         """Reply with the outgoing connection's local address, then hand over to the relay.
 
         Called from the target protocol's ``connection_made``, before any target byte can be
-        delivered, so the reply always precedes the target's data (shared/HAZARDS.md).
+        delivered, so the reply always precedes the target's data (docs/design-notes.md).
         """
         if self.closed or self.transport is None:
             transport.close()
