@@ -52,16 +52,27 @@ class ServerProcess:
 
 
 def start_server(
-    tmp_path: Path, *args: str, timeout: float = 15.0, env: dict[str, str] | None = None
+    tmp_path: Path,
+    *args: str,
+    timeout: float = 15.0,
+    env: dict[str, str] | None = None,
+    launcher: tuple[str, ...] = (),
 ) -> ServerProcess:
-    """Start ``socksd serve ARGS`` (default listen 127.0.0.1:0) and wait for 'listening on'."""
-    argv = [sys.executable, "-m", "socksd", "serve", *args]
+    """Start ``socksd serve ARGS`` (default listen 127.0.0.1:0) and wait for 'listening on'.
+
+    ``launcher`` is a command the server runs under, e.g. ``("prlimit", "--nofile=1024:4096")``.
+    """
+    argv = [*launcher, sys.executable, "-m", "socksd", "serve", *args]
     if "--listen" not in args and "--config" not in args:
         argv += ["--listen", "127.0.0.1:0"]
     log_path = tmp_path / f"socksd-{time.monotonic_ns()}.log"
     logf = log_path.open("w")
     proc = subprocess.Popen(
-        argv, stdout=logf, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        argv,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from socksd.config import Config, ConfigError, ListenAddress, build_config, load_file
+from socksd.fdlimit import default_max_sessions
 
 
 def test_defaults_are_safe() -> None:
     config = build_config({}, {})
-    assert config == Config()
+    # max_sessions: the default, or what this machine's open-files limit holds (tests/test_fdlimit)
+    assert config.max_sessions == default_max_sessions(1)
+    assert dataclasses.replace(config, max_sessions=Config().max_sessions) == Config()
     assert [str(a) for a in config.listen] == ["127.0.0.1:1080"]
     assert config.users is None and not config.allow_open
 

@@ -248,6 +248,12 @@ def test_system_resolves_localhost(run: Runner[Any]) -> None:
         assert sockaddr[1] == 8080
 
 
+def test_system_fully_qualified_name_is_the_same_host(run: Runner[Any]) -> None:
+    """getaddrinfo does not find ``localhost.`` in /etc/hosts: the resolver drops the dot."""
+    infos = run(SystemResolver(5.0).resolve("LocalHost.", 8080))
+    assert "127.0.0.1" in ips(infos)
+
+
 def _patched_runner(fake: Callable[..., Coroutine[Any, Any, Any]]) -> Runner[Any]:
     """Run on an asyncio loop whose getaddrinfo is ``fake`` (no real lookup is made)."""
 

@@ -81,11 +81,24 @@ class SessionRecord:
         return fields
 
 
+def user_name(raw: bytes) -> str:
+    """A user name as sent, for the log and the rules: UTF-8, other bytes kept as lone surrogates.
+
+    So a name that is not UTF-8 stays distinct from every text name (byte 0xff is not the four
+    characters backslash, x, f, f), and the log writes it quoted: byte 0xff as ``"\\udcff"``.
+    """
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def _field(value: str | None) -> str:
-    """A value safe to put in a space-separated line: quoted JSON-style if it needs to be."""
+    """A value safe to put in a space-separated line: quoted JSON-style if it needs to be.
+
+    Bare only when it is printable ASCII without quote or backslash and not ``-`` (no value), so
+    every value reads back unambiguously and no value can add a field or a line.
+    """
     if value is None:
         return "-"
-    if value and all("!" <= c <= "~" and c != '"' for c in value):
+    if value and value != "-" and all("!" <= c <= "~" and c not in '"\\' for c in value):
         return value
     return json.dumps(value)
 
@@ -99,8 +112,9 @@ def format_text(record: SessionRecord, ended: float) -> str:
 
     ``UDP`` (UDP associations only) is ``dgrams_up=N dgrams_down=N dropped=N[(reason=N,...)]``.
 
-    A user name with spaces, quotes or control characters is written as a JSON string, so a
-    client cannot forge lines or fields.
+    A user name or target with anything but printable ASCII (spaces, quotes, backslashes, control
+    characters, bytes that are not UTF-8: see ``user_name``) is written as a JSON string, so a
+    client cannot forge lines or fields, and two different names never look the same.
     """
     rep = "-" if record.reply is None else f"0x{record.reply:02x}"
     line = (

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from socksd.fdlimit import DEFAULT_MAX_SESSIONS, default_max_sessions
 from socksd.protocol.constants import Command
 from socksd.rules import (
     COMMAND_NAMES,
@@ -95,7 +96,7 @@ class Config:
     idle_timeout: float = 0.0
     shutdown_timeout: float = 30.0
     resolve_timeout: float = 5.0
-    max_sessions: int = 10000
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     relay_buffer: int = 256 * 1024
     dns: tuple[str, ...] = ()
     hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -402,6 +403,12 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
             merged[name] = _convert(name, value)
     _compile_access(merged)
     config = Config(**merged)
+    if "max_sessions" not in merged:  # the default, lowered to what the open-files limit holds
+        from socksd.server.workers import worker_count
+
+        config = dataclasses.replace(
+            config, max_sessions=default_max_sessions(worker_count(config))
+        )
     check_methods(config)
     check_safety(config)
     return config

@@ -6,6 +6,11 @@ A :class:`Resolver` turns ``(host, port)`` into a list of :data:`AddrInfo` tuple
 lookup, and raises :class:`ResolutionError` (an ``OSError``, so callers that map ``OSError`` to a
 SOCKS reply code keep working) when a name has no address or the lookup times out.
 
+A fully qualified name (one trailing dot) is the same host as without it: every resolver looks up
+and compares names in the form of ``_normalize`` (lower case, no trailing dot), so ``localhost.``
+finds /etc/hosts' ``localhost`` and ``db.internal.`` the hosts map's ``db.internal``, for CONNECT,
+BIND's expected peer and UDP alike (they all resolve here; the rules compare the same form).
+
 Sources:
 
 - :class:`SystemResolver`: the platform's ``getaddrinfo`` (``/etc/hosts``, nsswitch, the system's
@@ -126,7 +131,7 @@ class SystemResolver:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = await loop.getaddrinfo(_normalize(host), port, type=socket.SOCK_STREAM)
         except TimeoutError:
             raise ResolutionError(host, f"no answer within {self.timeout:g} s") from None
         except socket.gaierror as exc:

@@ -10,14 +10,15 @@ import gssapi
 import pytest
 
 from socksd.auth.gssapi import (
+    CLIENT_FLAGS,
     AcceptorContext,
     GssapiAcceptor,
     GssapiSetupError,
     InitiatorContext,
 )
 from socksd.client.handshake import service_hostname
-from socksd.protocol import GssapiError, ProtectionLevel
-from socksd.protocol.gssapi import MAX_TOKEN
+from socksd.protocol import GssapiError, GssapiOutOfSequence, ProtectionLevel
+from socksd.protocol.gssapi import MAX_TOKEN, GssapiEncapsulation
 from tests.krb5 import HOST, TestRealm
 
 
@@ -63,6 +64,37 @@ def test_replayed_and_tampered_tokens_fail(acceptor: GssapiAcceptor) -> None:
     bad[-1] ^= 1
     with pytest.raises(GssapiError, match="gss_unwrap"):
         server.unwrap(bytes(bad))
+
+
+@pytest.mark.parametrize("level", list(ProtectionLevel))
+def test_datagrams_after_a_loss_or_overtaken_are_delivered(
+    acceptor: GssapiAcceptor, level: ProtectionLevel
+) -> None:
+    """GSS_S_GAP_TOKEN / GSS_S_UNSEQ_TOKEN mark a good datagram; a replay is still dropped."""
+    client, server = establish(acceptor)  # the client asked for sequence detection
+    assert CLIENT_FLAGS & gssapi.RequirementFlag.out_of_sequence_detection
+    for sender, receiver in ((client, server), (server, client)):
+        send = GssapiEncapsulation(level, sender.wrap, sender.unwrap)
+        receive = GssapiEncapsulation(level, receiver.wrap, receiver.unwrap)
+        d1, d2, d3 = (send.encode_datagram(b"datagram %d" % i) for i in (1, 2, 3))
+        assert receive.decode_datagram(d1) == b"datagram 1"
+        assert receive.decode_datagram(d3) == b"datagram 3"  # 2 not yet here: a gap
+        assert receive.decode_datagram(d2) == b"datagram 2"  # late
+        for replay in (d3, d2, d1):
+            with pytest.raises(GssapiError, match="gss_unwrap"):
+                receive.decode_datagram(replay)
+        assert receive.decode_datagram(send.encode_datagram(b"next")) == b"next"
+
+
+def test_a_stream_stays_strict_about_sequence(acceptor: GssapiAcceptor) -> None:
+    client, server = establish(acceptor)
+    send = GssapiEncapsulation(ProtectionLevel.CONFIDENTIALITY, client.wrap, client.unwrap)
+    receive = GssapiEncapsulation(ProtectionLevel.CONFIDENTIALITY, server.wrap, server.unwrap)
+    f1, _f2, f3 = (send.encode(b"frame %d" % i) for i in (1, 2, 3))
+    receive.receive_data(f1 + f3)  # frame 2 removed from the stream
+    assert receive.read() == b"frame 1"
+    with pytest.raises(GssapiOutOfSequence, match="earlier token is missing"):
+        receive.read()
 
 
 @pytest.mark.parametrize("level", list(ProtectionLevel))

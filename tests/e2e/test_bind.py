@@ -218,6 +218,17 @@ def test_expected_peer_by_name(
             assert second[1] == 0 and phost == "127.0.0.2"
 
 
+def test_fully_qualified_expected_peer(bind_server: ServerProcess) -> None:
+    """``localhost.`` as the expected peer is ``localhost``: the peer from 127.0.0.1 is taken."""
+    sock, raw, bhost, bport = bind_request(bind_server, "localhost.")
+    with sock:
+        assert raw[1] == 0, raw.hex()
+        with socket.create_connection((bhost, bport), timeout=IO_TIMEOUT) as peer:
+            second, phost, pport = read_reply(sock)
+            assert second[1] == 0
+            assert (phost, pport) == peer.getsockname()[:2]
+
+
 def test_unresolvable_expected_peer_is_0x04(
     socksd: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -444,6 +445,39 @@ def test_access_log_off(socksd: Callable[..., ServerProcess], module_echo: EchoS
 
 
 # -- several listen addresses --------------------------------------------------------------------
+
+
+def _nofile(soft: int, hard: int) -> tuple[str, ...]:
+    """Run under these open-files limits (util-linux prlimit)."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit is not installed")
+    return ("prlimit", f"--nofile={soft}:{hard}", "--")
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-files line")
+
+
+def test_default_max_sessions_fits_a_stock_open_files_limit(
+    socksd: Callable[..., ServerProcess],
+) -> None:
+    """Soft 1024, hard 20000 (a stock machine): the soft limit is raised to the hard one, the
+    default max_sessions is lowered to what that holds, with an info line and no warning."""
+    server = socksd(launcher=_nofile(1024, 20000))
+    assert _soft_nofile(server.proc.pid) == 20000
+    log = server.log()
+    assert "WARNING" not in log, log
+    assert "max_sessions 9968: what the open-files limit 20000 holds" in log, log
+
+
+def test_explicit_max_sessions_beyond_the_limit_warns(
+    socksd: Callable[..., ServerProcess],
+) -> None:
+    server = socksd("--max-sessions", "10000", launcher=_nofile(1024, 20000))
+    assert "max_sessions 10000 needs about 20064 open files per process" in server.log()
 
 
 def test_two_listen_addresses(

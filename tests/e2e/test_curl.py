@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +62,27 @@ def test_socks5_hostname_keeps_the_domain(open_server: ServerProcess, http4: Htt
     line = wait_access_line(open_server, f"CONNECT localhost:{http4.port}")
     assert "rep=0x00" in line
     assert f"-> 127.0.0.1:{http4.port}" in line
+
+
+def test_fully_qualified_name_connects(
+    open_server: ServerProcess,
+    http4: HttpServer,
+    socksd: Callable[..., ServerProcess],
+    tmp_path: Path,
+) -> None:
+    """``localhost.`` (one trailing dot) is ``localhost``, through getaddrinfo and the hosts map."""
+    result = curl("--socks5-hostname", proxy(open_server), f"http://localhost.:{http4.port}/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == HttpServer.body
+    line = wait_access_line(open_server, f"CONNECT localhost:{http4.port} ")
+    assert "rep=0x00" in line
+    config = tmp_path / "socksd.toml"
+    config.write_text('listen = ["127.0.0.1:0"]\n[hosts]\n"db.internal" = ["127.0.0.1"]\n')
+    mapped = socksd("--config", str(config))
+    for name in ("db.internal.", "DB.Internal"):
+        result = curl("--socks5-hostname", proxy(mapped), f"http://{name}:{http4.port}/")
+        assert result.returncode == 0, (name, result.stderr)
+        assert result.stdout == HttpServer.body
 
 
 def test_socks5h_url_scheme(open_server: ServerProcess, http4: HttpServer) -> None:

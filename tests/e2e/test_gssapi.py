@@ -635,8 +635,9 @@ def test_bind_over_gssapi(gss_server: ServerProcess, level: int) -> None:
 @pytest.mark.parametrize("level", [1, 2])
 def test_udp_associate_over_gssapi(gss_server: ServerProcess, level: int) -> None:
     """UDP ASSOCIATE after GSSAPI: each datagram is one RFC 1961 frame around the SOCKS UDP
-    datagram, both ways; tampered, unencapsulated and out-of-sequence datagrams are dropped and
-    counted as ``gssapi``, and the association goes on after them."""
+    datagram, both ways; tampered, unencapsulated and replayed datagrams are dropped and counted
+    as ``gssapi``, and the association goes on after them; one after a lost datagram or overtaken
+    by a later one is good and relayed."""
     from socksd.client.connect import handshake_over_socket
 
     echo = UdpEchoServer()
@@ -678,12 +679,21 @@ def test_udp_associate_over_gssapi(gss_server: ServerProcess, level: int) -> Non
             udp.sendto(good, relay)  # the genuine one still passes: the bad ones changed nothing
             raw, _ = udp.recvfrom(65535)
             assert parse_udp(codec.decode_datagram(raw))[3] == MARKER + b" 2"
-            codec.encode_datagram(header + b"lost")  # never sent: a datagram lost on the way
-            udp.sendto(codec.encode_datagram(header + b"gap"), relay)  # GAP_TOKEN: dropped
-            assert echo_through(b"after the gap") == b"after the gap"
-            assert echo.received == 3
+            late = codec.encode_datagram(header + b"late")  # overtaken by the next one
+
+            def sent_back(datagram: bytes) -> bytes:
+                udp.sendto(datagram, relay)
+                raw, _ = udp.recvfrom(65535)
+                return parse_udp(codec.decode_datagram(raw))[3]
+
+            # GSS_S_GAP_TOKEN, then GSS_S_UNSEQ_TOKEN: good datagrams, relayed
+            assert sent_back(codec.encode_datagram(header + b"after a gap")) == b"after a gap"
+            assert sent_back(late) == b"late"
+            udp.sendto(good, relay)  # a replay (GSS_S_DUPLICATE_TOKEN): dropped
+            assert echo_through(b"after the replay") == b"after the replay"
+            assert echo.received == 5
         line = wait_for_access_line(gss_server, f":{cport} ")
-        assert "dgrams_up=3 dgrams_down=3 dropped=3(gssapi=3)" in line, line
+        assert "dgrams_up=5 dgrams_down=5 dropped=3(gssapi=3)" in line, line
     finally:
         udp.close()
         echo.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from tests.conftest import EchoServer, ServerProcess, free_port
 from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
     NxDomainDns,
+    access_lines,
     assert_closed,
     connect_proxy,
     echo_roundtrip,
@@ -32,6 +34,7 @@ from tests.e2e.support import (
     socks_request,
     userpass,
     wait_for,
+    wait_for_log,
 )
 
 
@@ -218,6 +221,24 @@ def test_commands_switched_off_are_0x07(
     expect_failure(server, "127.0.0.1", module_echo.port, 0x07, cmd=cmd)
 
 
+def test_request_with_a_wrong_version_logs_the_reply_sent(
+    open_server: ServerProcess, module_echo: EchoServer
+) -> None:
+    """The access log shows the REP code written to the client, also when the parser raised
+    without one (VER != 5 in the request)."""
+    with connect_proxy(open_server) as sock:
+        handshake(sock)
+        sock.sendall(b"\x04" + request("127.0.0.1", module_echo.port)[1:])
+        sent = recv_until_eof(sock)
+        port = sock.getsockname()[1]
+    assert sent == failure_reply(0x01)
+    needle = f"127.0.0.1:{port} "
+    assert wait_for(lambda: any(needle in line for line in access_lines(open_server)), 10)
+    (line,) = [line for line in access_lines(open_server) if needle in line]
+    assert " rep=0x01 " in line, line
+    still_serving(open_server, module_echo)
+
+
 @pytest.mark.parametrize("atyp", [0x00, 0x02, 0x05, 0xFF])
 def test_unknown_address_type(
     open_server: ServerProcess, module_echo: EchoServer, atyp: int
@@ -390,6 +411,19 @@ def test_failed_replies_logged(auth_server: ServerProcess) -> None:
         assert_closed(sock)
     assert wait_for(lambda: "user=eve " in auth_server.log(), 10)
     assert "eve-password-xyz" not in auth_server.log()
+
+
+def test_non_utf8_user_name_is_logged_quoted(
+    socksd: Callable[..., ServerProcess], users_file: Path
+) -> None:
+    """Byte 0xff and the text backslash-x-f-f are different names, and both are quoted."""
+    server = socksd("--users", str(users_file))  # its own: the failures count against loopback
+    for raw in (b"eve\xff", b"eve\\xff"):
+        with _userpass_status(server, raw, b"x") as sock:
+            assert recv_exact(sock, 2) == b"\x01\x01"
+            assert_closed(sock)
+    wait_for_log(server, 'user="eve\\udcff" ')
+    wait_for_log(server, 'user="eve\\\\xff" ')
 
 
 def test_user_name_cannot_forge_access_log_lines(auth_server: ServerProcess) -> None:

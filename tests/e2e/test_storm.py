@@ -1,4 +1,4 @@
-"""Storms of short sessions in the pattern that crashes naive uvloop relays (shared/HAZARDS.md).
+"""Storms of short sessions in the pattern that crashes naive uvloop relays (docs/design-notes.md).
 
 Each session: pipelined handshake, payload, client half-close first (as curl and browsers do), read
 the echo until EOF. The server must answer every session correctly and still be alive afterwards,

@@ -29,6 +29,7 @@ from socksd.protocol import (
     GssapiError,
     GssapiMessage,
     GssapiMessageType,
+    GssapiOutOfSequence,
     GssapiServerNegotiation,
     LevelAgreed,
     LocalProtocolError,
@@ -262,6 +263,25 @@ def test_datagrams() -> None:
     ]:
         with pytest.raises(GssapiError, match=match):
             c.decode_datagram(bad)
+
+
+def test_out_of_sequence_is_good_in_a_datagram_only() -> None:
+    """GssapiOutOfSequence carries a verified message: a datagram delivers it, a stream fails."""
+
+    def unwrap(token: bytes) -> tuple[bytes, bool]:
+        raise GssapiOutOfSequence("gss_unwrap: out of order", token.upper(), True)
+
+    c = GssapiEncapsulation(C, plain_wrap, unwrap, 100)
+    assert c.decode_datagram(b"\x01\x03\x00\x04late") == b"LATE"
+    c.receive_data(b"\x01\x03\x00\x04late")
+    with pytest.raises(GssapiOutOfSequence, match="out of order"):
+        c.read()
+
+    def unwrap_plain(token: bytes) -> tuple[bytes, bool]:
+        raise GssapiOutOfSequence("gss_unwrap: out of order", token, False)
+
+    with pytest.raises(GssapiError, match="unencrypted"):  # the level still applies
+        GssapiEncapsulation(C, plain_wrap, unwrap_plain, 100).decode_datagram(b"\x01\x03\x00\x01x")
 
 
 def test_toy_context_detects_what_kerberos_detects() -> None:

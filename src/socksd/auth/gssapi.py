@@ -11,7 +11,9 @@
 # without mutual authentication, writes the on-disk replay cache: measured 0.24 ms median, 1 ms
 # worst of 200 on this machine (tmpfs), more on a slow disk. So it runs on a small dedicated thread
 # pool (python-gssapi releases the GIL in the call), with a semaphore bounding how many are
-# submitted at once, as for bcrypt. Wrapping and unwrapping are in-memory crypto and run inline.
+# submitted at once, as for bcrypt. Wrapping and unwrapping are in-memory crypto and run inline, on
+# the context moved to ``socksd.auth.gss_message`` once established (python-gssapi's unwrap loses
+# the message of a good datagram that arrived after a lost one or out of order).
 #
 # Once a context is complete the server checks what the mechanism left to it: the service part of
 # the principal the client asked for is the configured one (again, so no mechanism can slip past
@@ -35,6 +37,7 @@ import gssapi
 import gssapi.raw
 from gssapi.raw.misc import GSSError
 
+from socksd.auth.gss_message import MessageContext, describe
 from socksd.protocol import GssapiError, ProtectionLevel
 from socksd.protocol.gssapi import MAX_TOKEN
 
@@ -55,65 +58,58 @@ class GssapiSetupError(Exception):
     """The server's GSS-API credentials cannot be had (keytab missing, empty, unreadable)."""
 
 
-def describe(error: GSSError) -> str:
-    """The mechanism's own words for a GSS-API failure, without status numbers."""
-    try:
-        texts = [
-            *error.get_all_statuses(error.maj_code, True),
-            *error.get_all_statuses(error.min_code, False),
-        ]
-    except Exception:  # a status the library cannot render
-        return str(error)
-    useful = [
-        t for t in texts if t and t != "Success" and not t.startswith("Unspecified GSS failure")
-    ]
-    return "; ".join(useful) or str(error)
-
-
 class _Context:
-    """wrap/unwrap of an established security context, failures as GssapiError."""
+    """wrap/unwrap of an established security context, failures as GssapiError.
 
-    __slots__ = ("_ctx",)
+    python-gssapi establishes the context (``_ctx``); once complete, ``_established`` moves it to a
+    :class:`MessageContext` for the per-message calls (see socksd.auth.gss_message for why).
+    """
+
+    __slots__ = ("_confidentiality", "_ctx", "_messages")
 
     _ctx: gssapi.SecurityContext
+    _messages: MessageContext | None
+    _confidentiality: bool
 
-    # The per-message calls use python-gssapi's raw layer: its high-level methods add about 15 us
-    # a call (measured), a third of the whole cost of an 8 KiB token at level 1.
+    def _established(self) -> None:
+        """Move the complete context out of python-gssapi (after reading what is still needed)."""
+        self._confidentiality = _Flag.confidentiality in self._ctx.actual_flags
+        try:
+            exported = gssapi.raw.export_sec_context(self._ctx)
+        except GSSError as e:
+            raise GssapiError(f"gss_export_sec_context: {describe(e)}") from None
+        self._messages = MessageContext(exported)
+
+    def _established_messages(self) -> MessageContext:
+        if self._messages is None:
+            raise GssapiError("the security context is not established")
+        return self._messages
 
     def wrap(self, data: bytes, confidential: bool) -> bytes:
         """gss_wrap with the default QoP (a failure here is a local one, but ends the session)."""
-        try:
-            result = gssapi.raw.wrap(self._ctx, data, confidential)
-        except GSSError as e:
-            raise GssapiError(f"gss_wrap: {describe(e)}") from None
-        if confidential and not result.encrypted:
+        token, encrypted = self._established_messages().wrap(data, confidential)
+        if confidential and not encrypted:
             raise GssapiError("gss_wrap did not encrypt although confidentiality was asked for")
-        return bytes(result.message)
+        return token
 
     def unwrap(self, token: bytes) -> tuple[bytes, bool]:
-        """gss_unwrap: (message, was it encrypted); tampered, replayed or reordered: GssapiError."""
-        try:
-            result = gssapi.raw.unwrap(self._ctx, token)
-        except GSSError as e:
-            raise GssapiError(f"gss_unwrap: {describe(e)}") from None
-        return bytes(result.message), bool(result.encrypted)
+        """gss_unwrap: (message, was it encrypted); tampered or replayed: GssapiError; after a gap
+        or out of order: GssapiOutOfSequence (an error on a stream, a good datagram over UDP)."""
+        return self._established_messages().unwrap(token)
 
     def max_payload(self, level: ProtectionLevel) -> int:
         """The most plain bytes one RFC 1961 token can carry at ``level`` (gss_wrap_size_limit)."""
         encrypted = level != ProtectionLevel.INTEGRITY
-        try:
-            return int(self._ctx.get_wrap_size_limit(MAX_TOKEN, encrypted=encrypted))
-        except GSSError as e:
-            raise GssapiError(f"gss_wrap_size_limit: {describe(e)}") from None
+        return self._established_messages().wrap_size_limit(MAX_TOKEN, encrypted)
 
     @property
     def confidentiality(self) -> bool:
         """The context can encrypt."""
-        return _Flag.confidentiality in self._ctx.actual_flags
+        return self._messages is not None and self._confidentiality
 
     @property
     def complete(self) -> bool:
-        return bool(self._ctx.complete)
+        return self._messages is not None
 
 
 class GssapiAcceptor:
@@ -166,10 +162,12 @@ class GssapiAcceptor:
 class AcceptorContext(_Context):
     """One session's server-side security context."""
 
-    __slots__ = ("_acceptor",)
+    __slots__ = ("_acceptor", "_principal")
 
     def __init__(self, acceptor: GssapiAcceptor) -> None:
         self._acceptor = acceptor
+        self._messages = None
+        self._principal = ""
         self._ctx = gssapi.SecurityContext(creds=acceptor.credentials, usage="accept")
 
     async def step(self, token: bytes) -> tuple[bytes, bool]:
@@ -185,6 +183,8 @@ class AcceptorContext(_Context):
             raise GssapiError(f"gss_accept_sec_context: {describe(e)}") from None
         if complete:
             self._check()
+            self._principal = str(self._ctx.initiator_name)
+            self._established()
         return bytes(output or b""), complete
 
     def _check(self) -> None:
@@ -203,7 +203,7 @@ class AcceptorContext(_Context):
     @property
     def principal(self) -> str:
         """The authenticated client principal (``user@REALM``): the session's user name."""
-        return str(self._ctx.initiator_name)
+        return self._principal
 
 
 class InitiatorContext(_Context):
@@ -217,6 +217,7 @@ class InitiatorContext(_Context):
         hostname: str,
         credentials: gssapi.Credentials | None = None,
     ) -> None:
+        self._messages = None
         try:
             name = gssapi.Name(f"{service}@{hostname}", gssapi.NameType.hostbased_service)
             self._ctx = gssapi.SecurityContext(
@@ -240,4 +241,5 @@ class InitiatorContext(_Context):
             ]
             if missing:
                 raise GssapiError(f"the security context lacks {', '.join(map(str, missing))}")
+            self._established()
         return bytes(output or b""), complete

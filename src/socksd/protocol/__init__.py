@@ -24,6 +24,7 @@ from socksd.protocol.constants import (
 )
 from socksd.protocol.errors import (
     GssapiError,
+    GssapiOutOfSequence,
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
@@ -80,6 +81,7 @@ __all__ = [
     "GssapiError",
     "GssapiMessage",
     "GssapiMessageType",
+    "GssapiOutOfSequence",
     "GssapiServerNegotiation",
     "LevelAgreed",
     "LocalProtocolError",

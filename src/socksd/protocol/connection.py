@@ -313,6 +313,8 @@ class ServerConnection(_Connection):
 
     def __init__(self) -> None:
         super().__init__(State.GREETING)
+        self.refused_reply: ReplyCode | None = None
+        """The REP code ``refusal()`` answered with, if its answer was a SOCKS reply."""
 
     def choose_method(self, preference: tuple[int, ...]) -> MethodSelection:
         """The first method of ``preference`` the client offered, else NO_ACCEPTABLE."""
@@ -326,7 +328,8 @@ class ServerConnection(_Connection):
 
         A bad greeting gets ``05 FF``, a bad RFC 1929 request a failure status, a bad request a
         reply carrying the error's code (0x01 when it has none; encapsulated after GSSAPI), a
-        GSSAPI failure the RFC 1961 abort message. The state becomes CLOSED.
+        GSSAPI failure the RFC 1961 abort message. The state becomes CLOSED; ``refused_reply``
+        says which REP code was sent, for the access log.
         """
         failed = self._failed_state
         self.state = _FAILED
@@ -338,6 +341,7 @@ class ServerConnection(_Connection):
             return UserPassReply(1).to_bytes()
         if failed is State.REQUEST:
             code = error.reply if error.reply is not None else ReplyCode.GENERAL_FAILURE
+            self.refused_reply = code
             reply = Reply(code).to_bytes()
             return self.encapsulation.encode(reply) if self.encapsulation is not None else reply
         return b""

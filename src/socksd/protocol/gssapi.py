@@ -35,7 +35,10 @@ goes on with the same codec object, which still holds whatever part of a frame h
 Every failure is a :class:`~socksd.protocol.errors.GssapiError`: the peer aborted, sent a message
 type that is not allowed now, sent a token that fails verification (tampered, replayed, out of
 sequence: the unwrap function raises GssapiError for those), or sent an unencrypted message at
-level 2. A server answers it with the abort message and closes.
+level 2. A server answers it with the abort message and closes. A datagram is judged alone: a
+failing one is dropped, and one that is only out of sequence (an earlier one lost, or overtaken:
+RFC 2743's GSS_S_GAP_TOKEN and GSS_S_UNSEQ_TOKEN, supplementary status of a good message) is
+delivered, since UDP loses and reorders; a replayed one is still refused.
 """
 
 from __future__ import annotations
@@ -46,14 +49,15 @@ from dataclasses import dataclass
 from enum import Enum, auto
 
 from socksd.protocol.constants import GSSAPI_VERSION, GssapiMessageType, ProtectionLevel
-from socksd.protocol.errors import GssapiError, LocalProtocolError
+from socksd.protocol.errors import GssapiError, GssapiOutOfSequence, LocalProtocolError
 from socksd.protocol.messages import GssapiMessage
 
 WrapFunction = Callable[[bytes, bool], bytes]
 """gss_wrap with the default QoP: ``(message, confidential) -> token``."""
 
 UnwrapFunction = Callable[[bytes], tuple[bytes, bool]]
-"""gss_unwrap: ``token -> (message, was_encrypted)``; raises GssapiError for a token that fails."""
+"""gss_unwrap: ``token -> (message, was_encrypted)``; raises GssapiError for a token that fails,
+GssapiOutOfSequence for a good one after a gap or out of order (accepted only in a datagram)."""
 
 MAX_TOKEN = 0xFFFF
 """The largest token an RFC 1961 message can carry (16-bit length)."""
@@ -223,8 +227,13 @@ class GssapiEncapsulation:
             del buf[:pos]
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _unwrap_checked(self, token: bytes) -> bytes:
-        data, encrypted = self._unwrap(token)
+    def _unwrap_checked(self, token: bytes, datagram: bool = False) -> bytes:
+        try:
+            data, encrypted = self._unwrap(token)
+        except GssapiOutOfSequence as e:
+            if not datagram:  # a stream neither loses nor reorders: someone meddled
+                raise
+            data, encrypted = e.message, e.encrypted  # UDP loses and reorders: a good datagram
         if not encrypted and self.level == ProtectionLevel.CONFIDENTIALITY:
             raise GssapiError("unencrypted message at protection level 2 (confidentiality)")
         return data
@@ -239,7 +248,11 @@ class GssapiEncapsulation:
         return self._token(payload, self._conf(confidential))
 
     def decode_datagram(self, datagram: bytes) -> bytes:
-        """The payload of one UDP datagram that is exactly one MTYP=3 frame; else GssapiError."""
+        """The payload of one UDP datagram that is exactly one MTYP=3 frame; else GssapiError.
+
+        A datagram after a lost one or overtaken by a later one is good (GssapiOutOfSequence from
+        the unwrap function is accepted); a replayed one is not.
+        """
         if len(datagram) < FRAME_HEADER:
             raise GssapiError(f"{len(datagram)}-byte datagram is shorter than a GSSAPI header")
         version, mtyp, length = _HEADER.unpack_from(datagram)
@@ -249,7 +262,7 @@ class GssapiEncapsulation:
             raise GssapiError(
                 f"datagram holds {len(datagram) - FRAME_HEADER} token bytes, header says {length}"
             )
-        return self._unwrap_checked(bytes(datagram[FRAME_HEADER:]))
+        return self._unwrap_checked(bytes(datagram[FRAME_HEADER:]), datagram=True)
 
 
 # -- phases 1 and 2: the sub-negotiation ----------------------------------------------------------

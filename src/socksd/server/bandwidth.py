@@ -16,7 +16,7 @@ Reading on a side is paused for two reasons, each with its flag: the other side'
 full (``blocked``, backpressure as in ``socksd.server.relay``) or data is held; it resumes only when
 neither holds. An EOF or a lost connection that arrives while data is held waits until the data is
 delivered, so half-close and "nothing is lost" hold as in the plain relay; the transport is still
-closed as soon as both its directions have ended (shared/HAZARDS.md).
+closed as soon as both its directions have ended (docs/design-notes.md).
 """
 
 from __future__ import annotations

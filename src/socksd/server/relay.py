@@ -9,7 +9,7 @@ once the client's reply is written, ``close()`` to end it early.
 Half-close: an EOF from one side becomes ``write_eof()`` (shutdown SHUT_WR) on the other side, and
 the relay keeps carrying the other direction. A transport is closed as soon as both of its
 directions have ended (EOF received and EOF sent): leaving a fully shut-down transport open crashes
-uvloop (shared/HAZARDS.md), and closing both sides on the first EOF loses data.
+uvloop (docs/design-notes.md), and closing both sides on the first EOF loses data.
 
 Backpressure: when a transport's write buffer passes its high-water mark, its protocol's
 ``pause_writing()`` pauses reading on the peer; ``resume_writing()`` resumes it. A slow reader

@@ -8,17 +8,16 @@ does not kill the process (its default action).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import logging
-import resource
 import signal
 import socket
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from socksd import fdlimit
 from socksd.config import Config
 from socksd.server.context import ServerContext
 from socksd.server.listener import Server
@@ -26,9 +25,6 @@ from socksd.server.reload import ConfigSource, reload
 from socksd.server.workers import Supervisor, worker_count
 
 log = logging.getLogger("socksd")
-
-FD_RESERVE = 64
-"""Open files a process needs besides its sessions: listeners, logs, DNS, the event loop."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,14 +51,6 @@ def setup_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft open-files limit to the hard limit: each session holds two sockets."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def serve(
@@ -113,21 +101,6 @@ def _reload(ctx: ServerContext, source: ConfigSource) -> None:
         setup_logging(ctx.config)
 
 
-def warn_fd_limit(config: Config) -> None:
-    """Say so when the open-files limit cannot hold ``max_sessions`` (two sockets a session)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    per_process = -(-config.max_sessions // worker_count(config))
-    needed = 2 * per_process + FD_RESERVE
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning(
-            "max_sessions %d needs about %d open files per process but the limit is %d "
-            "(ulimit -n); raise the limit or lower max_sessions",
-            config.max_sessions,
-            needed,
-            soft,
-        )
-
-
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when asked for or, with ``auto``, when installed; else the default loop."""
     if choice == "asyncio":
@@ -161,8 +134,7 @@ def run(
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(config)
-    raise_fd_limit()
-    warn_fd_limit(config)
+    fdlimit.check(config.max_sessions, worker_count(config))
     factory = loop_factory(config.loop)
     tune_gc()
     log.info("socksd starting (%s loop)", "uvloop" if factory else "asyncio")

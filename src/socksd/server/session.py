@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
-from socksd.accesslog import SessionRecord
+from socksd.accesslog import SessionRecord, user_name
 from socksd.protocol import (
     CONNECTION_CLOSED,
     NEED_DATA,
@@ -159,8 +159,8 @@ class Session(asyncio.Protocol):
                 event = conn.next_event()
             except RemoteProtocolError as e:
                 transport.write(conn.refusal(e))
-                if e.reply is not None and self.record is not None:
-                    self.record.reply = e.reply
+                if conn.refused_reply is not None and self.record is not None:
+                    self.record.reply = conn.refused_reply  # what was sent, not what was raised
                 self.close(f"protocol error: {e}")
                 return
             if event is NEED_DATA:
@@ -190,7 +190,7 @@ class Session(asyncio.Protocol):
         auth = self.ctx.authenticator
         ok = auth is not None and await auth.verify(creds.username, creds.password)
         assert self.record is not None and self.transport is not None
-        self.record.user = creds.username.decode("utf-8", "backslashreplace")
+        self.record.user = user_name(creds.username)
         self.transport.write(self.conn.send(UserPassReply(0 if ok else 1)))
         if not ok:
             log.warning(
@@ -289,7 +289,7 @@ class Session(asyncio.Protocol):
         """Reply with the outgoing connection's local address, then hand over to the relay.
 
         Called from the target protocol's ``connection_made``, before any target byte can be
-        delivered, so the reply always precedes the target's data (shared/HAZARDS.md).
+        delivered, so the reply always precedes the target's data (docs/design-notes.md).
         """
         if self.closed or self.transport is None:
             transport.close()

@@ -35,9 +35,8 @@ MTYP=3 frame whose unwrapped payload is the ordinary SOCKS UDP datagram (header 
 :class:`GssapiClientSide` unwraps before the usual path, :class:`GssapiTargetSide` wraps header and
 DATA together. The plain classes are untouched, so an association without GSSAPI costs nothing
 more. A datagram that fails gss_unwrap is dropped as ``gssapi``: tampered, replayed, unencrypted at
-level 2, and also (python-gssapi raises on GSS_S_GAP_TOKEN/UNSEQ_TOKEN and does not return the
-message) the first datagram after a lost one and a late one when the client asked for sequence
-detection; the context's sequence state moves past them, so the datagrams after go through.
+level 2. One that comes after a lost one or late (GSS_S_GAP_TOKEN/UNSEQ_TOKEN, supplementary status
+of a good message) is relayed: the codec's ``decode_datagram`` accepts it, ``read`` on a stream not.
 
 The association ends when its TCP control connection does (:class:`UdpControl` sees the EOF or
 the loss and closes every UDP socket in that same callback, so no datagram is relayed after),
@@ -390,7 +389,7 @@ class UdpAssociation:
         assert parsed is not None  # udp_header_length checked the length
         address = parsed[0]
         if address.atyp == AddressType.DOMAIN:
-            self._to_name(address.host.lower().rstrip("."), address.port, data, end)
+            self._to_name(address.host.lower(), address.port, data, end)
             return
         side = self.target_sides.get(
             socket.AF_INET6 if address.atyp == AddressType.IPV6 else socket.AF_INET
