@@ -155,12 +155,7 @@ def test_asyncio_udp(gss_server: ServerProcess, udp_echo: UdpEchoServer, level: 
     assert "dgrams_up=3 dgrams_down=3 dropped=0" in line, line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 defect 7 on the client's side: python-gssapi raises on a gap token, so the "
-    "datagram after a lost one is dropped; fixed where auth/gssapi.py unwraps (both roles)",
-)
-def test_blocking_udp_datagram_after_a_lost_one(
+def test_blocking_udp_datagram_after_a_lost_one(  # issue 11, defect 7 (client side)
     gss_server: ServerProcess, udp_echo: UdpEchoServer
 ) -> None:
     with create_udp_association(gss_proxy(gss_server.port, 2)) as assoc:
