@@ -117,6 +117,22 @@ def test_cache_skips_bcrypt_on_repeat(auth: UserPassAuthenticator, spy: CheckpwS
     assert spy.calls == 2
 
 
+def test_cached_answers_verified_logins_only_without_bcrypt(
+    auth: UserPassAuthenticator, spy: CheckpwSpy
+) -> None:
+    assert auth.cached(b"alice", b"wonderland") is False  # not verified yet
+    assert verify(auth, b"alice", b"wonderland") is True
+    calls = spy.calls
+    assert auth.cached(b"alice", b"wonderland") is True
+    assert auth.cached(b"alice", b"wrong") is False
+    assert auth.cached(b"alice", b"wonderland\0junk") is False
+    assert auth.cached(b"nobody", b"wonderland") is False
+    assert auth.cached(b"\xff", b"wonderland") is False
+    assert spy.calls == calls  # never a bcrypt check
+    auth.replace_users(make_users(alice=b"changed"))
+    assert auth.cached(b"alice", b"wonderland") is False
+
+
 def test_failures_are_not_cached(auth: UserPassAuthenticator, spy: CheckpwSpy) -> None:
     assert verify(auth, b"alice", b"wrong") is False
     assert verify(auth, b"alice", b"wrong") is False

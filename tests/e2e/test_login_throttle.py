@@ -1,0 +1,193 @@
+"""The failed-login throttle end to end: a real socksd, python-socks for the logins that must get
+in, raw RFC 1929 clients for the guesses (their replies are timed on the client). Client
+addresses are distinct loopback addresses (127.0.0.2 guesses, 127.0.0.3 is someone else).
+
+- a flood of simultaneous wrong logins from one address neither delays another address's login
+  nor gets more checks counted than ``max_auth_checks_per_ip`` allows;
+- behind one address (a NAT), guessing one user's password locks nobody out: another user, and
+  the guessed user with the right password, get in at once;
+- each failure of a (address, user) is answered later than the one before;
+- the hard block (``auth_block``) keeps the old semantics: closed at accept, then lifted;
+- a reload keeps the counts and applies new throttle settings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from python_socks.sync import Proxy
+
+from tests.conftest import EchoServer, ServerProcess
+from tests.e2e.admin_support import (
+    closed_before_negotiation,
+    config_server,
+    connect_from,
+    sleep_until,
+    socks_reply,
+    wait_log_count,
+)
+from tests.e2e.support import add_user, echo_roundtrip, recv_exact, userpass, wait_for_log
+
+GUESSER = "127.0.0.2"
+OTHER = "127.0.0.3"
+FLOOD = 30
+
+
+@pytest.fixture(scope="module")
+def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("throttle") / "users"
+    for name in ("alice", "bob", "carol", "dave", "mallory"):
+        add_user(path, name, f"pw-{name}")
+    return path
+
+
+def login(server: ServerProcess, echo: EchoServer, source: str, user: str) -> float:
+    """A correct login of ``user`` from ``source`` with python-socks, relayed to the echo
+    server; returns the seconds it took."""
+    proxy = Proxy.from_url(f"socks5://{user}:pw-{user}@{server.host}:{server.port}")
+    start = time.monotonic()
+    sock = proxy.connect("127.0.0.1", echo.port, timeout=30, local_addr=(source, 0))
+    elapsed = time.monotonic() - start
+    with sock:
+        echo_roundtrip(sock, f"{user} from {source}".encode())
+    return elapsed
+
+
+def guess(server: ServerProcess, source: str, user: str, password: str = "wrong") -> float:
+    """One wrong login; asserts the failure reply (not a bare close); returns the seconds from
+    sending the credentials to the reply."""
+    with connect_from(server, source) as sock:
+        sock.settimeout(30)
+        sock.sendall(b"\x05\x01\x02")
+        assert recv_exact(sock, 2) == b"\x05\x02"
+        start = time.monotonic()
+        sock.sendall(userpass(user, password))
+        assert recv_exact(sock, 2) == b"\x01\x01"
+        return time.monotonic() - start
+
+
+def failures_logged(server: ServerProcess, user: str, source: str) -> int:
+    return server.log().count(f"authentication failed for user {user!r} from {source}:")
+
+
+def test_flood_from_one_address_neither_starves_others_nor_overcounts(
+    socksd: Callable[..., ServerProcess], users: Path, echo: EchoServer
+) -> None:
+    # a failure holds its check for at least 2 s: the whole flood arrives within that
+    server = socksd(
+        "--users", str(users), "--max-auth-checks-per-ip", "2",
+        "--auth-delay", "2", "--max-auth-delay", "4",
+    )  # fmt: skip
+    lone = login(server, echo, OTHER, "carol")  # uncached: one bcrypt check
+
+    socks = [connect_from(server, GUESSER) for _ in range(FLOOD)]
+    replies: list[bytes] = []
+    sent = threading.Barrier(FLOOD + 1, timeout=30)
+
+    def flood(sock: socket.socket, n: int) -> None:
+        with sock:
+            sock.settimeout(30)
+            sock.sendall(b"\x05\x01\x02" + userpass("mallory", f"guess-{n}"))
+            sent.wait()
+            replies.append(recv_exact(sock, 4))
+
+    threads = [threading.Thread(target=flood, args=(s, n)) for n, s in enumerate(socks)]
+    for t in threads:
+        t.start()
+    sent.wait()
+    during = login(server, echo, OTHER, "bob")  # uncached too, while the flood is in
+    for t in threads:
+        t.join(30)
+    assert replies == [b"\x05\x02\x01\x01"] * FLOOD  # every guess answered, none just closed
+    assert during < 3 * lone + 0.5, f"{during:.2f}s during the flood, {lone:.2f}s alone"
+    counted = failures_logged(server, "mallory", GUESSER)
+    refused = server.log().count(f"refusing the login of 'mallory' from {GUESSER}:")
+    assert 1 <= counted <= 2, f"{counted} failures counted, 2 checks allowed at once"
+    assert counted + refused == FLOOD
+    assert "(max_auth_checks_per_ip)" in server.log()
+
+
+def test_guessing_one_user_locks_nobody_out(
+    socksd: Callable[..., ServerProcess], users: Path, echo: EchoServer
+) -> None:
+    server = socksd("--users", str(users), "--auth-delay", "0.01", "--max-auth-delay", "0.05")
+    for n in range(15):  # more than max_auth_failures (10)
+        guess(server, GUESSER, "mallory", f"guess-{n}")
+    assert failures_logged(server, "mallory", GUESSER) == 15
+    # another user behind the same address gets in (uncached: a real check)...
+    login(server, echo, GUESSER, "alice")
+    # ...and so does the guessed user with the right password: the delays slowed the guesses,
+    # nobody is locked out
+    login(server, echo, GUESSER, "mallory")
+    # a verified login is let in again at once, whatever the address's failures
+    for _ in range(3):
+        guess(server, GUESSER, "dave")
+    login(server, echo, GUESSER, "alice")
+    assert "blocking" not in server.log()
+
+
+def test_failures_are_answered_later_and_later(
+    socksd: Callable[..., ServerProcess], users: Path
+) -> None:
+    server = socksd("--users", str(users), "--auth-delay", "0.2", "--max-auth-delay", "4")
+    times = [guess(server, GUESSER, "mallory", f"guess-{n}") for n in range(5)]
+    assert all(a < b for a, b in itertools.pairwise(times)), times
+    assert times[-1] > 2 * times[0], times
+    # another user from the same address starts over (below max_auth_failures)
+    assert guess(server, GUESSER, "alice") < times[-1]
+
+
+def test_hard_block_option_closes_the_address_at_accept(
+    socksd: Callable[..., ServerProcess], users: Path, echo: EchoServer
+) -> None:
+    server = socksd(
+        "--users", str(users), "--auth-block", "--max-auth-failures", "3",
+        "--auth-block-time", "3", "--auth-delay", "0",
+    )  # fmt: skip
+    for _ in range(3):
+        sock = connect_from(server, "127.0.0.1")
+        with sock:
+            sock.sendall(b"\x05\x01\x02" + userpass("alice", "wrong"))
+            assert recv_exact(sock, 4) == b"\x05\x02\x01\x01"
+    wait_for_log(server, "blocking 127.0.0.1 for 3s after 3 failed logins (max_auth_failures)")
+    blocked_at = time.monotonic()
+    # even the right password: closed at accept, before the greeting is answered
+    assert closed_before_negotiation(connect_from(server, "127.0.0.1"))
+    code, other = socks_reply(
+        server, "127.0.0.1", echo.port, source="127.0.0.2", user="alice", password="pw-alice"
+    )
+    other.close()
+    assert code == 0
+    assert server.log().count("blocking 127.0.0.1") == 1
+
+    def unblocked() -> bool:
+        code, sock = socks_reply(server, "127.0.0.1", echo.port, user="alice", password="pw-alice")
+        with sock:
+            return code == 0
+
+    time.sleep(max(0.0, 3.2 - (time.monotonic() - blocked_at)))
+    sleep_until(unblocked, 10)
+
+
+def test_reload_keeps_the_counts_and_applies_new_settings(
+    socksd: Callable[..., ServerProcess], users: Path, tmp_path: Path, echo: EchoServer
+) -> None:
+    body = f'users = "{users}"\nauth_delay = 0\nmax_auth_failures = 3\n'
+    server, config = config_server(socksd, tmp_path, body)
+    for _ in range(3):
+        guess(server, GUESSER, "mallory")
+    login(server, echo, GUESSER, "alice")  # no block without auth_block
+    config.write_text(config.read_text() + "auth_block = true\n")
+    os.kill(server.proc.pid, signal.SIGHUP)
+    wait_log_count(server, "reloaded configuration", 1)
+    # the three failures from before the reload count: the address is now blocked
+    assert closed_before_negotiation(connect_from(server, GUESSER))
+    login(server, echo, OTHER, "bob")
