@@ -8,7 +8,9 @@ addresses are distinct loopback addresses (127.0.0.2 guesses, 127.0.0.3 is someo
   the guessed user with the right password, get in at once;
 - each failure of a (address, user) is answered later than the one before;
 - the hard block (``auth_block``) keeps the old semantics: closed at accept, then lifted;
-- a reload keeps the counts and applies new throttle settings.
+- a reload keeps the counts and applies new throttle settings;
+- failed GSSAPI contexts (against a real KDC) are slowed the same way and lock nobody out;
+- ``check-config`` shows the settings.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from python_socks.sync import Proxy
 
+from socksd.client import AuthenticationError, GssapiOptions, create_gssapi_connection
+from socksd.client import Proxy as SocksdProxy
 from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.admin_support import (
     closed_before_negotiation,
@@ -34,7 +39,17 @@ from tests.e2e.admin_support import (
     socks_reply,
     wait_log_count,
 )
-from tests.e2e.support import add_user, echo_roundtrip, recv_exact, userpass, wait_for_log
+from tests.e2e.support import (
+    add_user,
+    echo_roundtrip,
+    recv_exact,
+    socksd_cli,
+    userpass,
+    wait_for_log,
+)
+
+if TYPE_CHECKING:
+    from tests.krb5 import TestRealm
 
 GUESSER = "127.0.0.2"
 OTHER = "127.0.0.3"
@@ -191,3 +206,53 @@ def test_reload_keeps_the_counts_and_applies_new_settings(
     # the three failures from before the reload count: the address is now blocked
     assert closed_before_negotiation(connect_from(server, GUESSER))
     login(server, echo, OTHER, "bob")
+
+
+def test_check_config_shows_the_throttle(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "handshake_timeout = 4\nauth_delay = 0.25\nmax_auth_checks_per_ip = 2\nauth_block = true\n"
+    )
+    result = socksd_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "max_auth_failures=10 auth_block_time=60s auth_delay=0.25s max_auth_delay=2s "
+        "max_auth_checks_per_ip=2 auth_block=on" in result.stdout
+    )
+    path.write_text("max_auth_delay = 20\n")
+    result = socksd_cli("check-config", str(path))
+    assert result.returncode == 2
+    assert "max_auth_delay: must be less than handshake_timeout (10s), got 20" in result.stderr
+
+
+def test_failed_gssapi_contexts_are_answered_later_and_later(
+    socksd: Callable[..., ServerProcess], krb5_realm: TestRealm, echo: EchoServer
+) -> None:
+    from tests.krb5 import HOST
+
+    realm = krb5_realm
+    server = socksd(
+        "--gssapi-keytab", str(realm.keytab), "--auth-delay", "0.2", "--max-auth-delay", "5",
+        env=realm.env,
+    )  # fmt: skip
+
+    def gssapi(service: str) -> SocksdProxy:
+        options = GssapiOptions(hostname=HOST, level=2, service=service)
+        return SocksdProxy(server.host, server.port, gssapi=options)
+
+    def fail() -> float:
+        """A context for a service socksd does not serve: refused; seconds to the abort."""
+        start = time.monotonic()
+        with pytest.raises(AuthenticationError, match="proxy refused the GSSAPI authentication"):
+            create_gssapi_connection(gssapi("host"), ("127.0.0.1", echo.port), timeout=30)
+        return time.monotonic() - start
+
+    fail()  # the first also fetches the service ticket
+    times = [fail() for _ in range(4)]
+    assert all(a < b for a, b in itertools.pairwise(times)), times
+    # the right service gets in at once: a failed context never blocks the address
+    start = time.monotonic()
+    with create_gssapi_connection(gssapi("rcmd"), ("127.0.0.1", echo.port), timeout=30) as sock:
+        elapsed = time.monotonic() - start
+        echo_roundtrip(sock, b"gssapi after failures")
+    assert elapsed < times[0], (elapsed, times)
