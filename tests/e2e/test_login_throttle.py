@@ -149,6 +149,31 @@ def test_guessing_one_user_locks_nobody_out(
     assert "blocking" not in server.log()
 
 
+def test_many_connections_at_once_with_the_same_login_all_get_in(
+    socksd: Callable[..., ServerProcess], users: Path, echo: EchoServer
+) -> None:
+    """A client opening many connections at once (a browser) with a login not verified yet: the
+    identical logins share one check instead of exceeding the address's in-flight bound."""
+    server = socksd("--users", str(users), "--max-auth-checks-per-ip", "2")
+    start = threading.Barrier(10, timeout=30)
+    errors: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            start.wait()
+            login(server, echo, GUESSER, "alice")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=connect) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert "max_auth_checks_per_ip" not in server.log()
+
+
 def test_failures_are_answered_later_and_later(
     socksd: Callable[..., ServerProcess], users: Path
 ) -> None:

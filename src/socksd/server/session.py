@@ -193,16 +193,18 @@ class Session(asyncio.Protocol):
                 return
 
     async def _check_password(self, creds: UserPassRequest) -> None:
-        """RFC 1929 check. A login in the verified-login cache is let in at once; any other goes
-        through the login checkpoint (in-flight checks per address) and bcrypt, and a failure's
-        reply waits the delay admission gives (bounded by ``max_auth_delay``)."""
+        """RFC 1929 check. A login in the verified-login cache is let in at once; one that is
+        being checked for another session shares that check; any other goes through the login
+        checkpoint (in-flight checks per address) to bcrypt. A failure's reply waits the delay
+        admission gives (bounded by ``max_auth_delay``)."""
         auth = self.ctx.authenticator
         record, transport = self.record, self.transport
         assert record is not None and transport is not None
         record.user = user = creds.username.decode("utf-8", "backslashreplace")
         ok = auth is not None and auth.cached(creds.username, creds.password)
         if not ok:
-            refusal = admission.login_start(self)
+            shared = auth is not None and auth.checking(creds.username, creds.password)
+            refusal = None if shared else admission.login_start(self)
             if refusal is not None:
                 log.warning("refusing the login of %r from %s: %s", user, record.client, refusal)
                 transport.write(self.conn.send(UserPassReply(1)))
