@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from socksd.limits import TokenBucket
-from socksd.server.bandwidth import ThrottledEndpoint, ThrottledRelay
+from socksd.server.bandwidth import ThrottledEndpoint
 from socksd.server.relay import Relay
+from socksd.server.relays import RelayTerms, make_relay
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -76,8 +77,8 @@ async def throttled(
     first_data: bytes = b"",
     client_eof: bool = False,
     small_buffers: bool = False,
-) -> tuple[ThrottledRelay, Owner, socket.socket, socket.socket]:
-    """A ThrottledRelay between a client app socket and a target app socket."""
+) -> tuple[Relay, Owner, socket.socket, socket.socket]:
+    """A throttled relay (the factory's) between a client app socket and a target app socket."""
     loop = asyncio.get_running_loop()
     client_app, client_srv = tcp_pair()
     target_srv, target_app = tcp_pair()
@@ -86,8 +87,8 @@ async def throttled(
         client_app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
     owner = Owner(first_data, client_eof)
     now = time.monotonic()
-    relay = ThrottledRelay(
-        owner, (TokenBucket(rate, now), TokenBucket(rate, now)), high_water=high_water
+    relay = make_relay(
+        owner, RelayTerms(0.0, (TokenBucket(rate, now), TokenBucket(rate, now)), high_water)
     )
     transport, _ = await loop.connect_accepted_socket(Idle, client_srv)
     owner.client_transport = transport

@@ -815,3 +815,28 @@ def test_rules_per_client_are_remembered_within_a_bound() -> None:
     assert outcome(request(rs, "1.1.1.1", 22, client="10.1.2.3")) == "deny:rule 1"
     assert outcome(request(rs, "1.1.1.1", 23, client="10.1.2.3")) == "deny:rule 3"
     assert ruleset({"action": "deny", "ports": ["1"]})._by_client is None  # nothing to remember
+
+
+def test_open_request_is_decided_by_rules_that_hold_for_any_destination() -> None:
+    """UDP ASSOCIATE and BIND for any peer: destinations come later (issue 11, defect 2)."""
+    udp = Command.UDP_ASSOCIATE
+    client = parse_ip("192.0.2.10")
+    assert client is not None
+
+    def open_request(rs: RuleSet, user: str | None = None) -> str:
+        return outcome(rs.check_open_request(client, user, udp))
+
+    # protect_local and deny rules with a destination only restrict destinations
+    guarded = ruleset({"action": "deny", "to": ["10.0.0.0/8"]}, protect=True)
+    assert open_request(guarded) == "allow:default"
+    # an allow with a destination lets it through, even under default deny
+    dns_only = ruleset(
+        {"action": "allow", "to": ["198.51.100.53"], "ports": ["53"]}, default="deny"
+    )
+    assert open_request(dns_only) == "allow:rule 1"
+    assert open_request(ruleset(default="deny")) == "deny:default"
+    # a rule that holds whatever the destination decides
+    no_udp = ruleset({"action": "deny", "users": ["guest"], "commands": ["udp"]})
+    assert open_request(no_udp, "guest") == "deny:rule 1"
+    assert open_request(no_udp, "alice") == "allow:default"
+    assert open_request(ruleset({"action": "deny", "commands": ["connect"]})) == "allow:default"

@@ -420,13 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return check_config_command(args)
         config = config_from_args(args)
-        from socksd.auth.htpasswd import UserFileError
-        from socksd.server import build_context, run
+        from socksd.server import ServerContext, run
 
-        try:
-            ctx = build_context(config)
-        except UserFileError as e:
-            raise ConfigError(f"users: {e}") from None
+        ctx = ServerContext.create(config)
         return run(config, ctx, source=lambda: config_from_args(args))
     except ConfigError as e:
         print(f"socksd: error: {e}", file=sys.stderr)

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from socksd.protocol.constants import Command
-from socksd.rules import RuleError, RuleSet, parse_action, parse_groups, parse_ruleset
+from socksd.rules import (
+    COMMAND_NAMES,
+    RuleError,
+    RuleSet,
+    parse_action,
+    parse_groups,
+    parse_ruleset,
+)
 
 DEFAULT_LISTEN = "127.0.0.1:1080"
 
@@ -67,12 +74,6 @@ class ListenAddress:
 _LOG_FORMATS = ("text", "json")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOOPS = ("auto", "uvloop", "asyncio")
-COMMAND_NAMES: dict[str, Command] = {
-    "connect": Command.CONNECT,
-    "bind": Command.BIND,
-    "udp": Command.UDP_ASSOCIATE,
-}
-"""Names of the SOCKS commands in ``commands`` (config) and ``--commands`` (flag)."""
 
 METHODS = ("gssapi", "userpass", "none")
 """Authentication method names of ``methods``, for RFC 1961, RFC 1929 and no authentication."""

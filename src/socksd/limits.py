@@ -95,6 +95,17 @@ class TokenBucket:
         self.tokens -= granted
         return granted
 
+    def take_whole(self, size: int, now: float) -> bool:
+        """Take ``size`` tokens for one datagram, all or nothing; False when it must be dropped.
+
+        A datagram larger than the bucket passes when the bucket is full and leaves it in
+        debt, so a low rate still lets large datagrams through at that rate on average."""
+        self._refill(now)
+        if self.tokens < min(size, self.capacity):
+            return False
+        self.tokens -= size
+        return True
+
     def wait(self, wanted: int, now: float) -> float:
         """Seconds until ``min(wanted, capacity)`` tokens are there (0 when they are)."""
         self._refill(now)

@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.admin_support import (
@@ -24,6 +27,7 @@ from tests.e2e.admin_support import (
     write_config,
 )
 from tests.e2e.support import (
+    HttpServer,
     access_lines,
     add_user,
     echo_roundtrip,
@@ -227,3 +231,90 @@ def test_workers_reload(
         echo_roundtrip(held, b"across reloads")
     lines = [x for x in access_lines(server) if "rep=0x02" in x]
     assert len(lines) == 18 and all(" rule=1 " in x for x in lines)
+
+
+def _method(server: ServerProcess, offered: bytes) -> int:
+    """The method socksd selects for a greeting offering ``offered`` (0xFF: none acceptable)."""
+    sock = connect_from(server)
+    try:
+        sock.sendall(bytes((5, len(offered))) + offered)
+        answer = recv_exact(sock, 2)
+    finally:
+        sock.close()
+    assert answer[0] == 5
+    return answer[1]
+
+
+def test_reload_switches_authentication_on_and_off(
+    socksd: Callable[..., ServerProcess], tmp_path: Path, echo: EchoServer, http4: HttpServer
+) -> None:
+    """Defect 1 of issue 11: users added by a reload are required at once, methods follow the
+    config, and removing users opens the proxy again; curl logs in after the reload."""
+    from tests.e2e.admin_support import run_curl
+
+    users = tmp_path / "users"
+    add_user(users, "alice", "s3cret")
+    server, path = config_server(socksd, tmp_path, "")
+    assert _method(server, b"\x00") == 0x00
+
+    write_config(path, f'users = "{users}"')
+    reload_and_wait(server)
+    assert _method(server, b"\x00") == 0xFF
+    assert _method(server, b"\x00\x02") == 0x02
+    code, sock = socks_reply(server, "127.0.0.1", echo.port, user="alice", password="s3cret")
+    with sock:
+        assert code == 0
+        echo_roundtrip(sock, b"after the reload")
+    proxy = f"127.0.0.1:{server.port}"
+    assert run_curl("--socks5", proxy, http4.url).returncode == 97  # no login: refused
+    done = run_curl("--socks5", proxy, "-U", "alice:s3cret", http4.url)
+    assert done.returncode == 0 and done.stdout == HttpServer.body, done.stderr
+
+    write_config(path, f'users = "{users}"\nmethods = ["none", "userpass"]')
+    reload_and_wait(server)
+    assert _method(server, b"\x02\x00") == 0x00  # the server's order of preference
+    assert _method(server, b"\x02") == 0x02
+
+    write_config(path, "")
+    reload_and_wait(server)
+    assert _method(server, b"\x02") == 0xFF
+    assert _method(server, b"\x00") == 0x00
+    assert "methods none" in server.log()
+
+
+def test_reload_turns_gssapi_on_and_changes_its_service(
+    socksd: Callable[..., ServerProcess], tmp_path: Path, echo: EchoServer, krb5_realm: Any
+) -> None:
+    """Defect 1 of issue 11, GSSAPI: a keytab added by a reload is used at once (the client
+    library authenticates), a changed service name applies, and removing GSSAPI switches it off."""
+    from socksd.client import GssapiOptions, Proxy, create_gssapi_connection
+    from tests.krb5 import HOST
+
+    path = write_config(tmp_path / "socksd.toml", "")
+    server = socksd("--config", str(path), env=krb5_realm.env)
+    assert _method(server, b"\x01") == 0xFF
+
+    write_config(path, f'gssapi_keytab = "{krb5_realm.keytab}"')
+    reload_and_wait(server)
+    assert _method(server, b"\x00\x01") == 0x01
+    proxy = Proxy("127.0.0.1", server.port, gssapi=GssapiOptions(hostname=HOST, level=2))
+    with create_gssapi_connection(proxy, ("127.0.0.1", echo.port), timeout=30) as sock:
+        sock.settimeout(30)
+        sock.sendall(b"kerberos after a reload")
+        assert sock.recv(100) == b"kerberos after a reload"
+
+    write_config(path, f'gssapi_keytab = "{krb5_realm.keytab}"\ngssapi_service = "socks"')
+    reload_and_wait(server)
+    socks = Proxy(
+        "127.0.0.1", server.port, gssapi=GssapiOptions(service="socks", hostname=HOST, level=2)
+    )
+    with create_gssapi_connection(socks, ("127.0.0.1", echo.port), timeout=30) as sock:
+        sock.settimeout(30)
+        sock.sendall(b"service socks")
+        assert sock.recv(100) == b"service socks"
+    with pytest.raises(OSError):
+        create_gssapi_connection(proxy, ("127.0.0.1", echo.port), timeout=30).close()
+
+    write_config(path, "")
+    reload_and_wait(server)
+    assert _method(server, b"\x01") == 0xFF

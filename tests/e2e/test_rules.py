@@ -9,8 +9,6 @@ import asyncio
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -384,52 +382,6 @@ def test_json_access_log_has_the_rule(socksd: Callable[..., ServerProcess], tmp_
     wait_for(lambda: '"rule":"1"' in server.log(), 10)
     record = next(json.loads(line) for line in server.log().splitlines() if '"rule":"1"' in line)
     assert record["reply"] == 2 and record["error"] == "denied by rule 1"
-
-
-# -- protect_local, with clients that are not on loopback -------------------------------------------
-
-
-def _netns_results(tmp_path: Path) -> dict[str, list[list[object]]]:
-    unshare = shutil.which("unshare")
-    if unshare is None or shutil.which("ip") is None:
-        pytest.skip("unshare or ip (iproute2) is not installed")
-    probe = subprocess.run([unshare, "-rn", "true"], capture_output=True, timeout=30, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {probe.stderr.decode().strip()}")
-    script = Path(__file__).with_name("netns_scenarios.py")
-    result = subprocess.run(
-        [unshare, "-rn", sys.executable, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    data: dict[str, list[list[object]]] = json.loads(result.stdout)
-    return data
-
-
-def test_protect_local_from_other_machines(tmp_path: Path) -> None:
-    results = _netns_results(tmp_path)
-
-    def codes(name: str) -> dict[str, object]:
-        return {str(request): code for request, code in results[name]}
-
-    local = ["127.0.0.1", "10.99.0.1", "localhost", "169.254.169.254", "0.0.0.0"]
-    assert codes("default") == {**{f"other {h}": 2 for h in local}, "loopback 127.0.0.1": 0}
-    assert all("rule=protect_local" in str(line) for line, _ in results["default.log"][:5])
-    # an allow rule without `to` does not open them, nor does a name
-    assert codes("allow_clients") == codes("default")
-    assert codes("allow_name") == codes("default")
-    # a rule listing the network does (only that one)
-    listed = codes("allow_listed")
-    assert listed["other 127.0.0.1"] == 0
-    assert listed["other 10.99.0.1"] == 2 and listed["other 169.254.169.254"] == 2
-    # switched off: loopback and own addresses are reached (169.254.169.254 is not there: 0x03/4/6)
-    off = codes("off")
-    assert off["other 127.0.0.1"] == 0 and off["other 10.99.0.1"] == 0
-    assert off["other localhost"] == 0
-    assert off["other 169.254.169.254"] != 2
 
 
 # -- check-config ------------------------------------------------------------------------------------

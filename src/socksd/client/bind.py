@@ -11,6 +11,12 @@ to listen, tell the peer the address from the first reply, then accept its conne
 ``peer`` is the host expected to connect (a name is resolved by the proxy); ``("0.0.0.0", 0)``
 accepts any peer. A BND.ADDR of 0.0.0.0 or :: in the first reply (some servers send it) is
 replaced by the proxy's own address. ``create_bind`` is the blocking version over plain sockets.
+
+Authentication is the same as CONNECT's (``client_handshake``). After GSSAPI both replies and the
+relayed stream are RFC 1961-encapsulated: ``accept()`` then returns wrapping streams, and the
+blocking version is ``create_gssapi_bind``, whose ``accept()`` returns a socket-like
+:class:`~socksd.client.gssapi.GssapiSocket` (``create_bind`` refuses a GSSAPI proxy, as
+``create_connection`` does: a plain socket cannot hide the framing).
 """
 
 from __future__ import annotations
@@ -18,56 +24,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Awaitable, Coroutine, Generator
-from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Self
 
-from socksd.client.connect import ProxyLike, _proxy, connect_to_proxy, handshake_errors
-from socksd.client.errors import ProxyConnectionError, ProxyError, ProxyTimeoutError
-from socksd.client.handshake import ClientHandshake
-from socksd.protocol import Address, Command, Reply, State
-from socksd.protocol.udp import is_unspecified
-
-T = TypeVar("T", bound="_Closable")
+from socksd.client import async_io, sync_io
+from socksd.client.async_io import Opening, Streams
+from socksd.client.errors import ProxyError
+from socksd.client.gssapi import GssapiSocket
+from socksd.client.handshake import ClientHandshake, advertised
+from socksd.client.proxy import ProxyLike, as_proxy
+from socksd.protocol import Address, Command, Reply
 
 
-class _Closable:
-    async def aclose(self) -> None:
-        raise NotImplementedError
+def _peer(second: Reply) -> tuple[str, int]:
+    return second.address.host, second.address.port
 
 
-class Opening(Generic[T], Awaitable[T]):
-    """``await`` it for the object, or ``async with`` it to have the object closed at the end."""
-
-    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
-        self._coro = coro
-        self._value: T | None = None
-
-    def __await__(self) -> Generator[Any, None, T]:
-        return self._coro.__await__()
-
-    async def __aenter__(self) -> T:
-        self._value = await self._coro
-        return self._value
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._value is not None:
-            await self._value.aclose()
-
-
-def advertised(reply: Reply, proxy_host: str) -> tuple[str, int]:
-    """(host, port) of a reply's BND, with an unspecified address replaced by the proxy's."""
-    if is_unspecified(reply.address):
-        return proxy_host, reply.address.port
-    return reply.address.host, reply.address.port
-
-
-class BindListener(_Closable):
+class BindListener:
     """A BIND in progress: ``address`` is where the peer must connect; ``accept()`` waits."""
 
     def __init__(
@@ -83,29 +55,14 @@ class BindListener(_Closable):
         self.address = address
         self.peer: tuple[str, int] | None = None
 
-    async def accept(
-        self, timeout: float | None = None
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def accept(self, timeout: float | None = None) -> Streams:
         """Wait for the second reply (the peer connected); return streams to the peer."""
         if self.peer is not None:
             raise ProxyError("a BIND accepts one connection only")
         hs = self._hs
-        hs.expect_second_reply()
-        try:
-            async with asyncio.timeout(timeout):
-                while not hs.done:
-                    hs.receive_data(await self._reader.read(4096))
-        except ProxyError:
-            raise
-        except TimeoutError:
-            raise ProxyTimeoutError("no peer connected through the proxy in time") from None
-        except OSError as e:
-            raise ProxyConnectionError(f"proxy connection failed: {e}") from e
-        second = hs.replies[1]
-        self.peer = (second.address.host, second.address.port)
-        early = hs.trailing_data()
-        if early:
-            self._reader.feed_data(early)  # the buffer is empty: the order is kept
+        early = await async_io.wait_second_reply(self._reader, self._writer, hs, timeout)
+        self.peer = _peer(hs.replies[1])
+        self._reader, self._writer = async_io.target_streams(self._reader, self._writer, hs, early)
         return self._reader, self._writer
 
     async def aclose(self) -> None:
@@ -116,23 +73,8 @@ class BindListener(_Closable):
 
 
 async def _open_bind(proxy: ProxyLike, peer: tuple[str, int], timeout: float) -> BindListener:
-    p = _proxy(proxy)
-    hs = ClientHandshake(Command.BIND, Address.of(*peer), username=p.username, password=p.password)
-    hs.first_reply_only()
-    with handshake_errors(p):
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(p.host, p.port)
-            try:
-                while not hs.done:
-                    out = hs.data_to_send()
-                    if out:
-                        writer.write(out)
-                        await writer.drain()
-                    if not hs.done:
-                        hs.receive_data(await reader.read(4096))
-            except BaseException:
-                writer.close()
-                raise
+    p = as_proxy(proxy)
+    reader, writer, hs, _ = await async_io.open_session(p, Command.BIND, Address.of(*peer), timeout)
     return BindListener(hs, reader, writer, advertised(hs.replies[0], p.host))
 
 
@@ -149,30 +91,8 @@ def bind(
     return Opening(_open_bind(proxy, peer, timeout))
 
 
-def recv_step(sock: socket.socket, hs: ClientHandshake, pending: bytearray) -> None:
-    """Read from a blocking socket into ``hs``, never past the end of a reply.
-
-    Replies are read with MSG_PEEK first, so the peer's first bytes after BIND's second reply
-    stay in the socket for the caller. ``pending`` holds the start of a reply read so far.
-    """
-    if hs.conn.state not in (State.REPLY, State.BIND_WAIT):
-        hs.receive_data(sock.recv(4096))  # the proxy says nothing more before our next message
-        return
-    peek = sock.recv(4096, socket.MSG_PEEK)
-    if not peek:
-        hs.receive_data(b"")
-        return
-    parsed = Reply.parse(bytes(pending) + peek)
-    data = sock.recv(parsed[1] - len(pending) if parsed else len(peek))
-    if parsed:
-        pending.clear()
-    else:
-        pending += data
-    hs.receive_data(data)
-
-
-class BlockingBind:
-    """The blocking BIND: ``address`` for the peer, ``accept()`` returns the connected socket."""
+class _BlockingBindBase:
+    """What both blocking BINDs share: the proxy connection and the wait for the peer."""
 
     def __init__(self, sock: socket.socket, hs: ClientHandshake, address: tuple[str, int]) -> None:
         self.sock = sock
@@ -180,52 +100,59 @@ class BlockingBind:
         self.address = address
         self.peer: tuple[str, int] | None = None
 
-    def accept(self, timeout: float | None = None) -> tuple[socket.socket, tuple[str, int]]:
-        """Wait for the second reply; return (socket to the peer, peer address)."""
-        hs = self._hs
-        hs.expect_second_reply()
-        self.sock.settimeout(timeout)
-        pending = bytearray()
-        try:
-            while not hs.done:
-                recv_step(self.sock, hs, pending)
-        except TimeoutError:
-            raise ProxyTimeoutError("no peer connected through the proxy in time") from None
-        second = hs.replies[1]
-        self.peer = (second.address.host, second.address.port)
-        self.sock.settimeout(None)
-        return self.sock, self.peer
+    def _wait_peer(self, timeout: float | None) -> tuple[bytes, tuple[str, int]]:
+        if self.peer is not None:
+            raise ProxyError("a BIND accepts one connection only")
+        early = sync_io.wait_second_reply(self.sock, self._hs, timeout)
+        self.peer = _peer(self._hs.replies[1])
+        return early, self.peer
 
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> BlockingBind:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
+class BlockingBind(_BlockingBindBase):
+    """The blocking BIND: ``address`` for the peer, ``accept()`` returns the connected socket."""
+
+    def accept(self, timeout: float | None = None) -> tuple[socket.socket, tuple[str, int]]:
+        """Wait for the second reply; return (socket to the peer, peer address)."""
+        _, peer = self._wait_peer(timeout)  # nothing early: the reply alone was consumed
+        return self.sock, peer
+
+
+class GssapiBind(_BlockingBindBase):
+    """The blocking BIND through a GSSAPI proxy: ``accept()`` returns a :class:`GssapiSocket`."""
+
+    def accept(self, timeout: float | None = None) -> tuple[GssapiSocket, tuple[str, int]]:
+        """Wait for the second reply; return (socket-like object to the peer, peer address)."""
+        early, peer = self._wait_peer(timeout)
+        return sync_io.gssapi_socket(self.sock, self._hs, early), peer
+
+
 def create_bind(
     proxy: ProxyLike, peer: tuple[str, int] = ("0.0.0.0", 0), *, timeout: float = 10.0
 ) -> BlockingBind:
-    """Blocking BIND through ``proxy``: returns once the proxy listens (first reply)."""
-    p = _proxy(proxy)
-    hs = ClientHandshake(Command.BIND, Address.of(*peer), username=p.username, password=p.password)
-    hs.first_reply_only()
-    sock = connect_to_proxy(p, timeout)
-    pending = bytearray()
-    try:
-        while not hs.done:
-            out = hs.data_to_send()
-            if out:
-                sock.sendall(out)
-            if not hs.done:
-                recv_step(sock, hs, pending)
-    except TimeoutError:
-        sock.close()
-        raise ProxyTimeoutError(f"SOCKS handshake with {p.host}:{p.port} timed out") from None
-    except BaseException:
-        sock.close()
-        raise
+    """Blocking BIND through ``proxy``: returns once the proxy listens (first reply).
+
+    For a GSSAPI proxy use :func:`create_gssapi_bind` (ValueError here, before connecting).
+    """
+    p = as_proxy(proxy)
+    sync_io.check_style(p, gssapi=False, other="create_gssapi_bind")
+    sock, hs, _ = sync_io.open_session(p, Command.BIND, Address.of(*peer), timeout)
     return BlockingBind(sock, hs, advertised(hs.replies[0], p.host))
+
+
+def create_gssapi_bind(
+    proxy: ProxyLike, peer: tuple[str, int] = ("0.0.0.0", 0), *, timeout: float = 10.0
+) -> GssapiBind:
+    """Blocking BIND through a GSSAPI proxy (``proxy.gssapi`` set; RFC 1961)."""
+    p = as_proxy(proxy)
+    sync_io.check_style(p, gssapi=True, other="create_bind")
+    sock, hs, _ = sync_io.open_session(p, Command.BIND, Address.of(*peer), timeout)
+    return GssapiBind(sock, hs, advertised(hs.replies[0], p.host))

@@ -1,8 +1,18 @@
-"""Client-side exceptions; each also subclasses the stdlib error callers already catch."""
+"""Client-side exceptions, and the one place that turns other failures into them.
+
+Each exception also subclasses the stdlib error callers already catch. The sans-I/O
+``ClientHandshake`` raises them for what the proxy answers (a refused method or login, a failure
+reply); :func:`proxy_errors` maps everything else met while talking to a proxy (the socket's
+errors, timeouts, a proxy breaking the protocol or an RFC 1961 frame failing its check), so the
+blocking and the asyncio drivers and every command fail the same way.
+"""
 
 from __future__ import annotations
 
-from socksd.protocol import ReplyCode
+import contextlib
+from collections.abc import Iterator
+
+from socksd.protocol import GssapiError, RemoteProtocolError, ReplyCode
 
 
 class ProxyError(Exception):
@@ -29,3 +39,24 @@ class ReplyError(ProxyError, ConnectionError):
             f"proxy replied {reply.value:#04x} ({reply.name.lower().replace('_', ' ')})"
         )
         self.reply = reply
+
+
+@contextlib.contextmanager
+def proxy_errors(doing: str) -> Iterator[None]:
+    """Raise what fails while ``doing`` (e.g. "SOCKS handshake with host:port") as a ProxyError.
+
+    ProxyError passes unchanged; TimeoutError becomes ProxyTimeoutError; OSError and protocol
+    violations by the proxy (GSSAPI frames included) become ProxyConnectionError.
+    """
+    try:
+        yield
+    except ProxyError:
+        raise
+    except TimeoutError:
+        raise ProxyTimeoutError(f"{doing}: timed out") from None
+    except GssapiError as e:
+        raise ProxyConnectionError(f"{doing}: GSSAPI: {e}") from None
+    except RemoteProtocolError as e:
+        raise ProxyConnectionError(f"{doing}: the proxy broke the protocol: {e}") from None
+    except OSError as e:
+        raise ProxyConnectionError(f"{doing}: {e}") from e

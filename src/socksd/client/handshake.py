@@ -9,6 +9,13 @@ GSSAPI (RFC 1961): the sub-negotiation is ``GssapiClientNegotiation``; the mecha
 handshake does not run them itself: while ``step_pending`` the wrapper calls ``run_step()``
 (the asyncio one on a thread). Once the level is agreed the request and reply are encapsulated and
 ``encapsulation`` is the codec the caller's streams go on with.
+
+:func:`client_handshake` is the one place that builds it from a :class:`~socksd.client.proxy.Proxy`
+for every command (CONNECT, BIND, UDP ASSOCIATE): the methods offered depend on the proxy only,
+never on the command. ``ClientHandshake`` raises the client's errors for what the proxy answers
+(a refused method or login, a failure reply); a proxy breaking the protocol raises
+``RemoteProtocolError`` (``GssapiError`` for a bad RFC 1961 frame), which the I/O drivers turn into
+the client's errors with ``socksd.client.errors.proxy_errors``.
 """
 
 from __future__ import annotations
@@ -40,10 +47,12 @@ from socksd.protocol import (
     UserPassRequest,
 )
 from socksd.protocol.address import Address
+from socksd.protocol.udp import is_unspecified
 
 if TYPE_CHECKING:
     from socksd.auth.gssapi import InitiatorContext
     from socksd.client.gssapi import GssapiOptions
+    from socksd.client.proxy import Proxy
 
 
 def service_hostname(host: str) -> str:
@@ -59,8 +68,35 @@ def service_hostname(host: str) -> str:
         return host
 
 
+def advertised(reply: Reply, proxy_host: str) -> tuple[str, int]:
+    """(host, port) of a reply's BND, with an unspecified address replaced by the proxy's."""
+    if is_unspecified(reply.address):
+        return proxy_host, reply.address.port
+    return reply.address.host, reply.address.port
+
+
 def _as_bytes(value: str | bytes) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def client_handshake(proxy: Proxy, command: Command, address: Address) -> ClientHandshake:
+    """The handshake of ``command`` to ``address`` through ``proxy``, for every command and driver.
+
+    Methods: GSSAPI when ``proxy.gssapi`` is set (plus username/password with credentials, never
+    "no authentication"); else username/password and no authentication, or no authentication
+    only. A BIND stops after its first reply (``expect_second_reply`` waits for the peer).
+    """
+    hs = ClientHandshake(
+        command,
+        address,
+        username=proxy.username,
+        password=proxy.password,
+        gssapi=proxy.gssapi,
+        proxy_host=proxy.host,
+    )
+    if command == Command.BIND:
+        hs.first_reply_only()
+    return hs
 
 
 class ClientHandshake:
@@ -181,10 +217,7 @@ class ClientHandshake:
     def _advance(self, *, eof: bool) -> None:
         conn = self.conn
         while not self.done and not self.step_pending:
-            try:
-                event = conn.next_event()
-            except GssapiError as e:
-                raise ProxyConnectionError(f"GSSAPI: {e}") from None
+            event = conn.next_event()
             if event is NEED_DATA:
                 if eof:
                     raise ProxyConnectionError("proxy closed the connection during the handshake")

@@ -16,6 +16,13 @@ and counted in ``dropped``, as a UDP socket's own buffer would. Fragments (FRAG 
 When the proxy closes the TCP connection the association is over: ``recvfrom`` and ``sendto``
 raise :class:`~socksd.client.errors.ProxyConnectionError`. ``create_udp_association`` is the
 blocking version.
+
+Authentication is the same as CONNECT's (``client_handshake``, driven by ``async_io`` or
+``sync_io``). After GSSAPI (RFC 1961) each datagram, both ways, is one MTYP=3 frame whose payload
+is the SOCKS UDP datagram (header and DATA), as socksd's relay expects: ``_pack`` wraps,
+``_unpack`` unwraps, and a datagram that fails gss_unwrap (tampered, replayed, or refused by the
+mechanism's sequence checks) is dropped and counted like a malformed one. A datagram larger than
+one token can carry raises ValueError in ``sendto``. Both association classes hide the framing.
 """
 
 from __future__ import annotations
@@ -25,35 +32,41 @@ import contextlib
 import socket
 from typing import Any, cast
 
-from socksd.client.bind import Opening, _Closable, advertised
-from socksd.client.connect import (
-    ProxyLike,
-    _proxy,
-    connect_to_proxy,
-    handshake_over_socket,
-    handshake_over_streams,
+from socksd.client import async_io, sync_io
+from socksd.client.async_io import Opening
+from socksd.client.errors import ProxyConnectionError, ProxyTimeoutError, proxy_errors
+from socksd.client.handshake import advertised
+from socksd.client.proxy import ProxyLike, as_proxy
+from socksd.protocol import (
+    Address,
+    Command,
+    GssapiEncapsulation,
+    RemoteProtocolError,
+    UdpDatagram,
 )
-from socksd.client.errors import ProxyConnectionError, ProxyError, ProxyTimeoutError
-from socksd.client.handshake import ClientHandshake
-from socksd.protocol import Address, Command, RemoteProtocolError, UdpDatagram
 
 Datagram = tuple[bytes, tuple[str, int]]
 
 
-def _udp_socket(local_ip: str, family: int) -> socket.socket:
+def _bind_beside(local_ip: str, family: int, into: list[socket.socket]) -> Address:
+    """Bind a UDP socket on the control connection's local address; append it to ``into``."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.bind((local_ip, 0))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    into.append(sock)
+    sock.bind((local_ip, 0))
+    return Address.of(*sock.getsockname()[:2])
 
 
-def _parse(data: bytes) -> Datagram | None:
+def _pack(data: bytes, address: tuple[str, int], codec: GssapiEncapsulation | None) -> bytes:
+    """The datagram to send to the relay: SOCKS UDP header and ``data``, one frame after GSSAPI."""
+    datagram = UdpDatagram(Address.of(*address), data).to_bytes()
+    return datagram if codec is None else codec.encode_datagram(datagram)
+
+
+def _unpack(data: bytes, codec: GssapiEncapsulation | None) -> Datagram | None:
+    """(data, source) of a datagram from the relay; None to drop it."""
     try:
-        datagram = UdpDatagram.parse(data)
-    except RemoteProtocolError:
+        datagram = UdpDatagram.parse(data if codec is None else codec.decode_datagram(data))
+    except RemoteProtocolError:  # GssapiError included
         return None
     if datagram.frag:
         return None
@@ -71,7 +84,7 @@ class _Receiver(asyncio.DatagramProtocol):
         self.association.errors += 1
 
 
-class UdpAssociation(_Closable):
+class UdpAssociation:
     """An open UDP association: ``sendto`` / ``recvfrom`` through the proxy's relay."""
 
     def __init__(
@@ -80,13 +93,15 @@ class UdpAssociation(_Closable):
         writer: asyncio.StreamWriter,
         relay: tuple[str, int],
         queue_size: int,
+        codec: GssapiEncapsulation | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
+        self._codec = codec
         self.relay = relay
         """The relay's address (BND.ADDR/BND.PORT of the reply)."""
         self.dropped = 0
-        """Datagrams dropped on arrival: queue full, malformed or a fragment."""
+        """Datagrams dropped on arrival: queue full, malformed, a fragment or failing GSSAPI."""
         self.errors = 0
         self._queue: asyncio.Queue[Datagram | None] = asyncio.Queue(queue_size)
         self._transport: asyncio.DatagramTransport | None = None
@@ -122,7 +137,7 @@ class UdpAssociation(_Closable):
         queue.put_nowait(None)  # wakes a waiting recvfrom
 
     def _received(self, data: bytes) -> None:
-        parsed = _parse(data)
+        parsed = _unpack(data, self._codec)
         if parsed is None or self._queue.full():
             self.dropped += 1
             return
@@ -142,7 +157,7 @@ class UdpAssociation(_Closable):
         """Send ``data`` to ``address`` (host name or IP literal, port) through the relay."""
         if self._closed is not None or self._transport is None:
             raise ProxyConnectionError(f"UDP association closed: {self._closed}")
-        self._transport.sendto(UdpDatagram(Address.of(*address), data).to_bytes())
+        self._transport.sendto(_pack(data, address, self._codec))
 
     async def recvfrom(self, timeout: float | None = None) -> Datagram:
         """The next datagram and the (host, port) it came from; ProxyTimeoutError on timeout."""
@@ -168,36 +183,28 @@ class UdpAssociation(_Closable):
 
 
 async def _open_udp(proxy: ProxyLike, timeout: float, queue_size: int) -> UdpAssociation:
-    p = _proxy(proxy)
-    sock: socket.socket | None = None
+    p = as_proxy(proxy)
+    udp: list[socket.socket] = []
+
+    def declare(writer: asyncio.StreamWriter) -> Address:
+        local = writer.get_extra_info("sockname")[0]
+        return _bind_beside(local, writer.get_extra_info("socket").family, udp)
+
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(p.host, p.port)
-            try:
-                local = writer.get_extra_info("sockname")
-                family = writer.get_extra_info("socket").family
-                sock = _udp_socket(local[0], family)
-                declared = Address.of(*sock.getsockname()[:2])
-                hs = ClientHandshake(
-                    Command.UDP_ASSOCIATE, declared, username=p.username, password=p.password
-                )
-                await handshake_over_streams(reader, writer, hs)
-                association = UdpAssociation(
-                    reader, writer, advertised(hs.replies[0], p.host), queue_size
-                )
-                await association._start(sock)
-            except BaseException:
-                writer.close()
-                raise
-    except BaseException as e:
-        if sock is not None:
-            sock.close()
-        if isinstance(e, ProxyError):
+        reader, writer, hs, _ = await async_io.open_session(
+            p, Command.UDP_ASSOCIATE, declare, timeout
+        )
+        relay = advertised(hs.replies[0], p.host)
+        association = UdpAssociation(reader, writer, relay, queue_size, hs.encapsulation)
+        try:
+            with proxy_errors(f"UDP relay {relay} of {p.where}"):
+                await association._start(udp[0])
+        except BaseException:
+            writer.close()
             raise
-        if isinstance(e, TimeoutError):
-            raise ProxyTimeoutError(f"SOCKS handshake with {p.host}:{p.port} timed out") from None
-        if isinstance(e, OSError):
-            raise ProxyConnectionError(f"cannot reach proxy {p.host}:{p.port}: {e}") from e
+    except BaseException:
+        for sock in udp:
+            sock.close()
         raise
     return association
 
@@ -213,15 +220,30 @@ def udp_associate(
 
 
 class BlockingUdpAssociation:
-    """The blocking UDP association: ``sendto`` / ``recvfrom`` on plain sockets."""
+    """The blocking UDP association: ``sendto`` / ``recvfrom`` on plain sockets.
 
-    def __init__(self, control: socket.socket, sock: socket.socket, relay: tuple[str, int]) -> None:
+    ``sock`` is the UDP socket connected to the relay (after GSSAPI it carries RFC 1961 frames:
+    use ``sendto``/``recvfrom``, which wrap and unwrap); ``control`` the TCP connection whose end
+    ends the association.
+    """
+
+    def __init__(
+        self,
+        control: socket.socket,
+        sock: socket.socket,
+        relay: tuple[str, int],
+        codec: GssapiEncapsulation | None = None,
+    ) -> None:
         self.control = control
         self.sock = sock
         self.relay = relay
+        self.dropped = 0
+        """Datagrams skipped by ``recvfrom``: malformed, a fragment or failing GSSAPI."""
+        self._codec = codec
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> None:
-        self.sock.send(UdpDatagram(Address.of(*address), data).to_bytes())
+        """Send ``data`` to ``address`` (host name or IP literal, port) through the relay."""
+        self.sock.send(_pack(data, address, self._codec))
 
     def recvfrom(self, timeout: float | None = None) -> Datagram:
         """The next well-formed datagram; TimeoutError (ProxyTimeoutError) after ``timeout``."""
@@ -231,9 +253,10 @@ class BlockingUdpAssociation:
                 data = self.sock.recv(65535)
             except TimeoutError:
                 raise ProxyTimeoutError("no datagram in time") from None
-            parsed = _parse(data)
+            parsed = _unpack(data, self._codec)
             if parsed is not None:
                 return parsed
+            self.dropped += 1
 
     def close(self) -> None:
         self.sock.close()
@@ -247,28 +270,24 @@ class BlockingUdpAssociation:
 
 
 def create_udp_association(proxy: ProxyLike, *, timeout: float = 10.0) -> BlockingUdpAssociation:
-    """Blocking UDP ASSOCIATE through ``proxy``."""
-    p = _proxy(proxy)
-    control = connect_to_proxy(p, timeout)
-    sock: socket.socket | None = None
+    """Blocking UDP ASSOCIATE through ``proxy`` (GSSAPI included: the framing stays inside)."""
+    p = as_proxy(proxy)
+    udp: list[socket.socket] = []
+
+    def declare(control: socket.socket) -> Address:
+        return _bind_beside(control.getsockname()[0], control.family, udp)
+
     try:
-        sock = _udp_socket(control.getsockname()[0], control.family)
-        declared = Address.of(*sock.getsockname()[:2])
-        hs = ClientHandshake(
-            Command.UDP_ASSOCIATE, declared, username=p.username, password=p.password
-        )
-        handshake_over_socket(control, hs)
+        control, hs, _ = sync_io.open_session(p, Command.UDP_ASSOCIATE, declare, timeout)
         relay = advertised(hs.replies[0], p.host)
-        sock.connect(relay)
-    except TimeoutError:
-        control.close()
-        if sock is not None:
-            sock.close()
-        raise ProxyTimeoutError(f"SOCKS handshake with {p.host}:{p.port} timed out") from None
+        try:
+            with proxy_errors(f"UDP relay {relay} of {p.where}"):
+                udp[0].connect(relay)
+        except BaseException:
+            control.close()
+            raise
     except BaseException:
-        control.close()
-        if sock is not None:
+        for sock in udp:
             sock.close()
         raise
-    control.settimeout(None)
-    return BlockingUdpAssociation(control, sock, relay)
+    return BlockingUdpAssociation(control, udp[0], relay, hs.encapsulation)

@@ -4,14 +4,18 @@ Theory of operation (after h11): a connection object is fed the bytes read from 
 ``receive_data()``; ``next_event()`` returns the next whole message the peer sent, or ``NEED_DATA``
 when more bytes are needed or this side must speak first; ``send(message)`` checks that the message
 is allowed now, moves the state on and returns the bytes to write. Everything that affects the
-state lives in the tables below:
+state lives in the tables below the ``State`` enum, one pair per role:
 
-* ``_SERVER_EXPECTS`` / ``_CLIENT_EXPECTS``: in which state the peer may send which message. In a
-  state that is not listed the peer's bytes are kept, unparsed, until this side has spoken; that is
-  how a pipelined handshake (greeting + auth + request + first payload in one write) is handled.
-* ``_SERVER_SENDS`` / ``_CLIENT_SENDS``: which message this side may send in which state, and a
-  function of that message giving the next state (the method chosen, the auth status, the reply
-  code and the command decide it).
+* ``_SERVER_RECEIVES`` / ``_CLIENT_RECEIVES``: in which state the peer may send which message, and
+  the state that message leads to. In a state that is not listed the peer's bytes are kept,
+  unparsed, until this side has spoken; that is how a pipelined handshake (greeting + auth +
+  request + first payload in one write) is handled.
+* ``_SERVER_SENDS`` / ``_CLIENT_SENDS``: which message this side may send in which state (and when
+  it may call ``authentication_done()``), and the state that leads to (the method chosen, the auth
+  status, the reply code and the command decide it).
+
+The connection classes only look transitions up and apply them; besides the tables, a single rule
+moves the state: a protocol error, the end of the stream or a refusal closes (``CLOSED``).
 
 A method's sub-negotiation may take several round trips (GSSAPI): in ``AUTH_GSSAPI`` both sides
 exchange RFC 1961 messages until the authentication code calls ``authentication_done()``. Given an
@@ -84,7 +88,39 @@ class State(Enum):
     CLOSED = auto()  # the handshake failed or was refused; close the connection
 
 
-def _after_selection(method: int) -> State:
+# -- the state machine: everything that moves the state is below --------------------------------
+#
+# One dict look-up per event: ``_X_RECEIVES[state] -> (parser, transition)`` for the peer's
+# messages, ``_X_SENDS[(state, message type)] -> transition`` for this side's (the pseudo-message
+# ``_AuthenticationDone`` stands for ``authentication_done()``). A transition is a function of
+# (connection, message) giving the next state; it may check the message against what the
+# handshake agreed so far, raising before anything changes, and record what later transitions
+# depend on: the methods offered, the method chosen, the command.
+
+_FAILED: Final = State.CLOSED
+"""Where any state goes when the peer breaks the protocol, closes the stream, or is refused."""
+
+_Parser = Callable[[Any, int], "tuple[Any, int] | None"]
+_Transition = Callable[["_Connection", Any], State]
+
+
+class _AuthenticationDone:
+    """The local action ``authentication_done()`` as a key of the ``_X_SENDS`` tables."""
+
+    __slots__ = ()
+
+
+def _to(state: State) -> _Transition:
+    return lambda conn, message: state
+
+
+def _greeting(conn: _Connection, message: Greeting) -> State:
+    conn.offered = message.methods
+    return State.METHOD
+
+
+def _selected(conn: _Connection, method: int) -> State:
+    conn.method = method
     if method == AuthMethod.NO_AUTH:
         return State.REQUEST
     if method == AuthMethod.USERNAME_PASSWORD:
@@ -94,57 +130,80 @@ def _after_selection(method: int) -> State:
     return State.CLOSED
 
 
-def _after_reply(command: Command | None, reply: Reply, state: State) -> State:
+def _offered(conn: _Connection, method: int) -> bool:
+    return method == AuthMethod.NO_ACCEPTABLE or method in conn.offered
+
+
+def _server_selects(conn: _Connection, message: MethodSelection) -> State:
+    if not _offered(conn, message.method):
+        raise LocalProtocolError(f"method {message.method:#04x} was not offered by the client")
+    return _selected(conn, message.method)
+
+
+def _client_got_selection(conn: _Connection, message: MethodSelection) -> State:
+    if not _offered(conn, message.method):
+        raise RemoteProtocolError(f"server selected method {message.method:#04x}, not offered")
+    return _selected(conn, message.method)
+
+
+def _after_userpass(conn: _Connection, message: UserPassReply) -> State:
+    return State.REQUEST if message.ok else State.CLOSED
+
+
+def _after_gssapi(conn: _Connection, message: GssapiMessage) -> State:
+    return State.CLOSED if message.mtyp == GssapiMessageType.ABORT else State.AUTH_GSSAPI
+
+
+def _request(conn: _Connection, message: Request) -> State:
+    conn.command = message.command
+    return State.REPLY
+
+
+def _after_reply(conn: _Connection, reply: Reply) -> State:
     if not reply.ok:
         return State.CLOSED
-    if command == Command.BIND and state is State.REPLY:
+    if conn.command == Command.BIND and conn.state is State.REPLY:
         return State.BIND_WAIT
     return State.ESTABLISHED
 
 
-def _after_gssapi(message: GssapiMessage) -> State:
-    return State.CLOSED if message.mtyp == GssapiMessageType.ABORT else State.AUTH_GSSAPI
-
-
-_Parser = Callable[[Any, int], "tuple[Any, int] | None"]
-
-_SERVER_EXPECTS: dict[State, _Parser] = {
-    State.GREETING: Greeting.parse,
-    State.AUTH_USERPASS: UserPassRequest.parse,
-    State.AUTH_GSSAPI: GssapiMessage.parse,
-    State.REQUEST: Request.parse,
+_SERVER_RECEIVES: dict[State, tuple[_Parser, _Transition]] = {
+    State.GREETING: (Greeting.parse, _greeting),
+    State.AUTH_USERPASS: (UserPassRequest.parse, _to(State.AUTH_USERPASS_REPLY)),
+    State.AUTH_GSSAPI: (GssapiMessage.parse, _to(State.AUTH_GSSAPI)),
+    State.REQUEST: (Request.parse, _request),
 }
-_CLIENT_EXPECTS: dict[State, _Parser] = {
-    State.METHOD: MethodSelection.parse,
-    State.AUTH_USERPASS_REPLY: UserPassReply.parse,
-    State.AUTH_GSSAPI: GssapiMessage.parse,
-    State.REPLY: Reply.parse,
-    State.BIND_WAIT: Reply.parse,
-}
-
-# (state, message type) -> next state as a function of (connection, message)
-_Transition = Callable[[Any, Any], State]
 _SERVER_SENDS: dict[tuple[State, type], _Transition] = {
-    (State.METHOD, MethodSelection): lambda c, m: c._select(m.method),
-    (State.AUTH_USERPASS_REPLY, UserPassReply): lambda c, m: (
-        State.REQUEST if m.ok else State.CLOSED
-    ),
-    (State.AUTH_GSSAPI, GssapiMessage): lambda c, m: _after_gssapi(m),
-    (State.REPLY, Reply): lambda c, m: _after_reply(c.command, m, State.REPLY),
-    (State.BIND_WAIT, Reply): lambda c, m: _after_reply(c.command, m, State.BIND_WAIT),
+    (State.METHOD, MethodSelection): _server_selects,
+    (State.AUTH_USERPASS_REPLY, UserPassReply): _after_userpass,
+    (State.AUTH_GSSAPI, GssapiMessage): _after_gssapi,
+    (State.AUTH_GSSAPI, _AuthenticationDone): _to(State.REQUEST),
+    (State.REPLY, Reply): _after_reply,
+    (State.BIND_WAIT, Reply): _after_reply,
+}
+
+_CLIENT_RECEIVES: dict[State, tuple[_Parser, _Transition]] = {
+    State.METHOD: (MethodSelection.parse, _client_got_selection),
+    State.AUTH_USERPASS_REPLY: (UserPassReply.parse, _after_userpass),
+    State.AUTH_GSSAPI: (GssapiMessage.parse, _to(State.AUTH_GSSAPI)),
+    State.REPLY: (Reply.parse, _after_reply),
+    State.BIND_WAIT: (Reply.parse, _after_reply),
 }
 _CLIENT_SENDS: dict[tuple[State, type], _Transition] = {
-    (State.GREETING, Greeting): lambda c, m: State.METHOD,
-    (State.AUTH_USERPASS, UserPassRequest): lambda c, m: State.AUTH_USERPASS_REPLY,
-    (State.AUTH_GSSAPI, GssapiMessage): lambda c, m: _after_gssapi(m),
-    (State.REQUEST, Request): lambda c, m: State.REPLY,
+    (State.GREETING, Greeting): _greeting,
+    (State.AUTH_USERPASS, UserPassRequest): _to(State.AUTH_USERPASS_REPLY),
+    (State.AUTH_GSSAPI, GssapiMessage): _after_gssapi,
+    (State.AUTH_GSSAPI, _AuthenticationDone): _to(State.REQUEST),
+    (State.REQUEST, Request): _request,
 }
+
+_AUTHENTICATION_DONE: Final = _AuthenticationDone()
 
 
 class _Connection:
     """Buffering and table dispatch shared by both roles."""
 
-    _expects: dict[State, _Parser]
+    _receives: dict[State, tuple[_Parser, _Transition]]
     _sends: dict[tuple[State, type], _Transition]
 
     def __init__(self, initial: State) -> None:
@@ -175,28 +234,29 @@ class _Connection:
 
         Raises RemoteProtocolError (carrying the reply code to answer) for invalid bytes.
         """
-        parser = self._expects.get(self.state)
-        if parser is None:
+        expected = self._receives.get(self.state)
+        if expected is None:
             return NEED_DATA
+        parser, transition = expected
         try:
             if self.encapsulation is not None and self.encapsulation.buffered:
                 self._buf += self.encapsulation.read()
             parsed = parser(self._buf, 0)
+            if parsed is not None:
+                message, end = parsed
+                del self._buf[:end]
+                self.state = transition(self, message)
+                return message  # type: ignore[no-any-return]
         except RemoteProtocolError:
             self._failed_state = self.state
-            self.state = State.CLOSED
+            self.state = _FAILED
             raise
-        if parsed is None:
-            if self._eof:
-                self.state = State.CLOSED
-                if self.buffered:
-                    raise RemoteProtocolError("connection closed in the middle of a message")
-                return CONNECTION_CLOSED
-            return NEED_DATA
-        message, end = parsed
-        del self._buf[:end]
-        self._received(message)
-        return message  # type: ignore[no-any-return]
+        if self._eof:
+            self.state = _FAILED
+            if self.buffered:
+                raise RemoteProtocolError("connection closed in the middle of a message")
+            return CONNECTION_CLOSED
+        return NEED_DATA
 
     def send(self, message: Message) -> bytes:
         """Check that ``message`` may be sent now, move the state on, return its bytes."""
@@ -234,43 +294,25 @@ class _Connection:
         With ``encapsulation`` every later byte goes through it (RFC 1961 s. 5), starting with the
         bytes already received and not parsed.
         """
-        if self.state is not State.AUTH_GSSAPI:
+        transition = self._sends.get((self.state, _AuthenticationDone))
+        if transition is None:
             raise LocalProtocolError(f"no sub-negotiation in progress (state {self.state.name})")
-        self.state = State.REQUEST
+        self.state = transition(self, _AUTHENTICATION_DONE)
         if encapsulation is not None:
             self.encapsulation = encapsulation
             if self._buf:
                 encapsulation.receive_data(bytes(self._buf))
                 self._buf.clear()
 
-    def _received(self, message: Any) -> None:
-        raise NotImplementedError
-
 
 class ServerConnection(_Connection):
     """The server role: greeting -> method selection -> sub-negotiation -> request -> reply(s)."""
 
-    _expects = _SERVER_EXPECTS
+    _receives = _SERVER_RECEIVES
     _sends = _SERVER_SENDS
 
     def __init__(self) -> None:
         super().__init__(State.GREETING)
-
-    def _received(self, message: Any) -> None:
-        if self.state is State.GREETING:
-            self.offered = message.methods
-            self.state = State.METHOD
-        elif self.state is State.AUTH_USERPASS:
-            self.state = State.AUTH_USERPASS_REPLY
-        elif self.state is State.REQUEST:
-            self.command = message.command
-            self.state = State.REPLY
-
-    def _select(self, method: int) -> State:
-        if method != AuthMethod.NO_ACCEPTABLE and method not in self.offered:
-            raise LocalProtocolError(f"method {method:#04x} was not offered by the client")
-        self.method = method
-        return _after_selection(method)
 
     def choose_method(self, preference: tuple[int, ...]) -> MethodSelection:
         """The first method of ``preference`` the client offered, else NO_ACCEPTABLE."""
@@ -287,7 +329,7 @@ class ServerConnection(_Connection):
         GSSAPI failure the RFC 1961 abort message. The state becomes CLOSED.
         """
         failed = self._failed_state
-        self.state = State.CLOSED
+        self.state = _FAILED
         if isinstance(error, GssapiError) or failed is State.AUTH_GSSAPI:
             return ABORT
         if failed is State.GREETING:
@@ -304,30 +346,8 @@ class ServerConnection(_Connection):
 class ClientConnection(_Connection):
     """The client role: greeting -> selection -> sub-negotiation -> request -> reply(s)."""
 
-    _expects = _CLIENT_EXPECTS
+    _receives = _CLIENT_RECEIVES
     _sends = _CLIENT_SENDS
 
     def __init__(self) -> None:
         super().__init__(State.GREETING)
-
-    def send(self, message: Message) -> bytes:
-        data = super().send(message)  # raises before anything is recorded if out of order
-        if isinstance(message, Greeting):
-            self.offered = message.methods
-        elif isinstance(message, Request):
-            self.command = message.command
-        return data
-
-    def _received(self, message: Any) -> None:
-        state = self.state
-        if state is State.METHOD:
-            method = message.method
-            if method != AuthMethod.NO_ACCEPTABLE and method not in self.offered:
-                self.state = State.CLOSED
-                raise RemoteProtocolError(f"server selected method {method:#04x}, not offered")
-            self.method = method
-            self.state = _after_selection(method)
-        elif state is State.AUTH_USERPASS_REPLY:
-            self.state = State.REQUEST if message.ok else State.CLOSED
-        elif state in (State.REPLY, State.BIND_WAIT):
-            self.state = _after_reply(self.command, message, state)

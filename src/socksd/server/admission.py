@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from socksd.limits import LoginFailure, throttle_key
-from socksd.protocol import Address, ReplyCode, Request
+from socksd.protocol import Address, Command, ReplyCode, Request
+from socksd.protocol.udp import is_unspecified
 from socksd.resolver import AddrInfo
 from socksd.rules import IP, Decision, NeedAddresses, RuleSet, parse_ip
 
@@ -104,9 +105,15 @@ def authorize(session: Session, request: Request) -> bool:
     admission.command = request.command
     if not rules.allow_all:
         address = request.address
-        decision = rules.check_request(
-            admission.ip, record.user, request.command, address.host, address.port
-        )
+        decision: Decision | NeedAddresses
+        if request.command == Command.UDP_ASSOCIATE or (
+            request.command == Command.BIND and is_unspecified(address)
+        ):  # destinations not known yet: checked per datagram, or when the peer connects
+            decision = rules.check_open_request(admission.ip, record.user, request.command)
+        else:
+            decision = rules.check_request(
+                admission.ip, record.user, request.command, address.host, address.port
+            )
         if isinstance(decision, NeedAddresses):
             admission.rules = rules
             admission.pending = decision
@@ -173,6 +180,18 @@ def allowed_addresses(session: Session, target: Address, infos: list[AddrInfo]) 
     elif first_deny is not None:
         _apply(session, first_deny)
     return allowed
+
+
+def peer_decision(session: Session, host: str, port: int) -> Decision:
+    """The rules for the peer that connected to a BIND for any peer (command ``bind``, the
+    peer's address and port as the destination), as the request's destination would be."""
+    admission = session.admission
+    record = session.record
+    client = admission.ip if admission is not None else UNKNOWN_CLIENT
+    user = record.user if record is not None else None
+    decision = session.ctx.rules.check_request(client, user, Command.BIND, host, port)
+    assert isinstance(decision, Decision)  # an IP address needs no lookup
+    return decision
 
 
 def _rule_field(decision: Decision) -> str:

@@ -1,9 +1,10 @@
-"""Per-user bandwidth: a relay whose endpoints forward only what the user's token bucket allows.
+"""Per-user bandwidth: relay endpoints that forward only what the user's token bucket allows.
 
-:func:`relay_for` is how a command gets its relay: a plain :class:`Relay` for sessions without a
-limit (nothing added to their per-chunk path), a :class:`ThrottledRelay` for users with a
-``[bandwidth]`` rate. Both directions are limited, each by its own bucket shared by all sessions of
-the user (``socksd.limits``).
+``socksd.server.relays.make_relay`` gives a session :class:`ThrottledEndpoint` s when its user has
+a ``[bandwidth]`` rate (plain endpoints otherwise: nothing added to their per-chunk path), for
+every command alike, GSSAPI-encapsulated relays included. Both directions are limited, each by
+its own bucket shared by all sessions of the user (``socksd.limits``). The bytes counted are the
+plain bytes read (after unwrapping, before wrapping), whatever their framing on the wire.
 
 A :class:`ThrottledEndpoint` forwards what the bucket grants of each read at once. The rest is
 held, reading from that side is paused (``pause_reading``), and a ``call_later`` timer releases the
@@ -22,32 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from socksd.limits import TokenBucket
-from socksd.server.relay import Relay, RelayEndpoint, RelayOwner
-
-if TYPE_CHECKING:
-    from socksd.server.session import Session
+from socksd.server.relay import RelayEndpoint
 
 MIN_DELAY = 0.001
 """Shortest timer: a bucket that another session just emptied is not asked again at once."""
-
-
-def relay_for(session: Session) -> Relay:
-    """The relay for ``session``: idle timeout from its rule (else the config's), and limited
-    when its user has a bandwidth limit."""
-    ctx = session.ctx
-    config = ctx.config
-    admission = session.admission
-    idle = config.idle_timeout
-    if admission is not None and admission.idle_timeout is not None:
-        idle = admission.idle_timeout
-    user = session.record.user if session.record is not None else None
-    buckets = ctx.limits.buckets_for(user, time.monotonic()) if user is not None else None
-    if buckets is None:
-        return Relay(session, high_water=config.relay_buffer, idle_timeout=idle)
-    return ThrottledRelay(session, buckets, high_water=config.relay_buffer, idle_timeout=idle)
 
 
 class ThrottledEndpoint(RelayEndpoint):
@@ -63,8 +45,8 @@ class ThrottledEndpoint(RelayEndpoint):
         "timer",
     )
 
-    def __init__(self, relay: Relay, bucket: TokenBucket) -> None:
-        super().__init__(relay)
+    def __init__(self, bucket: TokenBucket) -> None:
+        super().__init__()
         self.bucket = bucket
         self.held = b""
         self.timer: asyncio.TimerHandle | None = None
@@ -75,15 +57,18 @@ class ThrottledEndpoint(RelayEndpoint):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        self.forward(data)
+
+    def forward(self, data: bytes) -> None:
         if self.held:  # a read already under way when reading was paused
             self.held += data
             return
         granted = self.bucket.take(len(data), time.monotonic())
         if granted == len(data):
-            self.peer.transport.write(data)  # type: ignore[union-attr]
+            self.emit(data)
             return
         if granted:
-            self.peer.transport.write(data[:granted])  # type: ignore[union-attr]
+            self.emit(data[:granted])
         self.held = data[granted:]
         self.transport.pause_reading()  # type: ignore[union-attr]
         self._schedule()
@@ -150,7 +135,7 @@ class ThrottledEndpoint(RelayEndpoint):
         granted = self.bucket.take(self._quantum(), time.monotonic())
         if granted:
             held = self.held
-            peer.transport.write(held[:granted])  # type: ignore[union-attr]
+            self.emit(held[:granted])
             self.held = held[granted:]
         if self.held:
             self._schedule()
@@ -168,30 +153,3 @@ class ThrottledEndpoint(RelayEndpoint):
             return
         if not self.lost and not self.read_done and not self.blocked:
             self.transport.resume_reading()  # type: ignore[union-attr]
-
-
-class ThrottledRelay(Relay):
-    """A relay whose two directions are limited by ``buckets`` (client to target, the reverse)."""
-
-    __slots__ = ()
-
-    def __init__(
-        self,
-        owner: RelayOwner,
-        buckets: tuple[TokenBucket, TokenBucket],
-        *,
-        high_water: int = 256 * 1024,
-        idle_timeout: float = 0.0,
-    ) -> None:
-        super().__init__(owner, high_water=high_water, idle_timeout=idle_timeout)
-        self.client = ThrottledEndpoint(self, buckets[0])
-        self.target = ThrottledEndpoint(self, buckets[1])
-        self.client.peer = self.target
-        self.target.peer = self.client
-
-    def start(
-        self, client: asyncio.Transport, first_data: bytes = b"", client_eof: bool = False
-    ) -> None:
-        super().start(client, first_data, client_eof)
-        if cast(ThrottledEndpoint, self.client).held and not self.client.lost:
-            client.pause_reading()  # start() resumed reading; the first data is still held

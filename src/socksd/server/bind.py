@@ -29,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from socksd.protocol import Address, AddressType, BindPeerFilter, Reply, ReplyCode
 from socksd.protocol.udp import is_unspecified
+from socksd.server.admission import peer_decision
 from socksd.server.relay import Relay
+from socksd.server.relays import make_relay
 from socksd.server.replycodes import reply_for_error
 
 if TYPE_CHECKING:
@@ -137,20 +139,6 @@ class BindRelayOwner:
         self.session.relay_finished(relay, error)
 
 
-def bind_relay(session: Session) -> Relay:
-    """The relay of an accepted BIND: plain, or encapsulating (RFC 1961) after GSSAPI."""
-    config = session.ctx.config
-    owner = BindRelayOwner(session)
-    codec = session.conn.encapsulation
-    if codec is None:
-        return Relay(owner, high_water=config.relay_buffer, idle_timeout=config.idle_timeout)
-    from socksd.server.relay_gssapi import GssapiRelay
-
-    return GssapiRelay(
-        owner, codec, high_water=config.relay_buffer, idle_timeout=config.idle_timeout
-    )
-
-
 async def expected_peer(session: Session, address: Address) -> tuple[BindPeerFilter, str | None]:
     """The peer filter of a BIND request and the IP to route towards (None: unspecified)."""
     if address.atyp == AddressType.DOMAIN:
@@ -160,6 +148,18 @@ async def expected_peer(session: Session, address: Address) -> tuple[BindPeerFil
     if is_unspecified(address):
         return BindPeerFilter(), None
     return BindPeerFilter.for_request(address), address.host
+
+
+def _refusal(session: Session, peers: BindPeerFilter, peer: tuple[Any, ...]) -> str | None:
+    """Why the connection from ``peer`` is not the BIND's peer; None when it is."""
+    host = str(peer[0])
+    if not peers.accept(host):
+        return f"expected {', '.join(sorted(peers.expected))}"
+    if peers.accepts_any:  # any peer: the rules see the one that came
+        decision = peer_decision(session, host, int(peer[1]))
+        if not decision.allowed:
+            return f"denied by {decision.label}"
+    return None
 
 
 async def bind(session: Session, address: Address) -> None:
@@ -191,13 +191,14 @@ async def bind(session: Session, address: Address) -> None:
             async with asyncio.timeout(config.bind_timeout):
                 while True:
                     accepted, peer = await loop.sock_accept(listener)
-                    if peers.accept(peer[0]):
+                    why = _refusal(session, peers, peer)
+                    if why is None:
                         break
                     log.warning(
-                        "BIND for %s: refused a connection from %s (expected %s)",
+                        "BIND for %s: refused a connection from %s (%s)",
                         session.record.client if session.record else "?",
                         Address.of(*peer[:2]),
-                        ", ".join(sorted(peers.expected)),
+                        why,
                     )
                     accepted.close()
                     accepted = None
@@ -215,6 +216,6 @@ async def bind(session: Session, address: Address) -> None:
             accepted.close()
     if session.closed:
         return
-    relay = bind_relay(session)
+    relay = make_relay(BindRelayOwner(session), session.relay_terms(), session.conn.encapsulation)
     # connection_made -> BindRelayOwner.target_connected: second reply (the peer), then relay.
     await loop.connect_accepted_socket(lambda: relay.target, sock=accepted)

@@ -1,24 +1,44 @@
-"""What every session of a server shares: settings, resolver, authenticator, access log, rules,
-limits, counters. A reload (SIGHUP, ``socksd.server.reload``) replaces the parts in place."""
+"""What every session of a server shares, and the one function that derives it from a config.
+
+:func:`derive` turns a :class:`~socksd.config.Config` into everything a server runs with: the
+authentication methods in order, the user file, the GSSAPI acceptor (the keytab read afresh), the
+rules guarding this host's current addresses, the resolver and the access log. It is the only
+place that does so: :meth:`ServerContext.create` calls it at start-up, the reload
+(``socksd.server.reload``) calls it on SIGHUP, and the supervisor of ``--workers N`` calls it to
+check a new config before it signals the workers. So a reload yields the server a fresh start
+would, except for the listeners (``listen``, ``workers``, ``loop`` need a restart) and for the
+sessions already admitted, which keep what they were given.
+
+:meth:`ServerContext.install` swaps derived parts in, without an await, so a session's next
+checkpoint sees all old or all new parts. State that outlives a configuration stays in the
+context: the open sessions, the limits' counters and buckets (``Limits.configure`` takes the new
+settings), and the verified-login cache of the user store (entries of changed users stop
+matching).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from socksd.accesslog import AccessLog
+from socksd.auth.htpasswd import UserFile, UserFileError
 from socksd.auth.userpass import UserPassAuthenticator
-from socksd.config import Config
+from socksd.config import Config, ConfigError
 from socksd.limits import Limits
 from socksd.protocol import AuthMethod
-from socksd.resolver import Resolver
+from socksd.resolver import Resolver, make_resolver
 from socksd.rules import RuleSet
+from socksd.server.hostaddrs import effective_rules
 
 if TYPE_CHECKING:
     from socksd.auth.gssapi import GssapiAcceptor
     from socksd.server.session import Session
 
-_METHOD_CODES = {
+METHOD_CODES = {
     "gssapi": AuthMethod.GSSAPI,
     "userpass": AuthMethod.USERNAME_PASSWORD,
     "none": AuthMethod.NO_AUTH,
@@ -26,21 +46,144 @@ _METHOD_CODES = {
 
 
 @dataclass(slots=True)
+class Derived:
+    """Everything derived from one config, built before any of it is used."""
+
+    config: Config
+    methods: tuple[int, ...]
+    """Authentication methods in the server's order of preference."""
+    users: UserFile | None
+    gssapi: GssapiAcceptor | None
+    rules: RuleSet
+    """``config.rules`` guarding this host's addresses too (``protect_local``)."""
+    resolver: Resolver
+    access_log: AccessLog
+
+    def close(self) -> None:
+        """Release what was opened (a check that is not installed)."""
+        self.access_log.close()
+        if self.gssapi is not None:
+            self.gssapi.close()
+
+
+def derive(config: Config, previous: ServerContext | None = None) -> Derived:
+    """Build everything a server runs with from ``config``; ConfigError names what is wrong.
+
+    ``previous`` (a running server) lends its resolver when the resolver settings are unchanged,
+    so its caches survive a reload.
+    """
+    try:
+        users = UserFile.load(config.users) if config.users is not None else None
+    except UserFileError as e:
+        raise ConfigError(f"users: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"users: cannot read {config.users}: {e.strerror or e}") from None
+    old = previous.config if previous is not None else None
+    if (
+        previous is not None
+        and old is not None
+        and (old.hosts, old.dns, old.resolve_timeout)
+        == (config.hosts, config.dns, config.resolve_timeout)
+    ):
+        resolver = previous.resolver
+    else:
+        resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
+    gssapi = gssapi_acceptor(config) if "gssapi" in config.auth_methods else None
+    try:
+        access_log = AccessLog(config.access_log, config.log_format)
+    except OSError as e:
+        if gssapi is not None:
+            gssapi.close()
+        raise ConfigError(
+            f"access_log: cannot open {config.access_log}: {e.strerror or e}"
+        ) from None
+    return Derived(
+        config=config,
+        methods=tuple(METHOD_CODES[name] for name in config.auth_methods),
+        users=users,
+        gssapi=gssapi,
+        rules=effective_rules(config),
+        resolver=resolver,
+        access_log=access_log,
+    )
+
+
+def gssapi_acceptor(config: Config) -> GssapiAcceptor:
+    """The GSSAPI credentials; ConfigError when the gssapi package or the keytab is missing."""
+    try:
+        from socksd.auth.gssapi import GssapiAcceptor, GssapiSetupError
+    except ImportError as e:
+        raise ConfigError(
+            f"methods: gssapi needs the Python package 'gssapi' ({e}); install it with "
+            "pip install 'socksd[gssapi]' (it builds against MIT Kerberos: libkrb5-dev)"
+        ) from None
+    key = "gssapi_keytab" if config.gssapi_keytab is not None else "gssapi_service"
+    if config.gssapi_keytab is not None and not config.gssapi_keytab.is_file():
+        raise ConfigError(f"gssapi_keytab: {config.gssapi_keytab} is not a readable file")
+    try:
+        return GssapiAcceptor(config.service, config.gssapi_keytab)
+    except GssapiSetupError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+@dataclass(slots=True)
 class ServerContext:
-    """Shared state of one server process; sessions read it, the listener owns it."""
+    """Shared state of one server process; sessions read it at each checkpoint."""
 
     config: Config
     resolver: Resolver
     access_log: AccessLog
+    rules: RuleSet
+    methods: tuple[int, ...]
     authenticator: UserPassAuthenticator | None = None
     gssapi: GssapiAcceptor | None = None
     sessions: set[Session] = field(default_factory=set)
     refused_sessions: int = 0
-    rules: RuleSet = field(default_factory=RuleSet)
-    """``config.rules`` guarding this host's addresses too (``protect_local``)."""
     limits: Limits = field(default_factory=Limits)
-    methods: tuple[int, ...] = field(init=False)
-    """Authentication methods in the server's order of preference (``methods``)."""
 
-    def __post_init__(self) -> None:
-        self.methods = tuple(_METHOD_CODES[name] for name in self.config.auth_methods)
+    @classmethod
+    def create(cls, config: Config) -> ServerContext:
+        """A server's context at start-up (reads the user file and the keytab)."""
+        parts = derive(config)
+        ctx = cls(
+            config=parts.config,
+            resolver=parts.resolver,
+            access_log=parts.access_log,
+            rules=parts.rules,
+            methods=parts.methods,
+            limits=Limits(parts.config),
+        )
+        ctx.install(parts)
+        return ctx
+
+    def install(self, parts: Derived) -> None:
+        """Use ``parts`` from now on (no await: sessions see all old or all new parts).
+
+        Parts replaced here that sessions in the middle of a handshake may still hold (the
+        password checker's pool, the GSSAPI acceptor) are closed a handshake timeout later.
+        """
+        retired: list[Callable[[], None]] = []
+        old_auth = self.authenticator
+        if parts.users is None:
+            self.authenticator = None
+        elif old_auth is not None:
+            old_auth.replace_users(parts.users)
+        else:
+            self.authenticator = UserPassAuthenticator(parts.users)
+        if old_auth is not None and self.authenticator is None:
+            retired.append(old_auth.close)
+        if self.gssapi is not None and self.gssapi is not parts.gssapi:
+            retired.append(self.gssapi.close)
+        self.gssapi = parts.gssapi
+        if self.access_log is not parts.access_log:
+            self.access_log.close()
+            self.access_log = parts.access_log
+        self.resolver = parts.resolver
+        self.rules = parts.rules
+        self.methods = parts.methods
+        self.limits.configure(parts.config, time.monotonic())
+        self.config = parts.config
+        if retired:
+            loop = asyncio.get_running_loop()
+            for close in retired:
+                loop.call_later(self.config.handshake_timeout + 1, close)

@@ -43,8 +43,10 @@ class RelayEndpoint(asyncio.Protocol):
 
     __slots__ = ("lost", "peer", "read_done", "received", "relay", "transport", "write_done")
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    relay: Relay
+    """Set by the :class:`Relay` the endpoint is given to."""
+
+    def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: RelayEndpoint = self
         self.received = 0
@@ -58,6 +60,14 @@ class RelayEndpoint(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        self.peer.transport.write(data)  # type: ignore[union-attr]
+
+    def forward(self, data: bytes) -> None:
+        """Pass bytes read from this side on (a throttled endpoint may hold some back)."""
+        self.emit(data)
+
+    def emit(self, data: bytes) -> None:
+        """Write bytes read from this side to the peer's connection (an encoder frames them)."""
         self.peer.transport.write(data)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
@@ -110,11 +120,17 @@ class Relay:
     )
 
     def __init__(
-        self, owner: RelayOwner, *, high_water: int = 256 * 1024, idle_timeout: float = 0.0
+        self,
+        owner: RelayOwner,
+        *,
+        high_water: int = 256 * 1024,
+        idle_timeout: float = 0.0,
+        endpoints: tuple[RelayEndpoint, RelayEndpoint] | None = None,
     ) -> None:
         self.owner = owner
         self.high_water = high_water
-        self.client, self.target = self._endpoints()
+        self.client, self.target = endpoints or (RelayEndpoint(), RelayEndpoint())
+        self.client.relay = self.target.relay = self
         self.client.peer = self.target
         self.target.peer = self.client
         self._idle = idle_timeout
@@ -122,10 +138,6 @@ class Relay:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._error: str | None = None
         self._done = False
-
-    def _endpoints(self) -> tuple[RelayEndpoint, RelayEndpoint]:
-        """The (client, target) endpoints; a subclass may translate (GSSAPI encapsulation)."""
-        return RelayEndpoint(self), RelayEndpoint(self)
 
     @property
     def up(self) -> int:
@@ -151,12 +163,12 @@ class Relay:
         client.set_protocol(self.client)
         client.set_write_buffer_limits(self.high_water, self.high_water // 4)
         self.client.transport = client
+        if not client_eof:
+            client.resume_reading()  # no read is delivered before the first data is passed on
         if first_data:
             self.client.data_received(first_data)
         if client_eof:
             self.client.eof_received()
-        if not self.client.lost and not self.client.read_done:
-            client.resume_reading()
         if self._idle > 0:
             self._schedule_idle_check()
 
@@ -175,6 +187,9 @@ class Relay:
         for endpoint in (self.client, self.target):
             if endpoint.transport is not None and not endpoint.lost:
                 endpoint.transport.abort()
+
+    def reloaded(self) -> None:
+        """A reload does not change an established relay (its limits live in shared buckets)."""
 
     def _finished(self, exc: Exception | None) -> None:
         if self._done:

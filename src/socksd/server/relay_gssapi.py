@@ -52,7 +52,7 @@ class UnwrappingEndpoint(RelayEndpoint):
             return
         if plain:
             self.received += len(plain)
-            self.peer.transport.write(plain)  # type: ignore[union-attr]
+            self.forward(plain)
 
     def eof_received(self) -> bool:
         if self.relay.codec.buffered:
@@ -69,6 +69,9 @@ class WrappingEndpoint(RelayEndpoint):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        self.forward(data)
+
+    def emit(self, data: bytes) -> None:
         try:
             frames = self.relay.codec.encode(data)
         except GssapiError as e:
@@ -92,12 +95,15 @@ class GssapiRelay(Relay):
         *,
         high_water: int = 256 * 1024,
         idle_timeout: float = 0.0,
+        endpoints: tuple[UnwrappingEndpoint, WrappingEndpoint] | None = None,
     ) -> None:
         self.codec = codec
-        super().__init__(owner, high_water=high_water, idle_timeout=idle_timeout)
-
-    def _endpoints(self) -> tuple[RelayEndpoint, RelayEndpoint]:
-        return UnwrappingEndpoint(self), WrappingEndpoint(self)
+        super().__init__(
+            owner,
+            high_water=high_water,
+            idle_timeout=idle_timeout,
+            endpoints=endpoints or (UnwrappingEndpoint(), WrappingEndpoint()),
+        )
 
     def start(
         self,
@@ -109,10 +115,10 @@ class GssapiRelay(Relay):
 
         Frames the session received but did not decode are still in the codec: decoded here.
         """
+        super().start(client, b"", False)
         if first_data:
             self.client.received += len(first_data)
-            self.target.transport.write(first_data)  # type: ignore[union-attr]
-        super().start(client, b"", False)
+            self.client.forward(first_data)
         if self.codec.buffered:
             self.client.decode()
         if client_eof and not self.client.lost and not self.client.read_done:

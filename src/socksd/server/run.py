@@ -17,22 +17,13 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from socksd.accesslog import AccessLog
-from socksd.auth.htpasswd import UserFile
-from socksd.auth.userpass import UserPassAuthenticator
-from socksd.config import Config, ConfigError
-from socksd.limits import Limits
-from socksd.resolver import make_resolver
+from socksd.config import Config
 from socksd.server.context import ServerContext
-from socksd.server.hostaddrs import effective_rules
 from socksd.server.listener import Server
 from socksd.server.reload import ConfigSource, reload
 from socksd.server.workers import Supervisor, worker_count
-
-if TYPE_CHECKING:
-    from socksd.auth.gssapi import GssapiAcceptor
 
 log = logging.getLogger("socksd")
 
@@ -74,43 +65,6 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def build_context(config: Config) -> ServerContext:
-    """Everything sessions share, built from the config (reads the user file and the keytab)."""
-    authenticator = None
-    if config.users is not None:
-        authenticator = UserPassAuthenticator(UserFile.load(config.users))
-    gssapi = _gssapi_acceptor(config) if "gssapi" in config.auth_methods else None
-    resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
-    access_log = AccessLog(config.access_log, config.log_format)
-    return ServerContext(
-        config=config,
-        resolver=resolver,
-        access_log=access_log,
-        authenticator=authenticator,
-        rules=effective_rules(config),
-        limits=Limits(config),
-        gssapi=gssapi,
-    )
-
-
-def _gssapi_acceptor(config: Config) -> GssapiAcceptor:
-    """The GSSAPI credentials; ConfigError when the gssapi package or the keytab is missing."""
-    try:
-        from socksd.auth.gssapi import GssapiAcceptor, GssapiSetupError
-    except ImportError as e:
-        raise ConfigError(
-            f"methods: gssapi needs the Python package 'gssapi' ({e}); install it with "
-            "pip install 'socksd[gssapi]' (it builds against MIT Kerberos: libkrb5-dev)"
-        ) from None
-    key = "gssapi_keytab" if config.gssapi_keytab is not None else "gssapi_service"
-    if config.gssapi_keytab is not None and not config.gssapi_keytab.is_file():
-        raise ConfigError(f"gssapi_keytab: {config.gssapi_keytab} is not a readable file")
-    try:
-        return GssapiAcceptor(config.service, config.gssapi_keytab)
-    except GssapiSetupError as e:
-        raise ConfigError(f"{key}: {e}") from None
-
-
 async def serve(
     config: Config,
     ctx: ServerContext | None = None,
@@ -123,7 +77,7 @@ async def serve(
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads from
     ``source`` (by default the same config: the user file is read again, the access log
     reopened)."""
-    ctx = ctx or build_context(config)
+    ctx = ctx or ServerContext.create(config)
     server = Server(ctx)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -42,12 +42,12 @@ from socksd.protocol import (
     format_hostport,
 )
 from socksd.server import admission
-from socksd.server.bandwidth import relay_for
 from socksd.server.bind import bind
 from socksd.server.connect import connect
 from socksd.server.context import ServerContext
 from socksd.server.gssapi_handshake import GssapiHandshake
 from socksd.server.relay import Relay
+from socksd.server.relays import RelayTerms, make_relay, relay_terms
 from socksd.server.udp import udp_associate
 
 log = logging.getLogger("socksd.session")
@@ -70,6 +70,9 @@ class Handover(Protocol):
 
     def abort(self, error: str) -> None:
         """End at once, dropping buffered data (shutdown deadline)."""
+
+    def reloaded(self) -> None:
+        """The configuration was reloaded: drop what was derived from the old one."""
 
 
 def _format_peer(peer: object) -> str:
@@ -233,7 +236,9 @@ class Session(asyncio.Protocol):
 
     async def _gssapi_message(self, message: GssapiMessage) -> None:
         if self.gssapi is None:
-            assert self.ctx.gssapi is not None  # GSSAPI is only selected when configured
+            if self.ctx.gssapi is None:  # selected, then switched off by a reload
+                self.close("GSSAPI: switched off by a reload")
+                return
             self.gssapi = GssapiHandshake(self, self.ctx.gssapi)
         if await self.gssapi.receive(message):
             assert self.transport is not None
@@ -289,6 +294,11 @@ class Session(asyncio.Protocol):
             self.transport.abort()
             self.finish(error)
 
+    def reloaded(self) -> None:
+        """The configuration was reloaded (SIGHUP): tell what owns the connection now."""
+        if self.relay is not None:
+            self.relay.reloaded()
+
     def close(self, error: str | None = None) -> None:
         """Close the client connection (after flushing what is written) and log the session."""
         if self.closed:
@@ -299,19 +309,17 @@ class Session(asyncio.Protocol):
 
     # -- RelayOwner ----------------------------------------------------------------------------
 
-    def new_relay(self) -> Relay:
-        """The relay for this session's command: plain (rate-limited when its user has a
-        bandwidth limit; idle timeout from its rule), or encapsulating after GSSAPI."""
-        codec = self.conn.encapsulation
-        if codec is None:
-            return relay_for(self)
-        from socksd.server.relay_gssapi import GssapiRelay
+    def relay_terms(self) -> RelayTerms:
+        """Idle timeout, bandwidth and buffer limits of this session's data (any command)."""
+        admission = self.admission
+        user = self.record.user if self.record is not None else None
+        if admission is None:
+            return relay_terms(self.ctx, 0, user, None)
+        return relay_terms(self.ctx, admission.command, user, admission.idle_timeout)
 
-        config = self.ctx.config
-        idle = config.idle_timeout
-        if self.admission is not None and self.admission.idle_timeout is not None:
-            idle = self.admission.idle_timeout
-        return GssapiRelay(self, codec, high_water=config.relay_buffer, idle_timeout=idle)
+    def new_relay(self) -> Relay:
+        """The relay of a CONNECT, owned by this session."""
+        return make_relay(self, self.relay_terms(), self.conn.encapsulation)
 
     def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
         """Reply with the outgoing connection's local address, then hand over to the relay.

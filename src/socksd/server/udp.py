@@ -76,6 +76,8 @@ from socksd.server.admission import UNKNOWN_CLIENT
 from socksd.server.replycodes import reply_for_error
 
 if TYPE_CHECKING:
+    from socksd.limits import TokenBucket
+    from socksd.server.relays import RelayTerms
     from socksd.server.session import Session
 
 log = logging.getLogger("socksd.udp")
@@ -161,8 +163,8 @@ class ClientSide(asyncio.DatagramProtocol):
             a.new_target(key, data, end)
             return
         side = target[0]
-        if side.paused or end == len(data):
-            a.send(target, data, end)  # the rare cases: congestion, an empty datagram
+        if side.paused or end == len(data) or a.up_bucket is not None:
+            a.send(target, data, end)  # the rare cases: congestion, empty, bandwidth limit
             return
         a.datagrams_up += 1
         a.bytes_up += len(data) - end
@@ -208,6 +210,9 @@ class TargetSide(asyncio.DatagramProtocol):
                 return
         if a.client_side.paused:
             a.drop("congested")
+            return
+        if a.down_bucket is not None and not a.down_bucket.take_whole(len(data), time.monotonic()):
+            a.drop("bandwidth")
             return
         a.datagrams_down += 1
         a.bytes_down += len(data)
@@ -255,6 +260,9 @@ class GssapiTargetSide(TargetSide):
         if a.client_side.paused:
             a.drop("congested")
             return
+        if a.down_bucket is not None and not a.down_bucket.take_whole(len(data), time.monotonic()):
+            a.drop("bandwidth")
+            return
         codec = cast(GssapiClientSide, a.client_side).codec
         try:
             datagram = codec.encode_datagram(header + data)
@@ -290,6 +298,7 @@ class UdpAssociation:
         self,
         session: Session,
         client: UdpClientFilter,
+        terms: RelayTerms,
         codec: GssapiEncapsulation | None = None,
     ) -> None:
         self.session = session
@@ -313,7 +322,10 @@ class UdpAssociation:
         self.bytes_up = self.bytes_down = 0
         self.dropped: dict[str, int] = {}
         self.closed = False
-        self._idle = session.ctx.config.udp_idle_timeout
+        self._idle = terms.idle_timeout
+        buckets = terms.buckets
+        self.up_bucket: TokenBucket | None = buckets[0] if buckets else None
+        self.down_bucket: TokenBucket | None = buckets[1] if buckets else None
         self._idle_mark = (-1, 0.0)
         self._idle_timer: asyncio.TimerHandle | None = None
         self._control: asyncio.Transport | None = None
@@ -400,6 +412,10 @@ class UdpAssociation:
         side = target[0]
         if side.paused:
             self.drop("congested")
+            return
+        bucket = self.up_bucket
+        if bucket is not None and not bucket.take_whole(len(data) - end, time.monotonic()):
+            self.drop("bandwidth")
             return
         self.datagrams_up += 1
         if end == len(data):  # asyncio transports silently skip empty datagrams
@@ -541,6 +557,16 @@ class UdpAssociation:
             )
         return decision.allowed
 
+    def reloaded(self) -> None:
+        """A reload: every destination is checked and resolved afresh, as for a new request.
+
+        The caches of target addresses (whose datagrams skip the rules), rule verdicts and
+        resolved names are all derived from the old rules and resolver."""
+        self.targets.clear()
+        self.verdicts.clear()
+        self.names.clear()
+        self.verdict_rules = None
+
     def drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` datagrams dropped for ``reason``."""
         if count:
@@ -603,7 +629,10 @@ async def udp_associate(session: Session, address: Address) -> None:
     local_ip = str(control.get_extra_info("sockname")[0])
     client_ip = str(control.get_extra_info("peername")[0])
     association = UdpAssociation(
-        session, UdpClientFilter(client_ip, address), session.conn.encapsulation
+        session,
+        UdpClientFilter(client_ip, address),
+        session.relay_terms(),
+        session.conn.encapsulation,
     )
     try:
         bound = await association.open(local_ip)

@@ -31,7 +31,7 @@ from typing import Any
 from socksd.config import Config
 from socksd.protocol import format_hostport
 from socksd.server.listener import bind_for_workers, ready_log
-from socksd.server.reload import ConfigSource, ReloadError, load_checked, restart_only_changes
+from socksd.server.reload import ConfigSource, ReloadError, prepare
 
 log = logging.getLogger("socksd")
 
@@ -103,13 +103,14 @@ class Supervisor:
         if self.stopping:
             return
         try:
-            config, _ = load_checked(self.source)
+            parts, changes = prepare(self.source, self.config)
         except ReloadError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
             return
-        for change in restart_only_changes(self.config, config):
+        parts.close()  # checked only: each worker derives its own parts
+        for change in changes:
             log.warning("reload: %s needs a restart; keeping the running value", change)
-        self.worker_config = self.for_worker(config)
+        self.worker_config = self.for_worker(parts.config)
         log.info("SIGHUP received: reloading %d workers", len(self.children))
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
@@ -208,9 +209,10 @@ def _worker_main(
     source: ConfigSource,
     ready: Callable[[], None],
 ) -> None:
-    from socksd.server.run import build_context, loop_factory, serve
+    from socksd.server.context import ServerContext
+    from socksd.server.run import loop_factory, serve
 
-    ctx = build_context(config)
+    ctx = ServerContext.create(config)
     factory = loop_factory(config.loop)
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
