@@ -10,7 +10,8 @@ addresses are distinct loopback addresses (127.0.0.2 guesses, 127.0.0.3 is someo
 - the hard block (``auth_block``) keeps the old semantics: closed at accept, then lifted;
 - a reload keeps the counts and applies new throttle settings;
 - failed GSSAPI contexts (against a real KDC) are slowed the same way and lock nobody out;
-- ``check-config`` shows the settings.
+- ``check-config`` shows the settings;
+- from TEST-NET clients in a network namespace: a NAT address and an IPv6 /64 (tests.netns).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,16 @@ from tests.e2e.support import (
     userpass,
     wait_for_log,
 )
+from tests.netns import (
+    ADDRESSES,
+    CLIENT6,
+    CLIENT_A,
+    CLIENT_B,
+    PROXY,
+    PROXY6,
+    TARGET,
+    network_namespace,
+)
 
 if TYPE_CHECKING:
     from tests.krb5 import TestRealm
@@ -64,22 +75,35 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def login(server: ServerProcess, echo: EchoServer, source: str, user: str) -> float:
-    """A correct login of ``user`` from ``source`` with python-socks, relayed to the echo
-    server; returns the seconds it took."""
-    proxy = Proxy.from_url(f"socks5://{user}:pw-{user}@{server.host}:{server.port}")
+def login(
+    server: ServerProcess | str, echo: EchoServer, source: str, user: str, host: str = "127.0.0.1"
+) -> float:
+    """A correct login of ``user`` from ``source`` with python-socks (to ``server`` or the
+    listener ``"HOST:PORT"``), relayed to the echo server on ``host``; returns the seconds it
+    took."""
+    listener = server if isinstance(server, str) else f"{server.host}:{server.port}"
+    proxy = Proxy.from_url(f"socks5://{user}:pw-{user}@{listener}")
     start = time.monotonic()
-    sock = proxy.connect("127.0.0.1", echo.port, timeout=30, local_addr=(source, 0))
+    sock = proxy.connect(host, echo.port, timeout=30, local_addr=(source, 0))
     elapsed = time.monotonic() - start
     with sock:
         echo_roundtrip(sock, f"{user} from {source}".encode())
     return elapsed
 
 
-def guess(server: ServerProcess, source: str, user: str, password: str = "wrong") -> float:
+def guess(
+    server: ServerProcess | tuple[str, int], source: str, user: str, password: str = "wrong"
+) -> float:
     """One wrong login; asserts the failure reply (not a bare close); returns the seconds from
     sending the credentials to the reply."""
-    with connect_from(server, source) as sock:
+    if isinstance(server, tuple):
+        family = socket.AF_INET6 if ":" in source else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.connect(server)
+    else:
+        sock = connect_from(server, source)
+    with sock:
         sock.settimeout(30)
         sock.sendall(b"\x05\x01\x02")
         assert recv_exact(sock, 2) == b"\x05\x02"
@@ -281,3 +305,55 @@ def test_failed_gssapi_contexts_are_answered_later_and_later(
         elapsed = time.monotonic() - start
         echo_roundtrip(sock, b"gssapi after failures")
     assert elapsed < times[0], (elapsed, times)
+
+
+# -- remote clients (a network namespace with TEST-NET addresses) --------------------------------
+
+SAME_64 = "2001:db8::11"
+"""Another host in CLIENT6's /64: counted as the same client address."""
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    with network_namespace((*ADDRESSES, SAME_64)) as name:
+        yield name
+
+
+def test_remote_clients_behind_one_address_and_one_64(
+    netns: str, socksd: Callable[..., ServerProcess], users: Path, tmp_path: Path
+) -> None:
+    """From TEST-NET clients: guesses from one address (a NAT) lock nobody out there; an IPv6
+    client's whole /64 is one address for the in-flight bound, another address is not."""
+    path = tmp_path / "remote.toml"
+    path.write_text(
+        f'listen = ["{PROXY}:0", "[{PROXY6}]:0"]\nusers = "{users}"\n'
+        "auth_delay = 0.05\nmax_auth_delay = 3\nmax_auth_checks_per_ip = 1\n"
+        '[[rules]]\naction = "allow"\nto = ["198.51.100.0/24"]\n'
+    )
+    server = socksd("--config", str(path))
+    v4 = next(a for a in server.addresses if a.startswith(PROXY + ":"))
+    v6 = next(a for a in server.addresses if a.startswith(f"[{PROXY6}]:"))
+    target = EchoServer(TARGET)
+    try:
+        for n in range(12):  # more than max_auth_failures (10), names tried one by one
+            guess(server, CLIENT_A, f"user{n}")
+        login(v4, target, CLIENT_A, "alice", TARGET)
+        login(v4, target, CLIENT_B, "bob", TARGET)
+
+        # mallory's 6th failure from CLIENT6 waits 1.6 s: its /64 has its one check in flight
+        port6 = int(v6.rpartition(":")[2])
+        for n in range(5):
+            guess((PROXY6, port6), CLIENT6, "mallory", f"guess-{n}")
+        slow = threading.Thread(target=guess, args=((PROXY6, port6), CLIENT6, "mallory"))
+        slow.start()
+        wait_log_count(server, "authentication failed for user 'mallory' from [2001:db8::10]", 6)
+        guess((PROXY6, port6), SAME_64, "carol", "pw-carol")  # refused at once, unchecked
+        login(v4, target, CLIENT_A, "dave", TARGET)  # another address is not concerned
+        slow.join(30)
+        assert (
+            "refusing the login of 'carol' from [2001:db8::11]:" in server.log()
+            and "(max_auth_checks_per_ip)" in server.log()
+        )
+        login(v6, target, SAME_64, "carol", TARGET)  # the check is back: carol gets in
+    finally:
+        target.close()
