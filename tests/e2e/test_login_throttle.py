@@ -6,6 +6,7 @@ addresses are distinct loopback addresses (127.0.0.2 guesses, 127.0.0.3 is someo
   nor gets more checks counted than ``max_auth_checks_per_ip`` allows;
 - behind one address (a NAT), guessing one user's password locks nobody out: another user, and
   the guessed user with the right password, get in at once;
+- many connections at once with one login not verified yet share its check and all get in;
 - each failure of a (address, user) is answered later than the one before;
 - the hard block (``auth_block``) keeps the old semantics: closed at accept, then lifted;
 - a reload keeps the counts and applies new throttle settings;
