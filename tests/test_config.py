@@ -258,3 +258,54 @@ def test_keytab_path_relative_to_config_file(tmp_path: Path) -> None:
     path = tmp_path / "socksd.toml"
     path.write_text('gssapi_keytab = "krb/socksd.keytab"\n')
     assert load_file(path)["gssapi_keytab"] == str(tmp_path / "krb" / "socksd.keytab")
+
+
+# -- login throttle ------------------------------------------------------------------------------
+
+
+def test_login_throttle_defaults_and_flags() -> None:
+    from socksd.cli import config_from_args, make_parser
+
+    config = build_config({}, {})
+    assert (config.auth_delay, config.effective_max_auth_delay) == (0.5, 5.0)
+    assert (config.max_auth_checks_per_ip, config.auth_block) == (4, False)
+    # the default cap stays below a short handshake timeout; an explicit one is taken as is
+    assert build_config({"handshake_timeout": 2}, {}).effective_max_auth_delay == 1.0
+    assert build_config({"max_auth_delay": 8}, {}).effective_max_auth_delay == 8.0
+    args = make_parser().parse_args(
+        [
+            "serve",
+            "--auth-delay",
+            "0.1",
+            "--max-auth-delay",
+            "2",
+            "--max-auth-checks-per-ip",
+            "1",
+            "--auth-block",
+        ]
+    )
+    config = config_from_args(args)
+    assert (config.auth_delay, config.max_auth_delay) == (0.1, 2.0)
+    assert (config.max_auth_checks_per_ip, config.auth_block) == (1, True)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"auth_delay": -1}, "auth_delay: must be at least 0"),
+        ({"auth_delay": "1s"}, "auth_delay: expected a number"),
+        ({"max_auth_delay": 10}, "max_auth_delay: must be less than handshake_timeout (10s)"),
+        (
+            {"max_auth_delay": 3, "handshake_timeout": 2},
+            "max_auth_delay: must be less than handshake_timeout (2s), got 3",
+        ),
+        ({"max_auth_checks_per_ip": 1.5}, "max_auth_checks_per_ip: expected a whole number"),
+        ({"max_auth_checks_per_ip": -1}, "max_auth_checks_per_ip: must be at least 0"),
+        ({"auth_block": "on"}, "auth_block: expected true or false"),
+    ],
+)
+def test_login_throttle_errors_name_the_key(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(values, {})
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)

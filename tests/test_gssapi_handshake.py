@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from socksd.accesslog import SessionRecord
 from socksd.config import Config
+from socksd.limits import Limits
 from socksd.protocol import (
     AuthMethod,
     Greeting,
@@ -17,6 +19,7 @@ from socksd.protocol import (
     ServerConnection,
     State,
 )
+from socksd.server.admission import Admission
 from socksd.server.gssapi_handshake import GssapiHandshake
 
 
@@ -59,22 +62,28 @@ class FakeSession:
     record: SessionRecord = field(default_factory=lambda: SessionRecord("127.0.0.1:5", 0.0))
     closed: bool = False
     error: str | None = None
+    admission: Admission | None = field(default_factory=lambda: Admission("192.0.2.7", (4, 0)))
+    timer_cancelled: bool = False
 
     def close(self, error: str | None = None) -> None:
         self.closed, self.error = True, error
 
+    def cancel_handshake_timer(self) -> None:
+        self.timer_cancelled = True
 
-def run(error: Exception) -> FakeSession:
+
+@dataclass
+class Ctx:
+    config: Config = field(default_factory=Config)
+    limits: Limits = field(default_factory=lambda: Limits(Config(auth_delay=0.01)))
+
+
+def run(error: Exception, ctx: Ctx | None = None) -> FakeSession:
     conn = ServerConnection()
     conn.receive_data(Greeting((AuthMethod.GSSAPI,)).to_bytes())
     conn.next_event()
     conn.send(conn.choose_method((AuthMethod.GSSAPI,)))
-
-    @dataclass
-    class Ctx:
-        config: Config = field(default_factory=Config)
-
-    session = FakeSession(Ctx(), conn)
+    session = FakeSession(ctx or Ctx(), conn)
     handshake = GssapiHandshake(session, FakeAcceptor(error))  # type: ignore[arg-type]
     message = GssapiMessage(GssapiMessageType.AUTHENTICATION, b"token")
     assert asyncio.run(handshake.receive(message)) is False
@@ -94,3 +103,26 @@ def test_unexpected_library_error_ends_only_the_session() -> None:
     assert session.transport.written == b"\x01\xff"
     assert session.closed
     assert session.error == "GSSAPI: RuntimeError: library bug"
+
+
+def test_failed_context_counts_for_the_address_and_is_delayed() -> None:
+    ctx = Ctx()
+    throttle = ctx.limits.throttle
+    for n in (1, 2):
+        session = run(GssapiError("gss_accept_sec_context: Decrypt integrity check failed"), ctx)
+        assert session.transport.written == b"\x01\xff" and session.closed
+        assert session.timer_cancelled  # the abort waited its delay, not the handshake timeout
+        assert throttle.failures("192.0.2.7", None, time.monotonic()) == n  # the address only
+        assert throttle.checks("192.0.2.7") == 0  # the check is given back
+    assert len(throttle._pairs) == 0
+
+
+def test_context_step_refused_when_the_address_has_its_checks_in_flight() -> None:
+    ctx = Ctx(limits=Limits(Config(max_auth_checks_per_ip=1)))
+    assert ctx.limits.throttle.begin_check("192.0.2.7")
+    session = run(RuntimeError("step must not run"), ctx)
+    assert session.transport.written == b"\x01\xff" and session.closed
+    assert session.error == (
+        "GSSAPI: refused: 1 logins from this address are being checked (max_auth_checks_per_ip)"
+    )
+    assert len(ctx.limits.throttle) == 0  # a refusal is not a failure

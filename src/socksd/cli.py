@@ -190,8 +190,13 @@ def _serve_parser(sub: Any) -> None:
         ),
         (
             "--max-auth-failures",
-            "failed logins from one address (IPv6: its /64) before it is "
-            "blocked (default 10; 0: never)",
+            "failed logins from one address (IPv6: its /64) after which each further failure "
+            "from it is delayed more, and with --auth-block it is blocked (default 10; 0: off)",
+        ),
+        (
+            "--max-auth-checks-per-ip",
+            "logins of one address being checked or waiting out a failure delay at once; more "
+            "are answered as failed at once (default 4; 0: no limit)",
         ),
     ):
         access.add_argument(flag, type=int, metavar="N", help=what)
@@ -199,7 +204,29 @@ def _serve_parser(sub: Any) -> None:
         "--auth-block-time",
         type=float,
         metavar="S",
-        help="seconds a blocked address stays blocked after its last failed login (default 60)",
+        help="failed logins are forgotten S seconds after the last one; with --auth-block, "
+        "also how long a blocked address stays blocked (default 60)",
+    )
+    access.add_argument(
+        "--auth-delay",
+        type=float,
+        metavar="S",
+        help="delay of the first failed-login reply of a user from an address; doubles with "
+        "each further failure (default 0.5; 0: none)",
+    )
+    access.add_argument(
+        "--max-auth-delay",
+        type=float,
+        metavar="S",
+        help="longest failed-login delay; less than --handshake-timeout "
+        "(default 5, at most half the handshake timeout)",
+    )
+    access.add_argument(
+        "--auth-block",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also close every connection from an address at accept once it has "
+        "--max-auth-failures failed logins, for --auth-block-time (default off)",
     )
 
 
@@ -289,6 +316,10 @@ _SERVE_KEYS = (
     "max_sessions_per_user",
     "max_auth_failures",
     "auth_block_time",
+    "auth_delay",
+    "max_auth_delay",
+    "max_auth_checks_per_ip",
+    "auth_block",
     "commands",
     "bind_timeout",
     "udp_idle_timeout",
@@ -362,6 +393,10 @@ def check_config_command(args: argparse.Namespace) -> int:
         f"max_sessions_per_user={config.max_sessions_per_user or 'none'}",
         f"max_auth_failures={config.max_auth_failures or 'none'}",
         f"auth_block_time={config.auth_block_time:g}s",
+        f"auth_delay={config.auth_delay:g}s" if config.auth_delay else "auth_delay=none",
+        f"max_auth_delay={config.effective_max_auth_delay:g}s",
+        f"max_auth_checks_per_ip={config.max_auth_checks_per_ip or 'none'}",
+        f"auth_block={'on' if config.auth_block else 'off'}",
         f"idle_timeout={config.idle_timeout:g}s" if config.idle_timeout else "idle_timeout=none",
     ]
     print(f"limits: {' '.join(limits)}")

@@ -79,6 +79,8 @@ _LOOPS = ("auto", "uvloop", "asyncio")
 METHODS = ("gssapi", "userpass", "none")
 """Authentication method names of ``methods``, for RFC 1961, RFC 1929 and no authentication."""
 DEFAULT_GSSAPI_SERVICE = "rcmd"
+DEFAULT_MAX_AUTH_DELAY = 5.0
+"""Longest failed-login delay when ``max_auth_delay`` is not set (capped by the handshake timeout)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,11 @@ class Config:
     max_sessions_per_user: int = 0
     max_auth_failures: int = 10
     auth_block_time: float = 60.0
+    auth_delay: float = 0.5
+    max_auth_delay: float | None = None
+    """None: ``DEFAULT_MAX_AUTH_DELAY``, at most half the handshake timeout."""
+    max_auth_checks_per_ip: int = 4
+    auth_block: bool = False
     bandwidth: Mapping[str, int] = field(default_factory=dict)
     commands: tuple[Command, ...] = tuple(COMMAND_NAMES.values())
     bind_timeout: float = 60.0
@@ -132,6 +139,14 @@ class Config:
         if self.users is not None:
             derived.append("userpass")
         return tuple(derived) or ("none",)
+
+    @property
+    def effective_max_auth_delay(self) -> float:
+        """The longest failed-login delay: ``max_auth_delay``, or by default
+        ``DEFAULT_MAX_AUTH_DELAY`` but at most half the handshake timeout."""
+        if self.max_auth_delay is not None:
+            return self.max_auth_delay
+        return min(DEFAULT_MAX_AUTH_DELAY, self.handshake_timeout / 2)
 
     @property
     def service(self) -> str:
@@ -224,6 +239,14 @@ def _convert(key: str, value: Any) -> Any:
         return int(_number(key, value, minimum=0, integer=True))
     if key == "auth_block_time":
         return float(_number(key, value, minimum=0.001))
+    if key in ("auth_delay", "max_auth_delay"):
+        return float(_number(key, value))
+    if key == "max_auth_checks_per_ip":
+        return int(_number(key, value, minimum=0, integer=True))
+    if key == "auth_block":
+        if not isinstance(value, bool):
+            raise ConfigError("auth_block: expected true or false")
+        return value
     raise ConfigError(f"unknown key {key!r}")  # pragma: no cover - guarded by the caller
 
 
@@ -411,7 +434,17 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
         )
     check_methods(config)
     check_safety(config)
+    check_auth_delay(config)
     return config
+
+
+def check_auth_delay(config: Config) -> None:
+    """A failed login's reply must come well within the handshake timeout."""
+    if config.max_auth_delay is not None and config.max_auth_delay >= config.handshake_timeout:
+        raise ConfigError(
+            f"max_auth_delay: must be less than handshake_timeout "
+            f"({config.handshake_timeout:g}s), got {config.max_auth_delay:g}"
+        )
 
 
 def _compile_access(merged: dict[str, Any]) -> None:

@@ -3,10 +3,14 @@ per-user bandwidth. Pure bookkeeping: the caller passes the time (``loop.time()`
 
 - :class:`SessionCounts` counts open sessions per key. Sessions are always counted (a dict update
   per session), so a limit switched on by a reload applies to the sessions already open.
-- :class:`LoginThrottle` blocks a client address after ``max_failures`` failed logins, each less
-  than ``block_time`` seconds after the previous one, until ``block_time`` has passed since the
-  last. IPv6 clients are counted per /64 (one host usually holds a whole /64). The table keeps at
-  most ``max_entries`` addresses, dropping the oldest; a quiet table costs one ``if`` per accept.
+- :class:`LoginThrottle` limits password guessing, not people: failed logins are counted per
+  (address, user) and per address, and each failure's reply waits a delay that doubles with the
+  failures counted; the login checks one address may have in flight (queued, running, or waiting
+  out a failure delay) are bounded, so one address can neither guess fast in parallel nor fill
+  the bcrypt pool others need. Successes are never delayed. A hard block of the address (closed
+  at accept) is an option, off by default. IPv6 clients are counted per /64 (one host usually
+  holds a whole /64). Each table keeps at most ``max_entries`` keys, dropping the least recently
+  failed; a quiet table costs one ``if`` per login.
 - :class:`TokenBucket`: ``rate`` bytes per second with bursts up to ``capacity``. The relay
   forwards what the bucket allows and holds the rest of a read, with reading paused, until
   ``wait()`` says enough tokens have come (``socksd.server.bandwidth``): no polling.
@@ -25,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from socket import AF_INET6, inet_pton
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 MIN_BURST = 4096
 """Smallest bucket capacity: a slow rate still moves data in useful pieces."""
@@ -35,6 +39,8 @@ LIFTED_RATE = 1e12
 
 PRUNE_BUCKETS_AT = 1024
 """Number of users with buckets above which idle buckets are forgotten."""
+
+_K = TypeVar("_K")
 
 
 class LimitSettings(Protocol):
@@ -48,6 +54,14 @@ class LimitSettings(Protocol):
     def max_auth_failures(self) -> int: ...
     @property
     def auth_block_time(self) -> float: ...
+    @property
+    def auth_delay(self) -> float: ...
+    @property
+    def effective_max_auth_delay(self) -> float: ...
+    @property
+    def max_auth_checks_per_ip(self) -> int: ...
+    @property
+    def auth_block(self) -> bool: ...
     @property
     def bandwidth(self) -> Mapping[str, int]: ...
     @property
@@ -154,48 +168,152 @@ class _Failures:
     last: float
 
 
-class LoginThrottle:
-    """Blocks client addresses after repeated failed logins (a brute-force guard)."""
+@dataclass(frozen=True, slots=True)
+class LoginFailure:
+    """What one failed login leads to (:meth:`LoginThrottle.failed`)."""
 
-    __slots__ = ("_table", "block_time", "max_entries", "max_failures")
+    delay: float
+    """Seconds to wait before the failure reply."""
+    address_failures: int
+    """Failures counted for the client's address (IPv6: its /64), this one included."""
+    user_failures: int
+    """Failures counted for the (address, user) pair, this one included; 0 for no user."""
+    blocks: bool
+    """With the hard block on: this failure starts the block of the address."""
+
+
+class LoginThrottle:
+    """Slows down password guessing: failure delays, in-flight checks per address, hard block.
+
+    Failures are counted per (address, user) and per address; a count starts over
+    ``block_time`` seconds after its last failure, and a successful login forgets its pair. The
+    n-th failure of a pair waits ``delay * 2**(n-1)`` before its reply; once an address has more
+    than ``max_failures``, each further failure from it waits at least ``delay * 2**k`` (k
+    failures over); a failure without a user (GSSAPI) counts the address only and waits as the
+    address's n-th failure. Delays never exceed ``max_delay``. Successes are never delayed.
+
+    ``begin_check``/``end_check`` bound the checks one address may have in flight (queued,
+    running, or waiting out a failure delay) to ``max_checks``: a guesser gets at most
+    ``max_checks`` answers per delay, and cannot fill the shared bcrypt pool.
+
+    With ``block`` on (off by default), an address with ``max_failures`` failures is also
+    blocked: :meth:`blocked` is True until ``block_time`` after its last failure.
+    """
+
+    __slots__ = (
+        "_addresses",
+        "_checks",
+        "_pairs",
+        "block",
+        "block_time",
+        "delay",
+        "max_checks",
+        "max_delay",
+        "max_entries",
+        "max_failures",
+    )
 
     def __init__(
-        self, max_failures: int = 10, block_time: float = 60.0, max_entries: int = 65536
+        self,
+        max_failures: int = 10,
+        block_time: float = 60.0,
+        max_entries: int = 65536,
+        *,
+        delay: float = 0.5,
+        max_delay: float = 5.0,
+        max_checks: int = 4,
+        block: bool = False,
     ) -> None:
         self.max_failures = max_failures
         self.block_time = block_time
         self.max_entries = max_entries
-        self._table: OrderedDict[str, _Failures] = OrderedDict()
+        self.delay = delay
+        self.max_delay = max_delay
+        self.max_checks = max_checks
+        self.block = block
+        self._addresses: OrderedDict[str, _Failures] = OrderedDict()
+        self._pairs: OrderedDict[tuple[str, str], _Failures] = OrderedDict()
+        self._checks: dict[str, int] = {}
 
     def blocked(self, host: str, now: float) -> bool:
-        """True when ``host`` is blocked now."""
-        if not self._table or self.max_failures <= 0:
+        """True when ``host`` is under a hard block now (only with ``block`` on)."""
+        if not self.block or not self._addresses or self.max_failures <= 0:
             return False
-        entry = self._table.get(throttle_key(host))
-        if entry is None:
-            return False
-        if now - entry.last >= self.block_time:
-            del self._table[throttle_key(host)]
-            return False
-        return entry.count >= self.max_failures
+        entry = self._current(self._addresses, throttle_key(host), now)
+        return entry is not None and entry.count >= self.max_failures
 
-    def failed(self, host: str, now: float) -> bool:
-        """Record a failed login from ``host``; True when this failure starts a block."""
-        if self.max_failures <= 0:
-            return False
+    def begin_check(self, host: str) -> bool:
+        """Count one more login check of ``host``; False (nothing counted) when it has
+        ``max_checks`` in flight already."""
         key = throttle_key(host)
-        entry = self._table.pop(key, None)
+        count = self._checks.get(key, 0)
+        if self.max_checks and count >= self.max_checks:
+            return False
+        self._checks[key] = count + 1
+        return True
+
+    def end_check(self, host: str) -> None:
+        """A check counted by :meth:`begin_check` is over (answered, or its session ended)."""
+        key = throttle_key(host)
+        count = self._checks.get(key, 0) - 1
+        if count > 0:
+            self._checks[key] = count
+        else:
+            self._checks.pop(key, None)
+
+    def checks(self, host: str) -> int:
+        """Login checks of ``host`` in flight."""
+        return self._checks.get(throttle_key(host), 0)
+
+    def failed(self, host: str, user: str | None, now: float) -> LoginFailure:
+        """Count a failed login of ``user`` (None: unknown) from ``host``; how to answer it."""
+        key = throttle_key(host)
+        address = self._count(self._addresses, key, now)
+        pair = self._count(self._pairs, (key, user), now) if user is not None else 0
+        delay = 0.0
+        if self.delay > 0:
+            steps = pair if user is not None else address
+            over = address - self.max_failures if self.max_failures > 0 else 0
+            exponent = max(steps - 1, over - 1)
+            delay = min(self.max_delay, self.delay * 2.0 ** min(exponent, 64))
+        blocks = self.block and self.max_failures > 0 and address == self.max_failures
+        return LoginFailure(delay, address, pair, blocks)
+
+    def succeeded(self, host: str, user: str | None) -> None:
+        """``user`` logged in from ``host``: forget the pair's failures (not the address's)."""
+        if user is not None and self._pairs:
+            self._pairs.pop((throttle_key(host), user), None)
+
+    def failures(self, host: str, user: str | None, now: float) -> int:
+        """Failures counted now for (``host``, ``user``), or for ``host`` when ``user`` is None."""
+        key = throttle_key(host)
+        entry = (
+            self._current(self._addresses, key, now)
+            if user is None
+            else self._current(self._pairs, (key, user), now)
+        )
+        return entry.count if entry is not None else 0
+
+    def _current(self, table: OrderedDict[_K, _Failures], key: _K, now: float) -> _Failures | None:
+        entry = table.get(key)
+        if entry is not None and now - entry.last >= self.block_time:
+            del table[key]
+            return None
+        return entry
+
+    def _count(self, table: OrderedDict[_K, _Failures], key: _K, now: float) -> int:
+        entry = table.pop(key, None)
         if entry is None or now - entry.last >= self.block_time:
             entry = _Failures(0, now)
         entry.count += 1
         entry.last = now
-        self._table[key] = entry  # most recent last
-        while len(self._table) > self.max_entries:
-            self._table.popitem(last=False)
-        return entry.count == self.max_failures
+        table[key] = entry  # most recent last
+        while len(table) > self.max_entries:
+            table.popitem(last=False)
+        return entry.count
 
     def __len__(self) -> int:
-        return len(self._table)
+        return len(self._addresses)
 
 
 def bandwidth_rates(
@@ -246,6 +364,10 @@ class Limits:
         self.max_per_user = settings.max_sessions_per_user
         self.throttle.max_failures = settings.max_auth_failures
         self.throttle.block_time = settings.auth_block_time
+        self.throttle.delay = settings.auth_delay
+        self.throttle.max_delay = settings.effective_max_auth_delay
+        self.throttle.max_checks = settings.max_auth_checks_per_ip
+        self.throttle.block = settings.auth_block
         self._rates, self._default_rate = bandwidth_rates(settings.bandwidth, settings.groups)
         for user, buckets in list(self._buckets.items()):
             rate = self.rate_for(user)

@@ -117,6 +117,67 @@ def test_cache_skips_bcrypt_on_repeat(auth: UserPassAuthenticator, spy: CheckpwS
     assert spy.calls == 2
 
 
+def test_cached_answers_verified_logins_only_without_bcrypt(
+    auth: UserPassAuthenticator, spy: CheckpwSpy
+) -> None:
+    assert auth.cached(b"alice", b"wonderland") is False  # not verified yet
+    assert verify(auth, b"alice", b"wonderland") is True
+    calls = spy.calls
+    assert auth.cached(b"alice", b"wonderland") is True
+    assert auth.cached(b"alice", b"wrong") is False
+    assert auth.cached(b"alice", b"wonderland\0junk") is False
+    assert auth.cached(b"nobody", b"wonderland") is False
+    assert auth.cached(b"\xff", b"wonderland") is False
+    assert spy.calls == calls  # never a bcrypt check
+    auth.replace_users(make_users(alice=b"changed"))
+    assert auth.cached(b"alice", b"wonderland") is False
+
+
+def test_identical_logins_in_flight_share_one_check(spy: CheckpwSpy) -> None:
+    auth = UserPassAuthenticator(make_users(alice=b"wonderland"), cache_size=0)
+
+    async def burst() -> tuple[list[bool], list[bool], bool, bool]:
+        first = asyncio.ensure_future(auth.verify(b"alice", b"wrong"))
+        await asyncio.sleep(0)
+        sharing = auth.checking(b"alice", b"wrong")
+        other = auth.checking(b"alice", b"other")
+        wrong = [first, *(auth.verify(b"alice", b"wrong") for _ in range(4))]
+        right = [auth.verify(b"alice", b"wonderland") for _ in range(5)]
+        return (
+            await asyncio.gather(*wrong),
+            await asyncio.gather(*right),
+            sharing,
+            other,
+        )
+
+    try:
+        wrong, right, sharing, other = asyncio.run(burst())
+    finally:
+        auth.close()
+    assert wrong == [False] * 5 and right == [True] * 5
+    assert (sharing, other) == (True, False)
+    assert spy.calls == 2  # one check per distinct login, none cached (cache_size=0)
+    assert not auth.checking(b"alice", b"wrong")  # forgotten once answered
+
+
+def test_a_caller_going_away_leaves_the_shared_check_to_the_others(spy: CheckpwSpy) -> None:
+    auth = UserPassAuthenticator(make_users(alice=b"wonderland"))
+
+    async def run() -> bool:
+        first = asyncio.ensure_future(auth.verify(b"alice", b"wonderland"))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(auth.verify(b"alice", b"wonderland"))
+        await asyncio.sleep(0)
+        first.cancel()
+        return await second
+
+    try:
+        assert asyncio.run(run()) is True
+    finally:
+        auth.close()
+    assert spy.calls == 1
+
+
 def test_failures_are_not_cached(auth: UserPassAuthenticator, spy: CheckpwSpy) -> None:
     assert verify(auth, b"alice", b"wrong") is False
     assert verify(auth, b"alice", b"wrong") is False
@@ -253,7 +314,8 @@ def test_in_flight_checks_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         auth = UserPassAuthenticator(make_users(alice=b"x"), executor=pool, max_pending=3)
 
         async def flood() -> list[bool]:
-            return await asyncio.gather(*(auth.verify(b"alice", b"guess") for _ in range(20)))
+            guesses = (auth.verify(b"alice", b"guess%d" % i) for i in range(20))  # all distinct
+            return await asyncio.gather(*guesses)
 
         assert asyncio.run(flood()) == [False] * 20
     assert peak == 3

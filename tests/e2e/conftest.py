@@ -49,8 +49,11 @@ def open_server(module_socksd: Callable[..., ServerProcess]) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def auth_server(module_socksd: Callable[..., ServerProcess], users_file: Path) -> ServerProcess:
-    """A module-wide socksd requiring alice's username/password."""
-    return module_socksd("--users", str(users_file))
+    """A module-wide socksd requiring alice's username/password. Its tests fail logins on
+    purpose: short failed-login delays keep them quick (test_login_throttle.py covers those)."""
+    return module_socksd(
+        "--users", str(users_file), "--auth-delay", "0.01", "--max-auth-delay", "0.1"
+    )
 
 
 @pytest.fixture(scope="module")

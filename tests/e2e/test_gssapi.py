@@ -64,10 +64,12 @@ def realm(krb5_realm: TestRealm) -> TestRealm:
 
 @pytest.fixture(scope="module")
 def gss_server(module_socksd: Callable[..., ServerProcess], realm: TestRealm) -> ServerProcess:
-    """socksd requiring GSSAPI with the realm's keytab, all levels accepted."""
+    """socksd requiring GSSAPI with the realm's keytab, all levels accepted; short failed-login
+    delays, as its tests fail contexts on purpose (test_login_throttle.py covers the delays)."""
     return module_socksd(
-        "--gssapi-keytab", str(realm.keytab), "--log-level", "debug", env=realm.env
-    )
+        "--gssapi-keytab", str(realm.keytab), "--log-level", "debug",
+        "--auth-delay", "0.01", "--max-auth-delay", "0.1", env=realm.env,
+    )  # fmt: skip
 
 
 class LogWatch:

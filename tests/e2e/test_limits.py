@@ -1,7 +1,7 @@
-"""Limits end to end: sessions per client address and per user (hit and released), the
-failed-login guard, per-user bandwidth (within 10% of the rate, both directions, shared by a
+"""Limits end to end: sessions per client address and per user (hit and released), per-user
+bandwidth (within 10% of the rate, both directions, shared by a
 user's sessions, data intact), and an accept loop that survives running out of file descriptors
-on uvloop and on asyncio."""
+on uvloop and on asyncio. The failed-login throttle is in test_login_throttle.py."""
 
 from __future__ import annotations
 
@@ -31,9 +31,7 @@ from tests.e2e.support import (
     add_user,
     echo_roundtrip,
     random_bytes,
-    recv_exact,
     rss_kb,
-    userpass,
     wait_for,
     wait_for_log,
 )
@@ -125,35 +123,6 @@ def test_sessions_per_user(
             return code == 0
 
     sleep_until(alice_again, 10)
-
-
-def test_failed_logins_block_the_address(
-    socksd: Callable[..., ServerProcess], users: Path, echo: EchoServer
-) -> None:
-    server = socksd("--users", str(users), "--max-auth-failures", "3", "--auth-block-time", "3")
-    for _ in range(3):
-        sock = connect_from(server, "127.0.0.1")
-        with sock:
-            sock.sendall(b"\x05\x01\x02" + userpass("alice", "wrong"))
-            assert recv_exact(sock, 4) == b"\x05\x02\x01\x01"
-    wait_for_log(server, "blocking 127.0.0.1 for 3s after 3 failed logins (max_auth_failures)")
-    blocked_at = time.monotonic()
-    # even the right password: closed at accept, before the greeting is answered
-    assert closed_before_negotiation(connect_from(server, "127.0.0.1"))
-    code, other = socks_reply(
-        server, "127.0.0.1", echo.port, source="127.0.0.2", user="alice", password="pw-alice"
-    )
-    other.close()
-    assert code == 0
-    assert server.log().count("blocking 127.0.0.1") == 1
-
-    def unblocked() -> bool:
-        code, sock = socks_reply(server, "127.0.0.1", echo.port, user="alice", password="pw-alice")
-        with sock:
-            return code == 0
-
-    time.sleep(max(0.0, 3.2 - (time.monotonic() - blocked_at)))
-    sleep_until(unblocked, 10)
 
 
 # -- bandwidth -------------------------------------------------------------------------------------

@@ -17,6 +17,13 @@
 # HMAC (constant-time compare) and skips bcrypt, as long as the user's stored hash is unchanged:
 # after a reload that changes or removes the user, the entry no longer matches. The key never
 # leaves the process and the plaintext password is never stored; failures are never cached.
+# ``cached()`` answers that check alone, without the pool, so the session can let a verified
+# login in before any failed-login throttling of its address applies.
+#
+# Identical logins arriving while one is being checked (a client opening many connections at
+# once) share that check instead of queuing their own (``checking()`` tells the session so, and
+# it does not count them against the address's in-flight checks): one bcrypt check per distinct
+# login in flight.
 
 from __future__ import annotations
 
@@ -75,6 +82,8 @@ class UserPassAuthenticator:
         self._cache_size = cache_size
         # user name -> (stored hash checked against, HMAC of the password that matched it)
         self._cache: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
+        # keyed hash of (user name, password) -> the check in flight for that login
+        self._pending: dict[bytes, asyncio.Future[bool]] = {}
         self._users: dict[str, bytes] = {}
         self._dummy = b""
         self.replace_users(users)
@@ -88,23 +97,44 @@ class UserPassAuthenticator:
             if self._users.get(name) != hashed:
                 del self._cache[name]
 
+    def cached(self, username: bytes, password: bytes) -> bool:
+        """True if the login matches one verified before (no bcrypt: answered at once)."""
+        if len(password) > MAX_PASSWORD_BYTES or b"\0" in password:
+            return False
+        name, hashed = self._lookup(username)
+        return name is not None and hashed is not None and self._cache_hit(name, hashed, password)
+
+    def checking(self, username: bytes, password: bytes) -> bool:
+        """True if the same login is being checked now: ``verify`` shares that check's result."""
+        return bool(self._pending) and self._pending_key(username, password) in self._pending
+
     async def verify(self, username: bytes, password: bytes) -> bool:
         """True if ``username``/``password`` (raw RFC 1929 fields) are a valid login."""
         if len(password) > MAX_PASSWORD_BYTES or b"\0" in password:
             return False
-        try:
-            name: str | None = username.decode("utf-8")
-        except UnicodeDecodeError:
-            name = None
-        hashed = self._users.get(name) if name is not None else None
+        name, hashed = self._lookup(username)
+        if name is not None and hashed is not None and self._cache_hit(name, hashed, password):
+            return True
+        key = self._pending_key(username, password)
+        task = self._pending.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._verify(name, hashed, password))
+            self._pending[key] = task
+            task.add_done_callback(lambda _: self._pending.pop(key, None))
+        # shielded: a caller that goes away leaves the check to those sharing it
+        return await asyncio.shield(task)
+
+    def _pending_key(self, username: bytes, password: bytes) -> bytes:
+        """A keyed hash of the login (no plaintext kept for the checks in flight)."""
+        login = len(username).to_bytes(2, "big") + username + password
+        return hmac.new(self._key, login, hashlib.sha256).digest()
+
+    async def _verify(self, name: str | None, hashed: bytes | None, password: bytes) -> bool:
+        """One bcrypt check (against the dummy hash for an unknown user); caches a success."""
         if name is None or hashed is None:
             await self._check(password, self._dummy)
             return False
         mac = hmac.new(self._key, password, hashlib.sha256).digest()
-        cached = self._cache.get(name)
-        if cached is not None and cached[0] == hashed and hmac.compare_digest(cached[1], mac):
-            self._cache.move_to_end(name)
-            return True
         if not await self._check(password, hashed):
             return False
         if self._cache_size:
@@ -112,6 +142,25 @@ class UserPassAuthenticator:
             self._cache.move_to_end(name)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+        return True
+
+    def _lookup(self, username: bytes) -> tuple[str | None, bytes | None]:
+        """The user's name and stored hash; (None, None) for a name that is not UTF-8."""
+        try:
+            name = username.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, None
+        return name, self._users.get(name)
+
+    def _cache_hit(self, name: str, hashed: bytes, password: bytes) -> bool:
+        """True when ``password`` is the one last verified against ``hashed`` for ``name``."""
+        cached = self._cache.get(name)
+        if cached is None or cached[0] != hashed:
+            return False
+        mac = hmac.new(self._key, password, hashlib.sha256).digest()
+        if not hmac.compare_digest(cached[1], mac):
+            return False
+        self._cache.move_to_end(name)
         return True
 
     async def _check(self, password: bytes, hashed: bytes) -> bool:

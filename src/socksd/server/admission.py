@@ -1,15 +1,19 @@
 """Admission: the access-rule checkpoints and the session limits, applied to one session.
 
-- accept (:func:`admit`, from ``Session.connection_made``): a client address blocked after failed
-  logins, denied by the rules at accept (``RuleSet.check_client``) or over
-  ``max_sessions_per_ip`` is closed before a byte is read;
+- accept (:func:`admit`, from ``Session.connection_made``): a client address under a hard block
+  after failed logins (``auth_block``), denied by the rules at accept (``RuleSet.check_client``)
+  or over ``max_sessions_per_ip`` is closed before a byte is read;
+- login (:func:`login_start`, before a password check or a GSSAPI context step is queued; a
+  login found in the verified-login cache skips it): the check is counted against
+  ``max_auth_checks_per_ip`` until :func:`login_done`, or refused (the caller answers it as
+  failed at once, uncounted); :func:`login_failed` counts a failure and says how long the
+  failure reply waits (``socksd.limits.LoginThrottle``);
 - request (:func:`authorize`, from ``Session._request``): the rules see the command, user and
   target; a denied request is answered REP 0x02 and its access-log line names the rule
   (``rule=N``); then ``max_sessions_per_user`` (REP 0x01 beyond it);
 - resolved addresses (:func:`allowed_addresses`, from a command after it resolved a domain
   target): when the rules said the outcome depends on the addresses, each address is checked;
   denied ones are dropped, and with none left the request is denied as above;
-- failed login (:func:`login_failed`): counted for the brute-force guard;
 - end (:func:`release`, from ``Session.finish``): the session's counts are given back.
 
 The rule set is read from the context at each checkpoint, so a reload applies to the next
@@ -23,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from socksd.limits import throttle_key
+from socksd.limits import LoginFailure, throttle_key
 from socksd.protocol import Address, Command, ReplyCode, Request
 from socksd.protocol.udp import is_unspecified
 from socksd.resolver import AddrInfo
@@ -52,6 +56,8 @@ class Admission:
     pending: NeedAddresses | None = None
     idle_timeout: float | None = None
     """The idle timeout of the allow rule that matched, if it has one."""
+    checking: bool = False
+    """A login check of this session is counted for its address (``login_start``)."""
 
 
 def admit(session: Session, host: str) -> bool:
@@ -62,7 +68,7 @@ def admit(session: Session, host: str) -> bool:
     assert record is not None and transport is not None
     limits = ctx.limits
     if limits.throttle.blocked(host, time.monotonic()):
-        log.debug("refusing %s: blocked after failed logins", record.client)
+        log.debug("refusing %s: blocked after failed logins (auth_block)", record.client)
         transport.close()
         return False
     ip = parse_ip(host) or UNKNOWN_CLIENT
@@ -208,19 +214,54 @@ def _apply(session: Session, decision: Decision) -> bool:
     return False
 
 
-def login_failed(session: Session) -> None:
-    """Count a failed login of the session's client; log when that blocks the client."""
+def login_start(session: Session) -> str | None:
+    """Login checkpoint: None when the check may be queued (it is counted for the client's
+    address until :func:`login_done`), else why the login is refused now."""
     admission = session.admission
     if admission is None:
-        return
-    limits = session.ctx.limits
-    if limits.throttle.failed(admission.host, time.monotonic()):
+        return None
+    throttle = session.ctx.limits.throttle
+    if throttle.blocked(admission.host, time.monotonic()):
+        return f"blocked after {throttle.max_failures} failed logins (auth_block)"
+    if not throttle.begin_check(admission.host):
+        return (
+            f"{throttle.checks(admission.host)} logins from this address are being checked "
+            "(max_auth_checks_per_ip)"
+        )
+    admission.checking = True
+    return None
+
+
+def login_failed(session: Session, user: str | None) -> LoginFailure | None:
+    """Count a failed login of ``user`` (None: not known, as after a failed GSSAPI context);
+    the answer says how long the failure reply waits. Logs when a hard block starts."""
+    admission = session.admission
+    if admission is None:
+        return None
+    throttle = session.ctx.limits.throttle
+    failure = throttle.failed(admission.host, user, time.monotonic())
+    if failure.blocks:
         log.warning(
             "blocking %s for %gs after %d failed logins (max_auth_failures)",
             throttle_key(admission.host),
-            limits.throttle.block_time,
-            limits.throttle.max_failures,
+            throttle.block_time,
+            throttle.max_failures,
         )
+    return failure
+
+
+def login_done(session: Session, user: str | None, ok: bool) -> None:
+    """The login counted by :func:`login_start` is answered: its address gets the check back;
+    a success forgets the (address, user) failures."""
+    admission = session.admission
+    if admission is None:
+        return
+    throttle = session.ctx.limits.throttle
+    if admission.checking:
+        admission.checking = False
+        throttle.end_check(admission.host)
+    if ok:
+        throttle.succeeded(admission.host, user)
 
 
 def release(session: Session) -> None:
@@ -231,5 +272,7 @@ def release(session: Session) -> None:
     session.admission = None
     limits = session.ctx.limits
     limits.per_ip.remove(admission.host)
+    if admission.checking:
+        limits.throttle.end_check(admission.host)
     if admission.user is not None:
         limits.per_user.remove(admission.user)

@@ -12,10 +12,16 @@ later continues with the same codec.
 GSS-API failures never escape: the client gets the abort message ``01 FF``, the session is closed
 and the reason is logged (server log and access-log line). The authenticated principal
 (``user@REALM``) becomes the session's user name.
+
+Each context step passes the same login checkpoint as a password check
+(``socksd.server.admission.login_start``): counted against the address's in-flight checks, or
+refused with the abort message at once. A failed step is a failed login of no known user: it
+counts for the address only, and its abort message waits the delay admission gives.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -27,6 +33,7 @@ from socksd.protocol import (
     ProtectionLevel,
     State,
 )
+from socksd.server import admission
 
 if TYPE_CHECKING:
     from socksd.auth.gssapi import GssapiAcceptor
@@ -54,7 +61,18 @@ class GssapiHandshake:
         try:
             step = self.negotiation.receive(message)
             if isinstance(step, MechanismStep):
-                output, complete = await self.context.step(step.token)
+                refusal = admission.login_start(session)
+                if refusal is not None:
+                    self._fail(f"refused: {refusal}")
+                    return False
+                try:
+                    output, complete = await self.context.step(step.token)
+                except GssapiError as e:
+                    await self._delay_failure()
+                    self._fail(f"{e}")
+                    return False
+                finally:
+                    admission.login_done(session, None, False)
                 if session.closed:
                     return False
                 if complete:
@@ -84,6 +102,13 @@ class GssapiHandshake:
             log.exception("GSSAPI negotiation with %s failed unexpectedly", record.client)
             self._fail(f"{type(e).__name__}: {e}")
             return False
+
+    async def _delay_failure(self) -> None:
+        """Count the failed context for the client's address; wait the delay admission gives."""
+        failure = admission.login_failed(self.session, None)
+        if failure is not None and failure.delay > 0 and not self.session.closed:
+            self.session.cancel_handshake_timer()  # the abort message comes, within the delay
+            await asyncio.sleep(failure.delay)
 
     def _fail(self, reason: str) -> None:
         """Abort message, log line, close (unless the session has already ended)."""

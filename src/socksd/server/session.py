@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
 from socksd.accesslog import SessionRecord, user_name
+from socksd.limits import LoginFailure
 from socksd.protocol import (
     CONNECTION_CLOSED,
     NEED_DATA,
@@ -78,6 +79,14 @@ def _format_peer(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return format_hostport(str(peer[0]), peer[1])
     return str(peer)
+
+
+def _failure_note(failure: LoginFailure | None) -> str:
+    """The counts and delay of a failed login, for its log line."""
+    if failure is None:
+        return ""
+    note = f" ({failure.user_failures} for the user, {failure.address_failures} from the address"
+    return note + (f"; answered in {failure.delay:g}s)" if failure.delay else ")")
 
 
 class Session(asyncio.Protocol):
@@ -187,19 +196,42 @@ class Session(asyncio.Protocol):
                 return
 
     async def _check_password(self, creds: UserPassRequest) -> None:
+        """RFC 1929 check. A login in the verified-login cache is let in at once; one that is
+        being checked for another session shares that check; any other goes through the login
+        checkpoint (in-flight checks per address) to bcrypt. A failure's reply waits the delay
+        admission gives (bounded by ``max_auth_delay``)."""
         auth = self.ctx.authenticator
-        ok = auth is not None and await auth.verify(creds.username, creds.password)
-        assert self.record is not None and self.transport is not None
-        self.record.user = user_name(creds.username)
-        self.transport.write(self.conn.send(UserPassReply(0 if ok else 1)))
+        record, transport = self.record, self.transport
+        assert record is not None and transport is not None
+        record.user = user = user_name(creds.username)
+        ok = auth is not None and auth.cached(creds.username, creds.password)
         if not ok:
-            log.warning(
-                "authentication failed for user %r from %s", self.record.user, self.record.client
-            )
-            admission.login_failed(self)
+            shared = auth is not None and auth.checking(creds.username, creds.password)
+            refusal = None if shared else admission.login_start(self)
+            if refusal is not None:
+                log.warning("refusing the login of %r from %s: %s", user, record.client, refusal)
+                transport.write(self.conn.send(UserPassReply(1)))
+                self.close(f"login refused: {refusal}")
+                return
+            ok = auth is not None and await auth.verify(creds.username, creds.password)
+            if not ok:
+                failure = admission.login_failed(self, user)
+                delay = failure.delay if failure is not None else 0.0
+                log.warning(
+                    "authentication failed for user %r from %s%s",
+                    user,
+                    record.client,
+                    _failure_note(failure),
+                )
+                if delay > 0:
+                    self.cancel_handshake_timer()  # the failure reply comes, within max_auth_delay
+                    await asyncio.sleep(delay)
+        admission.login_done(self, user, ok)
+        transport.write(self.conn.send(UserPassReply(0 if ok else 1)))
+        if not ok:
             self.close("authentication failed")
             return
-        self.transport.resume_reading()
+        transport.resume_reading()
         self._process()
 
     async def _gssapi_message(self, message: GssapiMessage) -> None:
@@ -215,9 +247,7 @@ class Session(asyncio.Protocol):
 
     def _request(self, request: Request) -> None:
         assert self.transport is not None and self.record is not None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.cancel_handshake_timer()
         self.record.command = request.command.name
         self.record.target = str(request.address)
         handler = COMMANDS.get(request.command)
@@ -227,6 +257,12 @@ class Session(asyncio.Protocol):
         if not admission.authorize(self, request):
             return
         self.task = asyncio.get_running_loop().create_task(handler(self, request.address))
+
+    def cancel_handshake_timer(self) -> None:
+        """The handshake timeout no longer applies."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _handshake_timeout(self) -> None:
         self._timer = None
