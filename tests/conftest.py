@@ -19,6 +19,15 @@ import pytest
 
 LISTENING = re.compile(r"listening on ([^\s\"]+)")
 
+E2E_DIR = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e/ ``e2e``: ``pytest -m "not e2e"`` is the fast unit tier."""
+    for item in items:
+        if item.path.is_relative_to(E2E_DIR):
+            item.add_marker(pytest.mark.e2e)
+
 
 @dataclass
 class ServerProcess:
