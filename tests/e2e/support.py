@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import ServerProcess, ThreadedTarget
+from tests.helpers import wait_for  # also imported from here by the e2e tests
 
 IO_TIMEOUT = 15.0
 """Generous per-operation socket timeout: the machine may be loaded."""
@@ -196,17 +197,6 @@ def echo_roundtrip(sock: socket.socket, payload: bytes) -> None:
     """Send ``payload`` through an echoing relay and check it comes back unchanged."""
     sock.sendall(payload)
     assert recv_exact(sock, len(payload)) == payload
-
-
-def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.02) -> bool:
-    """Poll ``predicate()`` until true or ``timeout``; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():  # type: ignore[operator]
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def access_lines(server: ServerProcess) -> list[str]:
