@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from socksd.limits import TokenBucket
@@ -56,6 +57,7 @@ class ThrottledEndpoint(RelayEndpoint):
     __slots__ = (
         "blocked",
         "bucket",
+        "clock",
         "eof_pending",
         "held",
         "lost_exc",
@@ -63,9 +65,12 @@ class ThrottledEndpoint(RelayEndpoint):
         "timer",
     )
 
-    def __init__(self, relay: Relay, bucket: TokenBucket) -> None:
+    def __init__(
+        self, relay: Relay, bucket: TokenBucket, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__(relay)
         self.bucket = bucket
+        self.clock = clock  # the buckets' time; tests pass a clock they advance
         self.held = b""
         self.timer: asyncio.TimerHandle | None = None
         self.blocked = False
@@ -78,7 +83,7 @@ class ThrottledEndpoint(RelayEndpoint):
         if self.held:  # a read already under way when reading was paused
             self.held += data
             return
-        granted = self.bucket.take(len(data), time.monotonic())
+        granted = self.bucket.take(len(data), self.clock())
         if granted == len(data):
             self.peer.transport.write(data)  # type: ignore[union-attr]
             return
@@ -126,7 +131,7 @@ class ThrottledEndpoint(RelayEndpoint):
     # -- releasing held data -----------------------------------------------------------------
 
     def _schedule(self) -> None:
-        delay = self.bucket.wait(self._quantum(), time.monotonic())
+        delay = self.bucket.wait(self._quantum(), self.clock())
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(max(delay, MIN_DELAY), self._release)
 
@@ -147,7 +152,7 @@ class ThrottledEndpoint(RelayEndpoint):
             return
         if self.blocked:
             return  # resume_writing() schedules the rest
-        granted = self.bucket.take(self._quantum(), time.monotonic())
+        granted = self.bucket.take(self._quantum(), self.clock())
         if granted:
             held = self.held
             peer.transport.write(held[:granted])  # type: ignore[union-attr]
@@ -182,10 +187,11 @@ class ThrottledRelay(Relay):
         *,
         high_water: int = 256 * 1024,
         idle_timeout: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(owner, high_water=high_water, idle_timeout=idle_timeout)
-        self.client = ThrottledEndpoint(self, buckets[0])
-        self.target = ThrottledEndpoint(self, buckets[1])
+        self.client = ThrottledEndpoint(self, buckets[0], clock)
+        self.target = ThrottledEndpoint(self, buckets[1], clock)
         self.client.peer = self.target
         self.target.peer = self.client
 
