@@ -80,6 +80,8 @@ class ThrottledEndpoint(RelayEndpoint):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+        if self.peer.lost:  # gone while its own held data still goes out: nothing to write to
+            return
         if self.held:  # a read already under way when reading was paused
             self.held += data
             return
