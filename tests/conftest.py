@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import refused_port
+
 LISTENING = re.compile(r"listening on ([^\s\"]+)")
 
 E2E_DIR = Path(__file__).parent / "e2e"
@@ -185,12 +187,7 @@ def echo() -> Iterator[EchoServer]:
     server.close()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (for 'connection refused' targets)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+free_port = refused_port  # the old name, still imported by some tests
 
 
 @pytest.fixture(scope="session")

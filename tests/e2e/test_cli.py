@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess, free_port
+from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
     add_user,
@@ -30,6 +30,7 @@ from tests.e2e.support import (
     userpass,
     wait_for,
 )
+from tests.helpers import refused_port
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -157,7 +158,7 @@ def test_config_file_keys(
 
 
 def test_flags_override_config(socksd: Callable[..., ServerProcess], tmp_path: Path) -> None:
-    unused = free_port()
+    unused = refused_port()
     config = tmp_path / "socksd.toml"
     config.write_text(f'listen = ["127.0.0.1:{unused}"]\nhandshake_timeout = 60\n')
     server = socksd("--config", str(config), "--listen", "127.0.0.1:0", "--handshake-timeout", "1")
@@ -383,7 +384,7 @@ def test_json_log_format(json_server: ServerProcess, module_echo: EchoServer) ->
         json_server, "localhost", module_echo.port, user=USER, password=PASSWORD
     ) as sock:
         echo_roundtrip(sock, b"12345")
-    refused = free_port()
+    refused = refused_port()
     sock, raw, _, _ = socks_request(json_server, "127.0.0.1", refused, user=USER, password=PASSWORD)
     sock.close()
     assert raw[1] == 5, raw.hex()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess, free_port
+from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.support import (
     ResettingServer,
     ReverseHalfCloseServer,
@@ -35,6 +35,7 @@ from tests.e2e.support import (
     wait_for,
     wait_for_log,
 )
+from tests.helpers import refused_port
 
 MB = 1024 * 1024
 BIG = 10 * MB
@@ -355,7 +356,7 @@ def test_every_kind_of_session_end_frees_its_slot(
         assert wait_for(lambda: len(access_lines(server)) >= sessions, 15), server.log()
 
     # refused target
-    sock, raw, _, _ = socks_request(server, "127.0.0.1", free_port())
+    sock, raw, _, _ = socks_request(server, "127.0.0.1", refused_port())
     sock.close()
     assert raw[1] == 5
     ended()

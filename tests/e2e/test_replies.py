@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess, free_port
+from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
     NxDomainDns,
@@ -33,6 +33,7 @@ from tests.e2e.support import (
     userpass,
     wait_for,
 )
+from tests.helpers import refused_port
 
 
 def still_serving(server: ServerProcess, echo: EchoServer) -> None:
@@ -99,7 +100,7 @@ def test_success_reply_for_a_domain(open_server: ServerProcess, module_echo: Ech
 
 
 def test_refused(open_server: ServerProcess, module_echo: EchoServer) -> None:
-    expect_failure(open_server, "127.0.0.1", free_port(), 0x05)
+    expect_failure(open_server, "127.0.0.1", refused_port(), 0x05)
     still_serving(open_server, module_echo)
 
 
@@ -108,12 +109,12 @@ def test_refused_ipv6(open_server: ServerProcess, module_echo: EchoServer) -> No
 
     if not has_ipv6():
         pytest.skip("::1 is not available")
-    expect_failure(open_server, "::1", free_port("::1"), 0x05)
+    expect_failure(open_server, "::1", refused_port("::1"), 0x05)
     still_serving(open_server, module_echo)
 
 
 def test_refused_by_name(open_server: ServerProcess, module_echo: EchoServer) -> None:
-    expect_failure(open_server, "localhost", free_port(), 0x05)
+    expect_failure(open_server, "localhost", refused_port(), 0x05)
     still_serving(open_server, module_echo)
 
 
