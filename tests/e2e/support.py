@@ -407,12 +407,29 @@ def full_backlog_target() -> Iterator[tuple[str, int]]:
             s.setblocking(False)
             s.connect_ex(addr)
             fillers.append(s)
-        time.sleep(0.3)
+        # full once one of them is connected: the queue holds one, the others' SYNs are dropped
+        assert wait_for(lambda: any(_connected(s) for s in fillers), 10)
         yield addr
     finally:
         for s in fillers:
             s.close()
         listener.close()
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:  # not (yet) connected
+        return False
+    return True
+
+
+def connecting_to(addr: tuple[str, int]) -> int:
+    """How many TCP sockets of this host are connecting (SYN sent) to IPv4 ``addr``."""
+    packed = socket.inet_aton(addr[0])[::-1].hex().upper()  # /proc/net/tcp: host byte order
+    remote = f"{packed}:{addr[1]:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[2] == remote and line.split()[3] == "02")
 
 
 def probe_hangs(addr: tuple[str, int], timeout: float = 1.5) -> bool:

@@ -23,6 +23,7 @@ from tests.e2e.support import (
     SourceServer,
     access_lines,
     connect_proxy,
+    connecting_to,
     echo_roundtrip,
     full_backlog_target,
     random_bytes,
@@ -377,10 +378,11 @@ def test_every_kind_of_session_end_frees_its_slot(
     ended()
     # client leaves while the server is still connecting to the target
     with full_backlog_target() as target:
+        before = connecting_to(target)
         sock = connect_proxy(server)
         sock.sendall(b"\x05\x01\x00" + request(*target))
         recv_exact(sock, 2)
-        time.sleep(0.3)
+        assert wait_for(lambda: connecting_to(target) > before, 10)  # the server's SYN is out
         sock.close()
         ended()
     # relayed sessions: normal close, half-close, reset by the client, reset by the target
