@@ -20,8 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import ServerProcess, ThreadedTarget
 from tests.helpers import wait_for  # also imported from here by the e2e tests
+from tests.servers import ServerProcess, ThreadedTarget
+
+USER = "alice"
+PASSWORD = "s3cret-Pass word"
+"""The user of the e2e users file (the ``users_file`` fixture) and the password."""
 
 IO_TIMEOUT = 15.0
 """Generous per-operation socket timeout: the machine may be loaded."""
@@ -247,7 +251,7 @@ def add_user(path: Path, name: str, password: str) -> None:
 # -- loopback targets ----------------------------------------------------------------------------
 
 
-_ThreadedTarget = ThreadedTarget  # the shared base, from tests/conftest.py
+_ThreadedTarget = ThreadedTarget  # the shared base, from tests/servers.py
 
 
 class SourceServer(_ThreadedTarget):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess
-from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
+    PASSWORD,
+    USER,
     add_user,
     assert_closed,
     connect_proxy,
@@ -30,6 +30,7 @@ from tests.e2e.support import (
     wait_for,
 )
 from tests.helpers import refused_port
+from tests.servers import EchoServer, ServerProcess
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:

@@ -8,9 +8,8 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ServerProcess
-from tests.e2e.conftest import PASSWORD, USER
-from tests.e2e.support import HttpServer, access_lines, clean_env, wait_for
+from tests.e2e.support import PASSWORD, USER, HttpServer, access_lines, clean_env, wait_for
+from tests.servers import ServerProcess
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
 

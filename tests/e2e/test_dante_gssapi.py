@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from socksd.client import GssapiOptions, Proxy, create_gssapi_connection
-from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.support import IO_TIMEOUT, random_bytes, wait_for, wait_for_log
 from tests.e2e.wiretap import Tap
 from tests.krb5 import HOST, TestRealm
+from tests.servers import EchoServer, ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-dante-gssapi.sh"

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.support import (
     ResettingServer,
     ReverseHalfCloseServer,
@@ -37,6 +36,7 @@ from tests.e2e.support import (
     wait_for_log,
 )
 from tests.helpers import refused_port
+from tests.servers import EchoServer, ServerProcess
 
 MB = 1024 * 1024
 BIG = 10 * MB

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.admin_support import (
     access_line,
     closed_before_negotiation,
@@ -32,6 +31,7 @@ from tests.e2e.support import (
     socksd_cli,
     wait_for,
 )
+from tests.servers import EchoServer, ServerProcess
 
 DENY_ECHO = '[[rules]]\naction = "deny"\nports = ["{port}"]\n'
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess
-from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
+    PASSWORD,
+    USER,
     NxDomainDns,
     assert_closed,
     connect_proxy,
@@ -34,6 +34,7 @@ from tests.e2e.support import (
     wait_for,
 )
 from tests.helpers import refused_port
+from tests.servers import EchoServer, ServerProcess
 
 
 def still_serving(server: ServerProcess, echo: EchoServer) -> None:

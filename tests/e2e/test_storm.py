@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess
 from tests.helpers import wait_for
+from tests.servers import ServerProcess
 
 SESSIONS = 1500
 CONCURRENCY = 32

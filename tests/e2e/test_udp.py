@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import socksd.client as socksd_client
-from tests.conftest import ServerProcess
 from tests.e2e.support import (
     IO_TIMEOUT,
     NxDomainDns,
@@ -34,6 +33,7 @@ from tests.e2e.support import (
     wait_for,
     wait_for_log,
 )
+from tests.servers import ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -530,7 +530,7 @@ def test_socksd_client_udp_with_password(
 ) -> None:
     from urllib.parse import quote
 
-    from tests.e2e.conftest import PASSWORD, USER
+    from tests.e2e.support import PASSWORD, USER
 
     url = f"socks5://{USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{auth_server.port}"
 

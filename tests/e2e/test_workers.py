@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import socksd.client
-from tests.conftest import EchoServer, ServerProcess
 from tests.helpers import wait_for
+from tests.servers import EchoServer, ServerProcess
 
 
 def _children(pid: int) -> list[int]:
