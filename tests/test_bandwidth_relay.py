@@ -12,10 +12,12 @@ time) and no test waits for real seconds of rate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pytest
@@ -273,6 +275,42 @@ def test_upload_is_limited_too(loop_name: str) -> None:
         rig.client_app.shutdown(socket.SHUT_WR)
         assert await received == data
         assert rig.clock.now - rig.start >= (len(data) - 50_000) / 500_000
+        rig.client_app.close()
+        rig.target_app.close()
+        await asyncio.wait_for(rig.owner.finished, 10)
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_relay_forwards_all_the_bucket_allows(loop_name: str) -> None:
+    """Not slower than the bucket either: each time the clock gives tokens, that many more bytes
+    arrive, to the byte, and not one more (times and rates exact in binary floating point)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rig = await throttled(320_000)  # a 32,000-byte bucket; 1/16 s brings 20,000 tokens
+        data = bytes(range(233)) * 1400  # ~326 kB
+        sending = loop.create_task(loop.sock_sendall(rig.target_app, data))
+        received = bytearray()
+
+        def reached(expected: int) -> bool:
+            with contextlib.suppress(BlockingIOError):
+                while chunk := rig.client_app.recv(65536):
+                    received.extend(chunk)
+            return len(received) >= expected
+
+        assert await await_for(partial(reached, 32_000))  # the full bucket, at once
+        assert len(received) == 32_000
+        for step in range(1, 12):
+            rig.clock.advance(1 / 16)
+            expected = 32_000 + step * 20_000
+            assert await await_for(partial(reached, expected)), (step, len(received))
+            assert len(received) == expected
+        rest = loop.create_task(rig.read_paced(rig.client_app))
+        await sending
+        rig.target_app.shutdown(socket.SHUT_WR)
+        assert bytes(received) + await rest == data
         rig.client_app.close()
         rig.target_app.close()
         await asyncio.wait_for(rig.owner.finished, 10)
