@@ -244,8 +244,10 @@ def test_idle_timeout(socksd: Callable[..., ServerProcess], module_echo: EchoSer
 
         watcher = threading.Thread(target=watch_idle, daemon=True)
         watcher.start()
-        for i in range(10):  # 3 s of traffic, one message every 0.3 s
+        for i in range(30):  # a message every 0.3 s until the idle one is closed (after 1 s+)
             echo_roundtrip(active, b"tick %d" % i)
+            if not watcher.is_alive():
+                break
             time.sleep(0.3)
         echo_roundtrip(active, b"still open")
         watcher.join(10)
