@@ -2,7 +2,8 @@
 
 Debian's dante packages are built without GSSAPI, so ``scripts/build-dante-gssapi.sh`` builds
 Debian's own source package with it (cached outside the repository; ``scripts/test.sh`` runs it
-first, and these tests skip when it has not been built). Both directions, at protection levels 1 and 2, data checked and the wire tapped:
+first, and these tests skip when it has not been built). Both directions, at protection levels 1
+and 2, data checked and the wire tapped:
 
 * Dante's client library (LD_PRELOAD of libdsocksd.so into ncat, SOCKS_CONF with
   ``method: gssapi``) through socksd's server;
