@@ -9,7 +9,10 @@
 # Prints the install prefix on its last line.
 #
 # Exit status: 0 built or cached; 3 the sources or build dependencies could not be fetched (a
-# package registry problem, outside this project: tests skip); anything else: the build failed.
+# package registry problem, outside this project); anything else: the build failed.
+#
+# --check builds nothing: exit 0 printing the prefix when a finished build is there, else 4 with
+# the reason on stderr. The tests use it to find the build (scripts/test.sh builds it first).
 set -euo pipefail
 
 cache_root="${SOCKSD_TEST_CACHE:-/var/cache/socksd-test}"
@@ -29,6 +32,19 @@ built() {
     [ -f "$stamp" ] && [ -x "$prefix/sbin/sockd" ] && [ -e "$prefix/lib/libdsocksd.so" ] \
         && ldd "$prefix/sbin/sockd" | grep libgssapi_krb5 >/dev/null
 }
+
+if [ "${1:-}" = "--check" ]; then
+    if built; then
+        echo "$prefix"
+        exit 0
+    fi
+    if [ -s "$log" ]; then
+        echo "no finished build in $prefix (last build log: $log)" >&2
+    else
+        echo "no build in $prefix" >&2
+    fi
+    exit 4
+fi
 
 exec 9>"$cache_root/dante-gssapi.lock"
 flock -w 1800 9

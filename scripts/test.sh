@@ -33,8 +33,8 @@ fi
 export PIP_BREAK_SYSTEM_PACKAGES=1
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
 
-# Dante with GSSAPI for tests/e2e/test_dante_gssapi.py (minutes the first time, then cached). On
-# failure those tests run the script again and skip (registry unreachable) or fail with its reason.
+# Dante with GSSAPI for tests/e2e/test_dante_gssapi.py (minutes the first time, then cached). The
+# script says why on failure; those tests then skip (they only look for the build, never make it).
 ./scripts/build-dante-gssapi.sh >/dev/null || echo "test.sh: Dante with GSSAPI was not built"
 
 echo "== ruff"; python3 -m ruff check src tests

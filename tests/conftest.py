@@ -1,92 +1,36 @@
-"""Shared fixtures: a socksd server process on loopback, and loopback target servers."""
+"""Shared fixtures: socksd server processes on loopback, loopback targets, a Kerberos realm; and
+the hook that marks the end-to-end tests. The helpers they use live in modules (tests/servers.py,
+tests/helpers.py), which tests import; the names imported here are kept for older imports."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-LISTENING = re.compile(r"listening on ([^\s\"]+)")
+from tests.helpers import refused_port
+from tests.servers import LISTENING, EchoServer, ServerProcess, ThreadedTarget, start_server
+
+__all__ = [
+    "LISTENING",
+    "EchoServer",
+    "ServerProcess",
+    "ThreadedTarget",
+    "free_port",
+    "start_server",
+]
 
 
-@dataclass
-class ServerProcess:
-    """A ``socksd serve`` process started by a test; ``port``/``host`` from its log line."""
-
-    proc: subprocess.Popen[str]
-    host: str
-    port: int
-    log_path: Path
-    addresses: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"socks5://{self.host}:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+E2E_DIR = Path(__file__).parent / "e2e"
 
 
-def start_server(
-    tmp_path: Path,
-    *args: str,
-    timeout: float = 15.0,
-    env: dict[str, str] | None = None,
-    launcher: tuple[str, ...] = (),
-) -> ServerProcess:
-    """Start ``socksd serve ARGS`` (default listen 127.0.0.1:0) and wait for 'listening on'.
-
-    ``launcher`` is a command the server runs under, e.g. ``("prlimit", "--nofile=1024:4096")``.
-    """
-    argv = [*launcher, sys.executable, "-m", "socksd", "serve", *args]
-    if "--listen" not in args and "--config" not in args:
-        argv += ["--listen", "127.0.0.1:0"]
-    log_path = tmp_path / f"socksd-{time.monotonic_ns()}.log"
-    logf = log_path.open("w")
-    proc = subprocess.Popen(
-        argv,
-        stdout=logf,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace")
-        found = LISTENING.findall(text)
-        if found and (text.count("listening on") >= max(1, args.count("--listen"))):
-            first = found[0]
-            host, _, port = first.rpartition(":")
-            return ServerProcess(proc, host.strip("[]"), int(port), log_path, found)
-        if proc.poll() is not None:
-            raise RuntimeError(f"socksd exited with {proc.returncode}:\n{text}")
-        time.sleep(0.02)
-    proc.kill()
-    raise RuntimeError(f"socksd did not start:\n{log_path.read_text()}")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e/ ``e2e``: ``pytest -m "not e2e"`` is the fast unit tier."""
+    for item in items:
+        if item.path.is_relative_to(E2E_DIR):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture
@@ -106,78 +50,8 @@ def socksd(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
 @pytest.fixture
 def server(socksd: Callable[..., ServerProcess]) -> ServerProcess:
-    """A no-auth socksd on 127.0.0.1 with a free port."""
+    """A no-auth socksd on 127.0.0.1, on the port it bound (port 0)."""
     return socksd()
-
-
-class ThreadedTarget:
-    """A listening socket on loopback (IPv4 or IPv6) with one thread per accepted connection;
-    subclasses say what to do with each connection in ``handle``."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(512)
-        self.host = host
-        self.port: int = self.sock.getsockname()[1]
-        self.peers: list[tuple[str, int]] = []
-        self.errors: list[BaseException] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                conn, peer = self.sock.accept()
-            except OSError:
-                continue
-            self.peers.append(peer[:2])
-            threading.Thread(target=self._guarded, args=(conn,), daemon=True).start()
-
-    def _guarded(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
-        try:
-            with conn:
-                self.handle(conn)
-        except OSError as e:
-            self.errors.append(e)
-
-    def handle(self, conn: socket.socket) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
-
-
-class EchoServer(ThreadedTarget):
-    """A threaded TCP echo server on loopback (IPv4 or IPv6); ``mode`` changes what it does.
-
-    modes: ``echo`` (echo until EOF, then close), ``banner`` (send a banner first, then echo),
-    ``halfclose`` (read until EOF, then send back the sha of what it read and close).
-    """
-
-    def __init__(self, host: str = "127.0.0.1", mode: str = "echo", banner: bytes = b"") -> None:
-        self.mode = mode
-        self.banner = banner
-        super().__init__(host)
-
-    def handle(self, conn: socket.socket) -> None:
-        if self.banner:
-            conn.sendall(self.banner)
-        if self.mode == "halfclose":
-            digest = hashlib.sha256()
-            while chunk := conn.recv(65536):
-                digest.update(chunk)
-            conn.sendall(digest.hexdigest().encode())
-            return
-        while chunk := conn.recv(65536):
-            conn.sendall(chunk)
 
 
 @pytest.fixture
@@ -187,12 +61,7 @@ def echo() -> Iterator[EchoServer]:
     server.close()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (for 'connection refused' targets)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+free_port = refused_port  # the old name, still imported by some tests
 
 
 @pytest.fixture(scope="session")

@@ -67,20 +67,33 @@ class TestRealm:
         self.ccache = Path(realm.ccache)
 
     @classmethod
-    def start(cls) -> TestRealm:
-        realm = _LoopbackRealm(
-            realm=REALM,
-            portbase=free_port_base(),
-            krb5_conf={
-                "libdefaults": {
-                    "rdns": "false",
-                    "dns_canonicalize_hostname": "false",
-                    "dns_lookup_realm": "false",
-                    "dns_lookup_kdc": "false",
+    def start(cls, attempts: int = 5) -> TestRealm:
+        """A new realm with its KDC running. The KDC cannot listen on port 0: ports are picked
+        free, and when another process takes one before the KDC binds it, the KDC fails to start
+        and the realm is made again on other ports."""
+        for attempt in range(attempts):
+            realm = _LoopbackRealm(
+                realm=REALM,
+                portbase=free_port_base(),
+                krb5_conf={
+                    "libdefaults": {
+                        "rdns": "false",
+                        "dns_canonicalize_hostname": "false",
+                        "dns_lookup_realm": "false",
+                        "dns_lookup_kdc": "false",
+                    },
+                    "domain_realm": {HOST: REALM},
                 },
-                "domain_realm": {HOST: REALM},
-            },
-        )
+                start_kdc=False,
+            )
+            try:
+                realm.start_kdc()  # k5test raises when krb5kdc exits before "starting..."
+                realm.kinit(realm.user_princ, realm.password("user"))  # as k5test does then
+                break
+            except Exception:
+                realm.stop()
+                if attempt == attempts - 1:
+                    raise
         try:
             self = cls(realm)
             for service in (*SERVICES, "nokey"):

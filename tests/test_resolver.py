@@ -33,6 +33,7 @@ from socksd.resolver import (
     make_resolver,
     parse_dns_server,
 )
+from tests.helpers import refused_port
 
 T = TypeVar("T")
 Runner = Callable[[Coroutine[Any, Any, T]], T]
@@ -168,14 +169,6 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes:
     return data
 
 
-def _dead_udp_port() -> int:
-    """A 127.0.0.1 UDP port nothing listens on (queries there get ICMP port unreachable)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 @pytest.fixture
 def stub() -> Iterator[StubDns]:
     server = StubDns()
@@ -212,7 +205,7 @@ def dns(stub: StubDns, **kwargs: Any) -> DnsResolver:
 
 
 def _all_resolvers() -> list[Resolver]:
-    dead = ("127.0.0.1", _dead_udp_port())
+    dead = ("127.0.0.1", refused_port(kind=socket.SOCK_DGRAM))
     return [SystemResolver(TIMEOUT), StaticResolver({}), DnsResolver([dead], timeout=TIMEOUT)]
 
 
@@ -408,7 +401,8 @@ def test_dns_timeout(stub: StubDns, run: Runner[Any]) -> None:
     with pytest.raises(ResolutionError, match=r"no answer from DNS server 127\.0\.0\.1:"):
         run(dns(stub, attempts=2).resolve("silent.test", 80))
     elapsed = time.monotonic() - start
-    assert TIMEOUT * 0.9 < elapsed < TIMEOUT + 0.5
+    # the tries waited for the whole budget and shared it: not one timeout each
+    assert TIMEOUT * 0.9 < elapsed < 2 * TIMEOUT
     assert stub.count("silent.test", "A") == 2
     assert stub.count("silent.test", "AAAA") == 2
 
@@ -448,7 +442,7 @@ def test_dns_next_server_after_servfail(stub: StubDns, run: Runner[Any]) -> None
 
 
 def test_dns_next_server_after_port_unreachable(stub: StubDns, run: Runner[Any]) -> None:
-    dead = ("127.0.0.1", _dead_udp_port())
+    dead = ("127.0.0.1", refused_port(kind=socket.SOCK_DGRAM))
     timeout = 8.0  # long, so that a loaded machine cannot blur "at once" and "after a timeout"
     resolver = DnsResolver([dead, stub.address], timeout=timeout, attempts=1)
     start = time.monotonic()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,8 +133,5 @@ def run_curl(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 def sleep_until(predicate: Callable[[], bool], timeout: float) -> None:
     """Poll ``predicate`` until true; AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
+    if not wait_for(predicate, timeout):
+        raise AssertionError("condition not reached in time")

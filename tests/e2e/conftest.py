@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess, start_server
-from tests.e2e.support import HttpServer, NxDomainDns, add_user, has_ipv6
+from tests.e2e.support import PASSWORD, USER, HttpServer, NxDomainDns, add_user, has_ipv6
+from tests.servers import EchoServer, ServerProcess, start_server
 
-USER = "alice"
-PASSWORD = "s3cret-Pass word"
+__all__ = ["PASSWORD", "USER"]  # kept for older imports: tests import them from support
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import ServerProcess, ThreadedTarget
+from tests.helpers import wait_for  # also imported from here by the e2e tests
+from tests.servers import ServerProcess, ThreadedTarget
+
+USER = "alice"
+PASSWORD = "s3cret-Pass word"
+"""The user of the e2e users file (the ``users_file`` fixture) and the password."""
 
 IO_TIMEOUT = 15.0
 """Generous per-operation socket timeout: the machine may be loaded."""
@@ -198,17 +203,6 @@ def echo_roundtrip(sock: socket.socket, payload: bytes) -> None:
     assert recv_exact(sock, len(payload)) == payload
 
 
-def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.02) -> bool:
-    """Poll ``predicate()`` until true or ``timeout``; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():  # type: ignore[operator]
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
 def access_lines(server: ServerProcess) -> list[str]:
     """The access-log lines of the server's log so far (text format)."""
     return [line for line in server.log().splitlines() if " rep=" in line]
@@ -257,7 +251,7 @@ def add_user(path: Path, name: str, password: str) -> None:
 # -- loopback targets ----------------------------------------------------------------------------
 
 
-_ThreadedTarget = ThreadedTarget  # the shared base, from tests/conftest.py
+_ThreadedTarget = ThreadedTarget  # the shared base, from tests/servers.py
 
 
 class SourceServer(_ThreadedTarget):
@@ -417,12 +411,29 @@ def full_backlog_target() -> Iterator[tuple[str, int]]:
             s.setblocking(False)
             s.connect_ex(addr)
             fillers.append(s)
-        time.sleep(0.3)
+        # full once one of them is connected: the queue holds one, the others' SYNs are dropped
+        assert wait_for(lambda: any(_connected(s) for s in fillers), 10)
         yield addr
     finally:
         for s in fillers:
             s.close()
         listener.close()
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:  # not (yet) connected
+        return False
+    return True
+
+
+def connecting_to(addr: tuple[str, int]) -> int:
+    """How many TCP sockets of this host are connecting (SYN sent) to IPv4 ``addr``."""
+    packed = socket.inet_aton(addr[0])[::-1].hex().upper()  # /proc/net/tcp: host byte order
+    remote = f"{packed}:{addr[1]:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[2] == remote and line.split()[3] == "02")
 
 
 def probe_hangs(addr: tuple[str, int], timeout: float = 1.5) -> bool:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 import pytest
 
 import socksd.client as socksd_client
-from tests.conftest import ServerProcess
 from tests.e2e.support import (
     IO_TIMEOUT,
     _ThreadedTarget,
@@ -36,6 +35,7 @@ from tests.e2e.support import (
     wait_for,
     wait_for_log,
 )
+from tests.servers import ServerProcess
 
 FILE = random_bytes(300_000, seed=3)
 
@@ -380,7 +380,7 @@ def test_socksd_client_bind_timeout_reply(socksd: Callable[..., ServerProcess]) 
 
 def test_bind_then_connect_still_served(bind_server: ServerProcess) -> None:
     """A BIND session does not disturb CONNECTs of the same server."""
-    from tests.conftest import EchoServer
+    from tests.servers import EchoServer
 
     echo = EchoServer()
     try:
@@ -413,7 +413,7 @@ def test_bnd_is_the_local_address_on_the_route_to_the_peer(
 def test_socksd_client_bind_with_password(auth_server: ServerProcess) -> None:
     from urllib.parse import quote
 
-    from tests.e2e.conftest import PASSWORD, USER
+    from tests.e2e.support import PASSWORD, USER
 
     url = f"socks5://{USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{auth_server.port}"
     with (

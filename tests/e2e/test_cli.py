@@ -9,15 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess, free_port
-from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
+    PASSWORD,
+    USER,
     add_user,
     assert_closed,
     connect_proxy,
@@ -31,6 +30,8 @@ from tests.e2e.support import (
     userpass,
     wait_for,
 )
+from tests.helpers import refused_port
+from tests.servers import EchoServer, ServerProcess
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -158,7 +159,7 @@ def test_config_file_keys(
 
 
 def test_flags_override_config(socksd: Callable[..., ServerProcess], tmp_path: Path) -> None:
-    unused = free_port()
+    unused = refused_port()
     config = tmp_path / "socksd.toml"
     config.write_text(f'listen = ["127.0.0.1:{unused}"]\nhandshake_timeout = 60\n')
     server = socksd("--config", str(config), "--listen", "127.0.0.1:0", "--handshake-timeout", "1")
@@ -384,7 +385,7 @@ def test_json_log_format(json_server: ServerProcess, module_echo: EchoServer) ->
         json_server, "localhost", module_echo.port, user=USER, password=PASSWORD
     ) as sock:
         echo_roundtrip(sock, b"12345")
-    refused = free_port()
+    refused = refused_port()
     sock, raw, _, _ = socks_request(json_server, "127.0.0.1", refused, user=USER, password=PASSWORD)
     sock.close()
     assert raw[1] == 5, raw.hex()
@@ -440,7 +441,8 @@ def test_access_log_off(socksd: Callable[..., ServerProcess], module_echo: EchoS
     server = socksd("--access-log", "off")
     with socks_open(server, "127.0.0.1", module_echo.port) as sock:
         echo_roundtrip(sock, b"not logged")
-    time.sleep(0.3)
+    assert server.stop() == 0  # a clean stop: every line the session had to log is written
+    assert "stopped" in server.log()
     assert "rep=" not in server.log()
 
 

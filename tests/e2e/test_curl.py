@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess
-from tests.e2e.conftest import PASSWORD, USER
-from tests.e2e.support import HttpServer, access_lines, clean_env, wait_for
+from tests.e2e.support import PASSWORD, USER, HttpServer, access_lines, clean_env, wait_for
+from tests.servers import ServerProcess
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
 
@@ -158,9 +157,9 @@ def test_no_credentials_against_auth_server_fails(
 
 
 def test_refused_target_fails(open_server: ServerProcess) -> None:
-    from tests.conftest import free_port
+    from tests.helpers import refused_port
 
-    port = free_port()
+    port = refused_port()
     result = curl("--socks5", proxy(open_server), f"http://127.0.0.1:{port}/")
     assert result.returncode != 0
     assert result.stdout == b""

@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess
-from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
     CLOSE_TIMEOUT,
+    PASSWORD,
+    USER,
     connect_proxy,
     echo_roundtrip,
     has_ipv6,
@@ -25,6 +25,7 @@ from tests.e2e.support import (
     socks_open,
     userpass,
 )
+from tests.servers import EchoServer, ServerProcess
 
 FIRST_PAYLOAD = b"first payload, sent in the same write as the handshake\x00\xff" * 20
 

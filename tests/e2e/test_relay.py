@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess, free_port
 from tests.e2e.support import (
     ResettingServer,
     ReverseHalfCloseServer,
@@ -23,6 +22,7 @@ from tests.e2e.support import (
     SourceServer,
     access_lines,
     connect_proxy,
+    connecting_to,
     echo_roundtrip,
     full_backlog_target,
     random_bytes,
@@ -35,6 +35,8 @@ from tests.e2e.support import (
     wait_for,
     wait_for_log,
 )
+from tests.helpers import refused_port
+from tests.servers import EchoServer, ServerProcess
 
 MB = 1024 * 1024
 BIG = 10 * MB
@@ -242,8 +244,10 @@ def test_idle_timeout(socksd: Callable[..., ServerProcess], module_echo: EchoSer
 
         watcher = threading.Thread(target=watch_idle, daemon=True)
         watcher.start()
-        for i in range(10):  # 3 s of traffic, one message every 0.3 s
+        for i in range(30):  # a message every 0.3 s until the idle one is closed (after 1 s+)
             echo_roundtrip(active, b"tick %d" % i)
+            if not watcher.is_alive():
+                break
             time.sleep(0.3)
         echo_roundtrip(active, b"still open")
         watcher.join(10)
@@ -305,7 +309,6 @@ def test_shutdown_timeout_aborts_endless_session(socksd: Callable[..., ServerPro
     try:
         with socks_open(server, "127.0.0.1", target.port) as sock:
             sock.sendall(b"this session never ends by itself")
-            time.sleep(0.2)
             start = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             try:
@@ -355,7 +358,7 @@ def test_every_kind_of_session_end_frees_its_slot(
         assert wait_for(lambda: len(access_lines(server)) >= sessions, 15), server.log()
 
     # refused target
-    sock, raw, _, _ = socks_request(server, "127.0.0.1", free_port())
+    sock, raw, _, _ = socks_request(server, "127.0.0.1", refused_port())
     sock.close()
     assert raw[1] == 5
     ended()
@@ -377,10 +380,11 @@ def test_every_kind_of_session_end_frees_its_slot(
     ended()
     # client leaves while the server is still connecting to the target
     with full_backlog_target() as target:
+        before = connecting_to(target)
         sock = connect_proxy(server)
         sock.sendall(b"\x05\x01\x00" + request(*target))
         recv_exact(sock, 2)
-        time.sleep(0.3)
+        assert wait_for(lambda: connecting_to(target) > before, 10)  # the server's SYN is out
         sock.close()
         ended()
     # relayed sessions: normal close, half-close, reset by the client, reset by the target

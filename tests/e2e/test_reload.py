@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.admin_support import (
     access_line,
     closed_before_negotiation,
@@ -36,6 +35,7 @@ from tests.e2e.support import (
     socksd_cli,
     wait_for,
 )
+from tests.servers import EchoServer, ServerProcess
 
 DENY_ECHO = '[[rules]]\naction = "deny"\nports = ["{port}"]\n'
 
@@ -223,9 +223,11 @@ def test_workers_reload(
     # a broken file: one line from the supervisor, the workers are not disturbed
     write_config(path, "[[rules]\n")
     reload_and_wait(server, "reload failed")
-    time.sleep(0.5)
+    # then a good one: once each worker has logged it, each has handled the signals before it
+    write_config(path, DENY_ECHO.format(port=echo.port))
+    server.proc.send_signal(signal.SIGHUP)
+    assert wait_log_count(server, "reloaded configuration", 4) == 4
     assert server.log().count("reload failed") == 1
-    assert server.log().count("reloaded configuration") == 2
     assert [rep(server, "127.0.0.1", echo.port) for _ in range(6)] == [2] * 6
     with held:
         echo_roundtrip(held, b"across reloads")

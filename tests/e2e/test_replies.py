@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess, free_port
-from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
+    PASSWORD,
+    USER,
     NxDomainDns,
     access_lines,
     assert_closed,
@@ -36,6 +36,8 @@ from tests.e2e.support import (
     wait_for,
     wait_for_log,
 )
+from tests.helpers import refused_port
+from tests.servers import EchoServer, ServerProcess
 
 
 def still_serving(server: ServerProcess, echo: EchoServer) -> None:
@@ -102,7 +104,7 @@ def test_success_reply_for_a_domain(open_server: ServerProcess, module_echo: Ech
 
 
 def test_refused(open_server: ServerProcess, module_echo: EchoServer) -> None:
-    expect_failure(open_server, "127.0.0.1", free_port(), 0x05)
+    expect_failure(open_server, "127.0.0.1", refused_port(), 0x05)
     still_serving(open_server, module_echo)
 
 
@@ -111,12 +113,12 @@ def test_refused_ipv6(open_server: ServerProcess, module_echo: EchoServer) -> No
 
     if not has_ipv6():
         pytest.skip("::1 is not available")
-    expect_failure(open_server, "::1", free_port("::1"), 0x05)
+    expect_failure(open_server, "::1", refused_port("::1"), 0x05)
     still_serving(open_server, module_echo)
 
 
 def test_refused_by_name(open_server: ServerProcess, module_echo: EchoServer) -> None:
-    expect_failure(open_server, "localhost", free_port(), 0x05)
+    expect_failure(open_server, "localhost", refused_port(), 0x05)
     still_serving(open_server, module_echo)
 
 

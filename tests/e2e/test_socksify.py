@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess
 from tests.e2e.support import IO_TIMEOUT, UdpEchoServer, access_lines, recv_until_eof, wait_for
+from tests.servers import ServerProcess
 
 C_DIR = Path(__file__).parent / "c"
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.helpers import wait_for
+from tests.servers import ServerProcess
 
 SESSIONS = 1500
 CONCURRENCY = 32
@@ -95,9 +95,7 @@ def test_half_close_storm(
     assert server.alive(), server.log()
     assert (ok, failures) == (SESSIONS, 0), server.log()[-2000:]
     # every session was closed on the server side too (one access-log line each, all complete)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and access.read_text().count("\n") < SESSIONS:
-        time.sleep(0.1)
+    wait_for(lambda: access.read_text().count("\n") >= SESSIONS, 15)
     lines = access.read_text().splitlines()
     assert len(lines) == SESSIONS
     assert all(" rep=0x00 " in line and " up=" in line and "error=" not in line for line in lines)

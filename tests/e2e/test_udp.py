@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import socksd.client as socksd_client
-from tests.conftest import ServerProcess
 from tests.e2e.support import (
     IO_TIMEOUT,
     NxDomainDns,
@@ -32,7 +31,9 @@ from tests.e2e.support import (
     udp_associate_raw,
     udp_header,
     wait_for,
+    wait_for_log,
 )
+from tests.servers import ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def udp_server(
         f'dns = ["127.0.0.1:{nx_dns.port}"]\n'
         '[hosts]\n"echo.test" = ["127.0.0.1"]\n"echo6.test" = ["::1"]\n'
     )
-    return module_socksd("--config", str(config))
+    return module_socksd("--config", str(config), "--log-level", "debug")  # debug: drop reasons
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +195,9 @@ def test_unresolvable_name_is_dropped_and_counted(
         udp.sendto(udp_header("no-such-name.invalid", 9) + b"lost", relay)
         # the association goes on
         assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"next")[2] == b"next"
-        assert wait_for(lambda: "no-such-name.invalid." in nx_dns.questions, 10)
-        time.sleep(0.2)
+        # logged when the failed lookup is done, just before its datagram is counted
+        wait_for_log(udp_server, "UDP target no-such-name.invalid does not resolve")
+        assert "no-such-name.invalid." in nx_dns.questions
     line = association_line(udp_server, cport)
     assert "dropped=1(unresolved=1)" in line, line
 
@@ -430,12 +432,13 @@ def test_json_access_log_has_udp_stats(
     with control, udp:
         echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"json")
         udp.sendto(udp_header("127.0.0.1", udp_echo.port, frag=2) + b"x", relay)
-        time.sleep(0.2)
+        # datagrams are handled in order: once this one is back, the fragment was dropped
+        echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"sync")
     assert wait_for(lambda: log.exists() and log.read_text().strip(), 10)
     record = json.loads(log.read_text().splitlines()[-1])
     assert record["command"] == "UDP_ASSOCIATE"
-    assert record["udp"] == {"datagrams_up": 1, "datagrams_down": 1, "dropped": {"frag": 1}}
-    assert record["bytes_up"] == record["bytes_down"] == 4
+    assert record["udp"] == {"datagrams_up": 2, "datagrams_down": 2, "dropped": {"frag": 1}}
+    assert record["bytes_up"] == record["bytes_down"] == 8
 
 
 # -- client libraries ------------------------------------------------------------------------------
@@ -527,7 +530,7 @@ def test_socksd_client_udp_with_password(
 ) -> None:
     from urllib.parse import quote
 
-    from tests.e2e.conftest import PASSWORD, USER
+    from tests.e2e.support import PASSWORD, USER
 
     url = f"socks5://{USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{auth_server.port}"
 
@@ -553,9 +556,10 @@ def test_on_the_default_asyncio_loop(
         for payload in (b"", b"asyncio", bytes(60000)):
             assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), payload)[2] == payload
         udp.sendto(udp_header("127.0.0.1", udp_echo.port, frag=1) + b"x", relay)
-        time.sleep(0.2)
+        # datagrams are handled in order: once this one is back, the fragment was dropped
+        assert echo_through(udp, relay, ("127.0.0.1", udp_echo.port), b"sync")[2] == b"sync"
     line = association_line(server, cport)
-    assert "dgrams_up=3 dgrams_down=3 dropped=1(frag=1)" in line, line
+    assert "dgrams_up=4 dgrams_down=4 dropped=1(frag=1)" in line, line
 
 
 def test_garbage_never_breaks_an_association(
@@ -617,7 +621,6 @@ def test_rules_apply_to_each_datagrams_destination(
                 udp.sendto(udp_header("via-name.test", allowed.port) + b"no", relay)
                 got = echo_through(udp, relay, ("open.test", allowed.port), b"yes %d" % i)
                 assert got == ("127.0.0.1", allowed.port, b"yes %d" % i)
-            time.sleep(0.3)
             udp.settimeout(0.5)
             with pytest.raises(TimeoutError):  # nothing from the denied destinations
                 udp.recvfrom(65535)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import socksd.client
-from tests.conftest import EchoServer, ServerProcess
+from tests.helpers import wait_for
+from tests.servers import EchoServer, ServerProcess
 
 
 def _children(pid: int) -> list[int]:
@@ -40,14 +40,12 @@ def test_workers_serve_restart_and_stop(
         assert _echo_through(server, echo, b"hello %d" % i) == b"hello %d" % i
 
     os.kill(workers[0], signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+
+    def replaced() -> bool:
         now = _children(server.proc.pid)
-        if len(now) == 2 and workers[0] not in now:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"worker not replaced: {server.log()}")
+        return len(now) == 2 and workers[0] not in now
+
+    assert wait_for(replaced, 15), f"worker not replaced: {server.log()}"
     assert "exited with" in server.log()
     for i in range(40):
         assert _echo_through(server, echo, b"again %d" % i) == b"again %d" % i

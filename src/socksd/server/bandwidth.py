@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import cast
 
 from socksd.limits import TokenBucket
@@ -38,6 +39,7 @@ class ThrottledEndpoint(RelayEndpoint):
     __slots__ = (
         "blocked",
         "bucket",
+        "clock",
         "eof_pending",
         "held",
         "lost_exc",
@@ -45,9 +47,10 @@ class ThrottledEndpoint(RelayEndpoint):
         "timer",
     )
 
-    def __init__(self, bucket: TokenBucket) -> None:
+    def __init__(self, bucket: TokenBucket, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.bucket = bucket
+        self.clock = clock  # the buckets' time; tests pass a clock they advance
         self.held = b""
         self.timer: asyncio.TimerHandle | None = None
         self.blocked = False
@@ -60,10 +63,12 @@ class ThrottledEndpoint(RelayEndpoint):
         self.forward(data)
 
     def forward(self, data: bytes) -> None:
+        if self.peer.lost:  # gone while its own held data still goes out: nothing to write to
+            return
         if self.held:  # a read already under way when reading was paused
             self.held += data
             return
-        granted = self.bucket.take(len(data), time.monotonic())
+        granted = self.bucket.take(len(data), self.clock())
         if granted == len(data):
             self.emit(data)
             return
@@ -111,7 +116,7 @@ class ThrottledEndpoint(RelayEndpoint):
     # -- releasing held data -----------------------------------------------------------------
 
     def _schedule(self) -> None:
-        delay = self.bucket.wait(self._quantum(), time.monotonic())
+        delay = self.bucket.wait(self._quantum(), self.clock())
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(max(delay, MIN_DELAY), self._release)
 
@@ -132,7 +137,7 @@ class ThrottledEndpoint(RelayEndpoint):
             return
         if self.blocked:
             return  # resume_writing() schedules the rest
-        granted = self.bucket.take(self._quantum(), time.monotonic())
+        granted = self.bucket.take(self._quantum(), self.clock())
         if granted:
             held = self.held
             self.emit(held[:granted])
