@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from socksd.limits import MIN_BURST, TokenBucket
-from socksd.server.bandwidth import ThrottledEndpoint
-from socksd.server.relay import Relay
+from socksd.server.dataplane.bandwidth import ThrottledEndpoint
+from socksd.server.dataplane.relay import Holding, Relay
 from tests.helpers import FakeClock, await_for
 
 LOOPS = ["asyncio", "uvloop"]
@@ -53,17 +53,13 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class Owner:
-    """Stands in for the session: starts the relay when the target is connected."""
+    """Stands in for the session: the relay's owner."""
 
     def __init__(self, first_data: bytes = b"", client_eof: bool = False) -> None:
         self.client_transport: asyncio.Transport | None = None
         self.finished = asyncio.get_running_loop().create_future()
         self.first_data = first_data
         self.client_eof = client_eof
-
-    def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
-        assert self.client_transport is not None
-        relay.start(self.client_transport, self.first_data, self.client_eof)
 
     def relay_finished(self, relay: Relay, error: str | None) -> None:
         if not self.finished.done():
@@ -132,7 +128,9 @@ async def throttled(
     relay = Relay(owner, high_water=high_water, endpoints=endpoints)  # as make_relay builds it
     transport, _ = await loop.connect_accepted_socket(Idle, client_srv)
     owner.client_transport = transport
-    await loop.connect_accepted_socket(lambda: relay.target, target_srv)
+    held = Holding()  # as a command opens the target, then starts the relay after its reply
+    await loop.connect_accepted_socket(lambda: held, target_srv)
+    relay.start(transport, held, first_data, client_eof)
     return Rig(relay, owner, client_app, target_app, clock, rate, clock())
 
 

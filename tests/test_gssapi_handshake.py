@@ -19,8 +19,8 @@ from socksd.protocol import (
     ServerConnection,
     State,
 )
-from socksd.server.admission import Admission
-from socksd.server.gssapi_handshake import GssapiHandshake
+from socksd.server.handshake.admission import Admission
+from socksd.server.handshake.gssapi import GssapiHandshake
 
 
 class BrokenContext:
@@ -62,8 +62,11 @@ class FakeSession:
     record: SessionRecord = field(default_factory=lambda: SessionRecord("127.0.0.1:5", 0.0))
     closed: bool = False
     error: str | None = None
-    admission: Admission | None = field(default_factory=lambda: Admission("192.0.2.7", (4, 0)))
+    admission: Admission = field(init=False)
     timer_cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.ctx.limits, "192.0.2.7", (4, 0), "192.0.2.7:5")
 
     def close(self, error: str | None = None) -> None:
         self.closed, self.error = True, error

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from socksd.server.hostaddrs import (
+from socksd.server.process.hostaddrs import (
     host_networks,
     netlink_addresses,
     parse_fib_trie,

@@ -371,22 +371,25 @@ def user_command(args: argparse.Namespace) -> int:
 
 
 def check_config_command(args: argparse.Namespace) -> int:
-    """Validate ``args.file`` and print what ``serve`` would apply."""
-    from socksd.auth.htpasswd import UserFile, UserFileError
-    from socksd.server.hostaddrs import effective_rules
+    """Validate ``args.file`` and print what ``serve`` would apply (derived as serve does)."""
+    from socksd.server.process.context import derive
 
     path: Path = args.file
     config = build_config(load_file(path), {})
-    try:
-        users = UserFile.load(config.users) if config.users is not None else None
-    except UserFileError as e:
-        raise ConfigError(f"users: {e}") from None
+    parts = derive(config)  # the user file, keytab, access log and rules, as serve builds them
+    parts.close()
     print(f"{path}: valid")
     print(f"listen: {', '.join(str(a) for a in config.listen)}")
-    if users is not None:
-        print(f"authentication: username/password, {len(users.users)} users in {config.users}")
-    else:
-        print("authentication: none")
+    methods = []
+    for method in config.auth_methods:
+        if method == "userpass" and parts.users is not None:
+            methods.append(f"username/password, {len(parts.users.users)} users in {config.users}")
+        elif method == "gssapi":
+            keytab = config.gssapi_keytab or "the default keytab (KRB5_KTNAME)"
+            methods.append(f"GSSAPI, service {config.service}@<host> from {keytab}")
+        else:
+            methods.append(method)
+    print(f"authentication: {'; '.join(methods)}")
     limits = [
         f"max_sessions={config.max_sessions}",
         f"max_sessions_per_ip={config.max_sessions_per_ip or 'none'}",
@@ -405,7 +408,7 @@ def check_config_command(args: argparse.Namespace) -> int:
     for name, members in config.groups.items():
         print(f"group @{name}: {', '.join(members)}")
     print("rules (first match wins):")
-    for line in effective_rules(config).describe():
+    for line in parts.rules.describe():
         print(f"  {line}")
     return 0
 

@@ -427,7 +427,7 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
     _compile_access(merged)
     config = Config(**merged)
     if "max_sessions" not in merged:  # the default, lowered to what the open-files limit holds
-        from socksd.server.workers import worker_count
+        from socksd.server.process.workers import worker_count
 
         config = dataclasses.replace(
             config, max_sessions=default_max_sessions(worker_count(config))

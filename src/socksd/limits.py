@@ -13,7 +13,7 @@ per-user bandwidth. Pure bookkeeping: the caller passes the time (``loop.time()`
   failed; a quiet table costs one ``if`` per login.
 - :class:`TokenBucket`: ``rate`` bytes per second with bursts up to ``capacity``. The relay
   forwards what the bucket allows and holds the rest of a read, with reading paused, until
-  ``wait()`` says enough tokens have come (``socksd.server.bandwidth``): no polling.
+  ``wait()`` says enough tokens have come (``socksd.server.dataplane.bandwidth``): no polling.
 - :class:`Limits` bundles them with the settings; ``configure()`` swaps the settings on reload and
   keeps the counters and buckets (an existing user's buckets take the new rate at once; a limit
   removed is lifted for the running sessions too).

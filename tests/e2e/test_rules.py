@@ -440,7 +440,7 @@ idle_timeout = 30
         ('[bandwidth]\nalice = "fast"', "bandwidth.alice: expected bytes per second"),
         ('[bandwidth]\n"@x" = 5', "bandwidth: '@x' is not a group in [groups]"),
         ("max_sessions_per_ip = -1", "max_sessions_per_ip: must be at least 0"),
-        ('users = "/nonexistent/users"', "No such file or directory (/nonexistent/users)"),
+        ('users = "/nonexistent/users"', "users: cannot read /nonexistent/users: No such file"),
         ("rules = [", "is not valid TOML"),
     ],
 )

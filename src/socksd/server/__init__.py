@@ -4,8 +4,8 @@ listener (accept, limits, shutdown) -> session (negotiate, authenticate, request
 per command (``connect``) -> relay (copy both ways, half-close, backpressure) -> access log.
 """
 
-from socksd.server.context import ServerContext
-from socksd.server.listener import Server
-from socksd.server.run import run, serve
+from socksd.server.process.context import ServerContext
+from socksd.server.process.listener import Server
+from socksd.server.process.run import run, serve
 
 __all__ = ["Server", "ServerContext", "run", "serve"]

@@ -12,8 +12,8 @@
    reply 0x06 and close.
 4. Second reply, carrying the peer's address and port (:class:`BindRelayOwner`, written from the
    accepted connection's ``connection_made`` so no peer byte can overtake it); then the
-   connection is relayed with the same :class:`~socksd.server.relay.Relay` as CONNECT (after
-   GSSAPI: a :class:`~socksd.server.relay_gssapi.GssapiRelay`; both replies are wrapped too).
+   connection is relayed with the same :class:`~socksd.server.dataplane.relay.Relay` as CONNECT (after
+   GSSAPI: a :class:`~socksd.server.dataplane.gssapi.GssapiRelay`; both replies are wrapped too).
 
 While it waits, the control connection is watched by :class:`BindControl`. An EOF with nothing
 sent is a client that gave up: the BIND ends and its listener is closed at once. (TCP cannot tell
@@ -31,15 +31,14 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from socksd.protocol import Address, AddressType, BindPeerFilter, Reply, ReplyCode
+from socksd.protocol import Address, AddressType, BindPeerFilter, ReplyCode
 from socksd.protocol.udp import is_unspecified
-from socksd.server.admission import peer_decision
-from socksd.server.relay import Relay
-from socksd.server.relays import make_relay
-from socksd.server.replycodes import reply_for_error
+from socksd.server.commands.replycodes import reply_for_error
+from socksd.server.dataplane.relay import Holding
+from socksd.server.dataplane.terms import make_relay
 
 if TYPE_CHECKING:
-    from socksd.server.session import Session
+    from socksd.server.commands.base import CommandSession
 
 log = logging.getLogger("socksd.bind")
 
@@ -77,7 +76,7 @@ def open_listener(ip: str) -> socket.socket:
 class BindControl(asyncio.Protocol):
     """The client's control connection while BIND waits for the peer (see the module comment)."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: CommandSession) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
 
@@ -99,50 +98,21 @@ class BindControl(asyncio.Protocol):
     def eof_received(self) -> bool:
         session = self.session
         if session.conn.buffered == 0:
-            self.abandon()
+            session.abandon("client closed the connection before the peer connected")
             return True
         session.client_eof = True  # a half-close after early data: passed on to the peer later
         return True
-
-    def abandon(self) -> None:
-        """The client closed before the peer connected: end the BIND, close the listener."""
-        session = self.session
-        if session.task is not None:
-            session.task.cancel()
-        session.close("client closed the connection before the peer connected")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.connection_lost(exc)
 
 
-class BindRelayOwner:
-    """The relay's owner after a BIND: writes the second reply, then reports to the session."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
-        """Second reply with the peer's address, then relay (the CONNECT path's rules: called
-        from ``connection_made``, so no peer byte can overtake the reply)."""
-        session = self.session
-        if session.closed or session.transport is None or session.record is None:
-            transport.close()
-            return
-        session.relay = relay
-        peer = transport.get_extra_info("peername")
-        peer_address = Address.of(*peer[:2])
-        session.record.remote = str(peer_address)
-        session.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, peer_address))
-        relay.start(session.transport, session.conn.trailing_data(), session.client_eof)
-
-    def relay_finished(self, relay: Relay, error: str | None) -> None:
-        self.session.relay_finished(relay, error)
-
-
-async def expected_peer(session: Session, address: Address) -> tuple[BindPeerFilter, str | None]:
+async def expected_peer(
+    session: CommandSession, address: Address
+) -> tuple[BindPeerFilter, str | None]:
     """The peer filter of a BIND request and the IP to route towards (None: unspecified)."""
     if address.atyp == AddressType.DOMAIN:
-        infos = await session.ctx.resolver.resolve(address.host, address.port)
+        infos = await session.resolver.resolve(address.host, address.port)
         ips = [str(info[4][0]) for info in infos]
         return BindPeerFilter.for_request(address, ips), ips[0]
     if is_unspecified(address):
@@ -150,23 +120,22 @@ async def expected_peer(session: Session, address: Address) -> tuple[BindPeerFil
     return BindPeerFilter.for_request(address), address.host
 
 
-def _refusal(session: Session, peers: BindPeerFilter, peer: tuple[Any, ...]) -> str | None:
+def _refusal(session: CommandSession, peers: BindPeerFilter, peer: tuple[Any, ...]) -> str | None:
     """Why the connection from ``peer`` is not the BIND's peer; None when it is."""
     host = str(peer[0])
     if not peers.accept(host):
         return f"expected {', '.join(sorted(peers.expected))}"
     if peers.accepts_any:  # any peer: the rules see the one that came
-        decision = peer_decision(session, host, int(peer[1]))
+        decision = session.peer_decision(host, int(peer[1]))
         if not decision.allowed:
             return f"denied by {decision.label}"
     return None
 
 
-async def bind(session: Session, address: Address) -> None:
-    """Carry out one BIND request for ``session``."""
-    config = session.ctx.config
-    transport = session.transport
-    assert transport is not None
+async def bind(session: CommandSession, address: Address) -> None:
+    """Carry out one BIND request."""
+    config = session.config
+    transport = session.client
     loop = asyncio.get_running_loop()
     try:
         peers, route_ip = await expected_peer(session, address)
@@ -185,7 +154,7 @@ async def bind(session: Session, address: Address) -> None:
     try:
         port = listener.getsockname()[1]
         advertised = Address.of(config.external_address or local_ip, port)
-        session.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, advertised))
+        session.reply(ReplyCode.SUCCEEDED, advertised)
         BindControl(session).watch(transport)
         try:
             async with asyncio.timeout(config.bind_timeout):
@@ -196,7 +165,7 @@ async def bind(session: Session, address: Address) -> None:
                         break
                     log.warning(
                         "BIND for %s: refused a connection from %s (%s)",
-                        session.record.client if session.record else "?",
+                        session.record.client,
                         Address.of(*peer[:2]),
                         why,
                     )
@@ -216,6 +185,12 @@ async def bind(session: Session, address: Address) -> None:
             accepted.close()
     if session.closed:
         return
-    relay = make_relay(BindRelayOwner(session), session.relay_terms(), session.conn.encapsulation)
-    # connection_made -> BindRelayOwner.target_connected: second reply (the peer), then relay.
-    await loop.connect_accepted_socket(lambda: relay.target, sock=accepted)
+    held = Holding()
+    peer_transport, _ = await loop.connect_accepted_socket(lambda: held, sock=accepted)
+    if session.closed:  # the client left meanwhile
+        peer_transport.close()
+        return
+    peer_address = Address.of(*peer[:2])
+    session.record.remote = str(peer_address)
+    session.reply(ReplyCode.SUCCEEDED, peer_address)  # the second reply: the peer is connected
+    session.start_relay(make_relay(session, session.terms(), session.codec), held)

@@ -5,7 +5,7 @@ allow rule's ``idle_timeout``, else ``udp_idle_timeout`` for UDP ASSOCIATE and `
 for the others), the user's bandwidth buckets (``[bandwidth]``), the write-buffer mark.
 :func:`make_relay` builds the TCP relay of CONNECT and BIND from those terms and the session's
 GSSAPI codec, if any: plain, throttled, encapsulating, or both. A UDP association takes the same
-terms (``socksd.server.udp``). So no command can forget a limit another one applies.
+terms (``socksd.server.commands.udp``). So no command can forget a limit another one applies.
 
 Each kind of endpoint does one job (``RelayEndpoint`` copies, ``ThrottledEndpoint`` holds what
 the bucket does not grant, ``UnwrappingEndpoint``/``WrappingEndpoint`` translate RFC 1961 frames);
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from socksd.limits import TokenBucket
 from socksd.protocol import Command, GssapiEncapsulation
-from socksd.server.bandwidth import ThrottledEndpoint
-from socksd.server.context import ServerContext
-from socksd.server.relay import Relay, RelayOwner
-from socksd.server.relay_gssapi import GssapiRelay, UnwrappingEndpoint, WrappingEndpoint
+from socksd.server.dataplane.bandwidth import ThrottledEndpoint
+from socksd.server.dataplane.gssapi import GssapiRelay, UnwrappingEndpoint, WrappingEndpoint
+from socksd.server.dataplane.relay import Relay, RelayOwner
+from socksd.server.process.context import ServerContext
 
 
 @dataclass(frozen=True, slots=True)

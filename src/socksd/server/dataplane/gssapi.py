@@ -1,6 +1,6 @@
 """The relay of a GSSAPI session: RFC 1961 encapsulation on the client's side, plain on the other.
 
-A :class:`GssapiRelay` is a :class:`~socksd.server.relay.Relay` whose two endpoints translate:
+A :class:`GssapiRelay` is a :class:`~socksd.server.dataplane.relay.Relay` whose two endpoints translate:
 :class:`UnwrappingEndpoint` (the client's connection) feeds what it reads to the session's
 :class:`~socksd.protocol.gssapi.GssapiEncapsulation` and writes the verified plain bytes to the
 target; :class:`WrappingEndpoint` (the target's connection, or a BIND's incoming one) wraps what it
@@ -21,12 +21,11 @@ the log and the access-log line.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from socksd.protocol import GssapiEncapsulation, GssapiError
 from socksd.protocol.gssapi import ABORT
-from socksd.server.relay import Relay, RelayEndpoint, RelayOwner
+from socksd.server.dataplane.relay import Relay, RelayEndpoint, RelayOwner
 
 log = logging.getLogger("socksd.gssapi")
 
@@ -105,24 +104,18 @@ class GssapiRelay(Relay):
             endpoints=endpoints or (UnwrappingEndpoint(), WrappingEndpoint()),
         )
 
-    def start(
-        self,
-        client: asyncio.Transport,
-        first_data: bytes = b"",
-        client_eof: bool = False,
-    ) -> None:
-        """Relay from now on; ``first_data`` is plain (already unwrapped by the session).
-
-        Frames the session received but did not decode are still in the codec: decoded here.
-        """
-        super().start(client, b"", False)
+    def _client_first(self, first_data: bytes, client_eof: bool) -> None:
+        """``first_data`` is plain (already unwrapped by the session); frames the session
+        received but did not decode are still in the codec: decoded here."""
+        client = self.client
+        client.transport.resume_reading()  # type: ignore[union-attr]
         if first_data:
-            self.client.received += len(first_data)
-            self.client.forward(first_data)
+            client.received += len(first_data)
+            client.forward(first_data)
         if self.codec.buffered:
-            self.client.decode()
-        if client_eof and not self.client.lost and not self.client.read_done:
-            self.client.eof_received()
+            client.decode()
+        if client_eof and not client.lost and not client.read_done:
+            client.eof_received()
 
     def note_error(self, error: str) -> None:
         """Record why the session ended badly, for the access log (first reason wins)."""

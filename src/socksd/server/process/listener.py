@@ -26,8 +26,8 @@ from typing import Any
 
 from socksd.config import Config, ConfigError, ListenAddress
 from socksd.protocol import format_hostport
-from socksd.server.context import ServerContext
-from socksd.server.session import Session
+from socksd.server.handshake.session import Session
+from socksd.server.process.context import ServerContext
 
 log = logging.getLogger("socksd")
 # "listening on" lines are what scripts wait for: shown whatever the log level.

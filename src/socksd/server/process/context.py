@@ -4,7 +4,7 @@
 authentication methods in order, the user file, the GSSAPI acceptor (the keytab read afresh), the
 rules guarding this host's current addresses, the resolver and the access log. It is the only
 place that does so: :meth:`ServerContext.create` calls it at start-up, the reload
-(``socksd.server.reload``) calls it on SIGHUP, and the supervisor of ``--workers N`` calls it to
+(``socksd.server.process.reload``) calls it on SIGHUP, and the supervisor of ``--workers N`` calls it to
 check a new config before it signals the workers. So a reload yields the server a fresh start
 would, except for the listeners (``listen``, ``workers``, ``loop`` need a restart) and for the
 sessions already admitted, which keep what they were given.
@@ -32,11 +32,11 @@ from socksd.limits import Limits
 from socksd.protocol import AuthMethod
 from socksd.resolver import Resolver, make_resolver
 from socksd.rules import RuleSet
-from socksd.server.hostaddrs import effective_rules
+from socksd.server.process.hostaddrs import effective_rules
 
 if TYPE_CHECKING:
     from socksd.auth.gssapi import GssapiAcceptor
-    from socksd.server.session import Session
+    from socksd.server.handshake.session import Session
 
 METHOD_CODES = {
     "gssapi": AuthMethod.GSSAPI,

@@ -2,9 +2,16 @@
 
 Each connection gets a :class:`RelayEndpoint` (an ``asyncio.Protocol``, not streams: streams cost
 several times more CPU per byte). What one endpoint receives is written to its peer's transport.
-A :class:`Relay` owns the two endpoints; it is the one small interface commands use:
-``Relay(owner, ...)``, ``relay.target`` as the protocol of the outgoing connection, ``start()``
-once the client's reply is written, ``close()`` to end it early.
+A :class:`Relay` owns the two endpoints; it is the one small interface commands use: the outgoing
+connection is opened with a :class:`Holding` protocol, the command writes its reply, then
+``relay.start(client, target, ...)`` relays both; ``close()`` ends it early.
+
+Holding: targets that speak first (SSH, SMTP and FTP banners, a bulk source) may deliver bytes as
+soon as the connection is up, before the command has resumed and written the SOCKS reply. The
+:class:`Holding` protocol keeps them (and an EOF or a loss) until ``start()`` hands them to the
+relay, so the reply always comes first (docs/design-notes.md) and the command, not a callback,
+decides when the reply is written. It holds at most one read and ``HOLD_LIMIT`` bytes (then
+reading pauses).
 
 Half-close: an EOF from one side becomes ``write_eof()`` (shutdown SHUT_WR) on the other side, and
 the relay keeps carrying the other direction. A transport is closed as soon as both of its
@@ -27,12 +34,12 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, cast
 
+HOLD_LIMIT = 64 * 1024
+"""Bytes an outgoing connection may deliver before its relay starts, until reading pauses."""
+
 
 class RelayOwner(Protocol):
     """What a relay reports to the session that owns it."""
-
-    def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
-        """The outgoing connection is up: write the reply now, then call ``relay.start()``."""
 
     def relay_finished(self, relay: Relay, error: str | None) -> None:
         """Both connections are closed; ``relay.up`` / ``relay.down`` hold the byte counts."""
@@ -53,10 +60,6 @@ class RelayEndpoint(asyncio.Protocol):
         self.read_done = False
         self.write_done = False
         self.lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)
-        self.relay._target_made(transport)
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
@@ -104,6 +107,37 @@ class RelayEndpoint(asyncio.Protocol):
             peer.transport.close()
 
 
+class Holding(asyncio.Protocol):
+    """An outgoing connection until its relay starts: what it delivers is kept for the relay."""
+
+    __slots__ = ("chunks", "eof", "exc", "lost", "size", "transport")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.eof = False
+        self.lost = False
+        self.exc: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size >= HOLD_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the relay decides when the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.exc = exc
+
+
 class Relay:
     """A client connection and a target connection relayed both ways."""
 
@@ -149,28 +183,52 @@ class Relay:
         """Bytes relayed from the target to the client."""
         return self.target.received
 
-    def _target_made(self, transport: asyncio.Transport) -> None:
-        transport.set_write_buffer_limits(self.high_water, self.high_water // 4)
-        self.owner.target_connected(self, transport)
-
     def start(
         self,
         client: asyncio.Transport,
+        held: Holding,
         first_data: bytes = b"",
         client_eof: bool = False,
     ) -> None:
-        """Relay from now on; ``first_data`` is what the client sent after its request."""
+        """Relay from now on (the reply is written): ``held`` is the outgoing connection with
+        what it delivered so far, ``first_data`` what the client sent after its request."""
+        target = held.transport
+        assert target is not None
+        target.set_protocol(self.target)
+        target.set_write_buffer_limits(self.high_water, self.high_water // 4)
+        self.target.transport = target
         client.set_protocol(self.client)
         client.set_write_buffer_limits(self.high_water, self.high_water // 4)
         self.client.transport = client
-        if not client_eof:
-            client.resume_reading()  # no read is delivered before the first data is passed on
-        if first_data:
-            self.client.data_received(first_data)
-        if client_eof:
-            self.client.eof_received()
+        self._client_first(first_data, client_eof)
+        self._release(held)
         if self._idle > 0:
             self._schedule_idle_check()
+
+    def _client_first(self, first_data: bytes, client_eof: bool) -> None:
+        """Pass on what the client sent after its request (and its EOF, if it came)."""
+        client = self.client
+        if not client_eof:
+            client.transport.resume_reading()  # type: ignore[union-attr]
+        if first_data:
+            client.data_received(first_data)
+        if client_eof:
+            client.eof_received()
+
+    def _release(self, held: Holding) -> None:
+        """Pass on what the outgoing connection delivered before the relay started."""
+        target = self.target
+        for chunk in held.chunks:
+            if target.lost:
+                break
+            target.data_received(chunk)
+        if held.lost:
+            target.connection_lost(held.exc)
+            return
+        if held.eof:
+            target.eof_received()
+        elif held.size >= HOLD_LIMIT:
+            target.transport.resume_reading()  # type: ignore[union-attr]
 
     def close(self, error: str | None = None) -> None:
         """End the relay now: both connections are closed (what is buffered is still flushed)."""

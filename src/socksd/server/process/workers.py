@@ -30,8 +30,8 @@ from typing import Any
 
 from socksd.config import Config
 from socksd.protocol import format_hostport
-from socksd.server.listener import bind_for_workers, ready_log
-from socksd.server.reload import ConfigSource, ReloadError, prepare
+from socksd.server.process.listener import bind_for_workers, ready_log
+from socksd.server.process.reload import ConfigSource, ReloadError, prepare
 
 log = logging.getLogger("socksd")
 
@@ -209,8 +209,8 @@ def _worker_main(
     source: ConfigSource,
     ready: Callable[[], None],
 ) -> None:
-    from socksd.server.context import ServerContext
-    from socksd.server.run import loop_factory, serve
+    from socksd.server.process.context import ServerContext
+    from socksd.server.process.run import loop_factory, serve
 
     ctx = ServerContext.create(config)
     factory = loop_factory(config.loop)

@@ -1,16 +1,18 @@
 """One client connection, from accept to the access-log line.
 
-accept (access rules, limits) -> greeting -> method selection -> sub-negotiation
-(username/password, or GSSAPI in ``socksd.server.gssapi_handshake``) -> request -> access rules ->
-command (``socksd.server.connect``, ``bind``, ``udp``) -> relay (``relay_gssapi`` when GSSAPI
-encapsulates the traffic) or UDP association -> access log. The rule and limit checks live in
-``socksd.server.admission``.
+accept (``admission.admit``) -> greeting -> method selection -> sub-negotiation (username/password
+here, GSSAPI in ``socksd.server.handshake.gssapi``) -> request (``Admission.authorize``) ->
+command (``socksd.server.commands``: ``connect``, ``bind``, ``udp``) -> relay
+(``socksd.server.dataplane``) or UDP association -> access log.
 
 :class:`Session` is the ``asyncio.Protocol`` of the client's connection during the handshake. It
-feeds the bytes to the sans-I/O :class:`~socksd.protocol.ServerConnection` and acts on its events.
-Whenever it waits for something of its own (a password check, an outgoing connection) it pauses
-reading, so a client cannot make it buffer more than one read. Once the command succeeds, the
-client's transport is handed to the relay with ``set_protocol``.
+feeds the bytes to the sans-I/O :class:`~socksd.protocol.ServerConnection` and acts on its events
+and on the decisions of its :class:`~socksd.server.handshake.admission.Admission`. Whenever it
+waits for something of its own (a password check, a command) it pauses reading, so a client
+cannot make it buffer more than one read. A command gets the session as a
+:class:`~socksd.server.commands.base.CommandSession` (what it may use, nothing more), writes its
+own reply and hands the client's transport to a relay or a UDP association, which then own it;
+the session stays the owner that writes the access-log line at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from socksd.accesslog import SessionRecord, user_name
 from socksd.limits import LoginFailure
@@ -30,6 +32,7 @@ from socksd.protocol import (
     AuthMethod,
     Command,
     Greeting,
+    GssapiEncapsulation,
     GssapiMessage,
     RemoteProtocolError,
     Reply,
@@ -41,21 +44,27 @@ from socksd.protocol import (
     UserPassRequest,
     format_hostport,
 )
-from socksd.server import admission
-from socksd.server.bind import bind
-from socksd.server.connect import connect
-from socksd.server.context import ServerContext
-from socksd.server.gssapi_handshake import GssapiHandshake
-from socksd.server.relay import Relay
-from socksd.server.relays import RelayTerms, make_relay, relay_terms
-from socksd.server.udp import udp_associate
+from socksd.server.commands.base import CommandSession, Handover
+from socksd.server.commands.bind import bind
+from socksd.server.commands.connect import connect
+from socksd.server.commands.udp import udp_associate
+from socksd.server.dataplane.relay import Holding, Relay
+from socksd.server.dataplane.terms import RelayTerms, relay_terms
+from socksd.server.handshake.admission import Admission, Refusal, admit
+from socksd.server.handshake.gssapi import GssapiHandshake
+
+if TYPE_CHECKING:
+    from socksd.config import Config
+    from socksd.resolver import AddrInfo, Resolver
+    from socksd.rules import Decision
+    from socksd.server.process.context import ServerContext
 
 log = logging.getLogger("socksd.session")
 
 PENDING_LIMIT = 64 * 1024
 """Bytes a client may send after its request, before the command is done, until reading pauses."""
 
-CommandHandler = Callable[["Session", Address], Coroutine[Any, Any, None]]
+CommandHandler = Callable[[CommandSession, Address], Coroutine[Any, Any, None]]
 COMMANDS: dict[Command, CommandHandler] = {
     Command.CONNECT: connect,
     Command.BIND: bind,
@@ -63,16 +72,6 @@ COMMANDS: dict[Command, CommandHandler] = {
 }
 """The handler coroutine of each command (a command missing here, or not in the ``commands``
 setting, is answered with 0x07)."""
-
-
-class Handover(Protocol):
-    """What owns the client connection once a command succeeded: a Relay, a UDP association."""
-
-    def abort(self, error: str) -> None:
-        """End at once, dropping buffered data (shutdown deadline)."""
-
-    def reloaded(self) -> None:
-        """The configuration was reloaded: drop what was derived from the old one."""
 
 
 def _format_peer(peer: object) -> str:
@@ -90,13 +89,16 @@ def _failure_note(failure: LoginFailure | None) -> str:
 
 
 class Session(asyncio.Protocol):
-    """The client's connection until the relay takes over; then the relay's owner."""
+    """The client's connection until a command hands it over; then the owner of what took it."""
+
+    transport: asyncio.Transport
+    record: SessionRecord
+    admission: Admission
+    """Set in ``connection_made`` (a refused connection never gets further)."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.conn = ServerConnection()
-        self.transport: asyncio.Transport | None = None
-        self.record: SessionRecord | None = None
         self.client_eof = False
         self.closed = False
         self.task: asyncio.Task[None] | None = None
@@ -104,7 +106,6 @@ class Session(asyncio.Protocol):
         self.gssapi: GssapiHandshake | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._finished = False
-        self.admission: admission.Admission | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -112,20 +113,25 @@ class Session(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
         peer = transport.get_extra_info("peername")
-        self.record = SessionRecord(_format_peer(peer), time.time())
+        self.record = record = SessionRecord(_format_peer(peer), time.time())
         if len(ctx.sessions) >= ctx.config.max_sessions:
             ctx.refused_sessions += 1
             log.warning(
-                "refusing %s: %d sessions open (max_sessions)",
-                self.record.client,
-                len(ctx.sessions),
+                "refusing %s: %d sessions open (max_sessions)", record.client, len(ctx.sessions)
             )
             self.closed = self._finished = True
             transport.abort()
             return
-        if not admission.admit(self, str(peer[0]) if isinstance(peer, tuple) else ""):
+        host = str(peer[0]) if isinstance(peer, tuple) else ""
+        outcome = admit(ctx.rules, ctx.limits, host=host, client=record.client)
+        if isinstance(outcome, Refusal):
             self.closed = self._finished = True
+            transport.close()
+            if outcome.log_now:
+                record.rule, record.error = outcome.rule, outcome.error
+                ctx.access_log.write(record)
             return
+        self.admission = outcome
         ctx.sessions.add(self)  # (asyncio and uvloop both set TCP_NODELAY on accepted sockets)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(ctx.config.handshake_timeout, self._handshake_timeout)
@@ -136,7 +142,7 @@ class Session(asyncio.Protocol):
         if conn.state is State.REPLY:
             # The command is running; what the client sends meanwhile is kept for the target.
             # Reading is paused only if that grows large: pausing costs two syscalls a session.
-            if conn.buffered > PENDING_LIMIT and self.transport is not None:
+            if conn.buffered > PENDING_LIMIT:
                 self.transport.pause_reading()
             return
         self._process()
@@ -162,13 +168,12 @@ class Session(asyncio.Protocol):
     def _process(self) -> None:
         conn = self.conn
         transport = self.transport
-        assert transport is not None
         while not self.closed:
             try:
                 event = conn.next_event()
             except RemoteProtocolError as e:
                 transport.write(conn.refusal(e))
-                if conn.refused_reply is not None and self.record is not None:
+                if conn.refused_reply is not None:
                     self.record.reply = conn.refused_reply  # what was sent, not what was raised
                 self.close(f"protocol error: {e}")
                 return
@@ -201,13 +206,12 @@ class Session(asyncio.Protocol):
         checkpoint (in-flight checks per address) to bcrypt. A failure's reply waits the delay
         admission gives (bounded by ``max_auth_delay``)."""
         auth = self.ctx.authenticator
-        record, transport = self.record, self.transport
-        assert record is not None and transport is not None
+        record, transport, admission = self.record, self.transport, self.admission
         record.user = user = user_name(creds.username)
         ok = auth is not None and auth.cached(creds.username, creds.password)
         if not ok:
             shared = auth is not None and auth.checking(creds.username, creds.password)
-            refusal = None if shared else admission.login_start(self)
+            refusal = None if shared else admission.login_start()
             if refusal is not None:
                 log.warning("refusing the login of %r from %s: %s", user, record.client, refusal)
                 transport.write(self.conn.send(UserPassReply(1)))
@@ -215,8 +219,8 @@ class Session(asyncio.Protocol):
                 return
             ok = auth is not None and await auth.verify(creds.username, creds.password)
             if not ok:
-                failure = admission.login_failed(self, user)
-                delay = failure.delay if failure is not None else 0.0
+                failure = admission.login_failed(user)
+                delay = failure.delay
                 log.warning(
                     "authentication failed for user %r from %s%s",
                     user,
@@ -226,7 +230,7 @@ class Session(asyncio.Protocol):
                 if delay > 0:
                     self.cancel_handshake_timer()  # the failure reply comes, within max_auth_delay
                     await asyncio.sleep(delay)
-        admission.login_done(self, user, ok)
+        admission.login_done(user, ok)
         transport.write(self.conn.send(UserPassReply(0 if ok else 1)))
         if not ok:
             self.close("authentication failed")
@@ -241,20 +245,21 @@ class Session(asyncio.Protocol):
                 return
             self.gssapi = GssapiHandshake(self, self.ctx.gssapi)
         if await self.gssapi.receive(message):
-            assert self.transport is not None
             self.transport.resume_reading()
             self._process()
 
     def _request(self, request: Request) -> None:
-        assert self.transport is not None and self.record is not None
+        record = self.record
         self.cancel_handshake_timer()
-        self.record.command = request.command.name
-        self.record.target = str(request.address)
+        record.command = request.command.name
+        record.target = str(request.address)
         handler = COMMANDS.get(request.command)
         if handler is None or request.command not in self.ctx.config.commands:
             self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} not supported")
             return
-        if not admission.authorize(self, request):
+        refusal = self.admission.authorize(self.ctx.rules, record.user, request)
+        if refusal is not None:
+            self.refuse(refusal)
             return
         self.task = asyncio.get_running_loop().create_task(handler(self, request.address))
 
@@ -271,11 +276,10 @@ class Session(asyncio.Protocol):
 
     # -- outcomes ----------------------------------------------------------------------------
 
-    def reply(self, code: ReplyCode, bound: Reply | None = None) -> None:
+    def reply(self, code: ReplyCode, bound: Address | None = None) -> None:
         """Write the reply to the request (success replies come with their bound address)."""
-        assert self.transport is not None and self.record is not None
         self.record.reply = code
-        self.transport.write(self.conn.send(bound if bound is not None else Reply(code)))
+        self.transport.write(self.conn.send(Reply(code) if bound is None else Reply(code, bound)))
 
     def fail(self, code: ReplyCode, error: str) -> None:
         """Answer the request with a failure code and close (RFC 1928: at once)."""
@@ -284,15 +288,30 @@ class Session(asyncio.Protocol):
         self.reply(code)
         self.close(error)
 
+    def refuse(self, refusal: Refusal) -> None:
+        """Answer a checkpoint's refusal (its reply code, its rule in the access log), close."""
+        if refusal.rule is not None:
+            self.record.rule = refusal.rule
+        if refusal.reply is None:
+            self.close(refusal.error)
+        else:
+            self.fail(refusal.reply, refusal.error)
+
     def abort(self, error: str) -> None:
         """End the session at once, dropping buffered data (shutdown deadline)."""
         if self.relay is not None:
             self.relay.abort(error)
-        elif self.transport is not None:
-            if self.task is not None:
-                self.task.cancel()
-            self.transport.abort()
-            self.finish(error)
+            return
+        if self.task is not None:
+            self.task.cancel()
+        self.transport.abort()
+        self.finish(error)
+
+    def abandon(self, error: str) -> None:
+        """The client gave up while its command waits: stop the command, close."""
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        self.close(error)
 
     def reloaded(self) -> None:
         """The configuration was reloaded (SIGHUP): tell what owns the connection now."""
@@ -303,40 +322,59 @@ class Session(asyncio.Protocol):
         """Close the client connection (after flushing what is written) and log the session."""
         if self.closed:
             return
-        if self.transport is not None:
-            self.transport.close()
+        self.transport.close()
         self.finish(error)
 
-    # -- RelayOwner ----------------------------------------------------------------------------
+    # -- what a command uses (CommandSession) ------------------------------------------------
 
-    def relay_terms(self) -> RelayTerms:
+    @property
+    def client(self) -> asyncio.Transport:
+        return self.transport
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
+
+    @property
+    def resolver(self) -> Resolver:
+        return self.ctx.resolver
+
+    @property
+    def codec(self) -> GssapiEncapsulation | None:
+        return self.conn.encapsulation
+
+    def terms(self) -> RelayTerms:
         """Idle timeout, bandwidth and buffer limits of this session's data (any command)."""
         admission = self.admission
-        user = self.record.user if self.record is not None else None
-        if admission is None:
-            return relay_terms(self.ctx, 0, user, None)
-        return relay_terms(self.ctx, admission.command, user, admission.idle_timeout)
+        return relay_terms(self.ctx, admission.command, self.record.user, admission.idle_timeout)
 
-    def new_relay(self) -> Relay:
-        """The relay of a CONNECT, owned by this session."""
-        return make_relay(self, self.relay_terms(), self.conn.encapsulation)
+    def allowed_addresses(self, target: Address, infos: list[AddrInfo]) -> list[AddrInfo] | Refusal:
+        return self.admission.allowed_addresses(self.record.user, target, infos)
 
-    def target_connected(self, relay: Relay, transport: asyncio.Transport) -> None:
-        """Reply with the outgoing connection's local address, then hand over to the relay.
+    def peer_decision(self, host: str, port: int) -> Decision:
+        return self.admission.peer_decision(self.ctx.rules, self.record.user, host, port)
 
-        Called from the target protocol's ``connection_made``, before any target byte can be
-        delivered, so the reply always precedes the target's data (docs/design-notes.md).
-        """
-        if self.closed or self.transport is None:
-            transport.close()
-            return
-        assert self.record is not None
+    def destination_allowed(self, name: str | None, ip: str, port: int) -> bool:
+        decision = self.admission.destination_allowed(
+            self.ctx.rules, self.record.user, name, ip, port
+        )
+        if not decision.allowed:
+            log.debug(
+                "UDP datagram to %s (%s) port %d denied by %s", name, ip, port, decision.label
+            )
+        return decision.allowed
+
+    def start_relay(self, relay: Relay, held: Holding) -> None:
+        """Relay from now on: the success reply is written, ``held`` is the outgoing side."""
         self.relay = relay
-        sockname = transport.get_extra_info("sockname")
-        if self.record.remote is None:
-            self.record.remote = _format_peer(transport.get_extra_info("peername"))
-        self.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, Address.of(*sockname[:2])))
-        relay.start(self.transport, self.conn.trailing_data(), self.client_eof)
+        relay.start(self.transport, held, self.conn.trailing_data(), self.client_eof)
+
+    def hand_over(self, owner: Handover) -> None:
+        """``owner`` (a UDP association) has the client's connection from now on."""
+        self.relay = owner
+        self.conn.trailing_data()  # bytes after a UDP ASSOCIATE request mean nothing: dropped
+
+    # -- RelayOwner ----------------------------------------------------------------------------
 
     def relay_finished(self, relay: Relay, error: str | None) -> None:
         """Both connections of the relay are closed."""
@@ -352,10 +390,11 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.ctx.sessions.discard(self)
-        admission.release(self)
+        self.admission.release()
         record = self.record
-        if record is not None:
-            record.bytes_up, record.bytes_down = up, down
-            if error and record.error is None:
-                record.error = error
-            self.ctx.access_log.write(record)
+        record.bytes_up, record.bytes_down = up, down
+        if error and record.error is None:
+            record.error = error
+        if record.rule is None and self.admission.rule is not None:
+            record.rule = self.admission.rule
+        self.ctx.access_log.write(record)

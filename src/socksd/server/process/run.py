@@ -1,6 +1,6 @@
 """Running a server process: event loop choice, logging, signals, graceful shutdown.
 
-SIGTERM/SIGINT shut down gracefully; SIGHUP reloads the configuration (``socksd.server.reload``).
+SIGTERM/SIGINT shut down gracefully; SIGHUP reloads the configuration (``socksd.server.process.reload``).
 SIGHUP is ignored from the start of :func:`run` until the handler is in place, so an early one
 does not kill the process (its default action).
 """
@@ -19,10 +19,10 @@ from typing import Any
 
 from socksd import fdlimit
 from socksd.config import Config
-from socksd.server.context import ServerContext
-from socksd.server.listener import Server
-from socksd.server.reload import ConfigSource, reload
-from socksd.server.workers import Supervisor, worker_count
+from socksd.server.process.context import ServerContext
+from socksd.server.process.listener import Server
+from socksd.server.process.reload import ConfigSource, reload
+from socksd.server.process.workers import Supervisor, worker_count
 
 log = logging.getLogger("socksd")
 

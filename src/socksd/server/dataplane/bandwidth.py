@@ -1,6 +1,6 @@
 """Per-user bandwidth: relay endpoints that forward only what the user's token bucket allows.
 
-``socksd.server.relays.make_relay`` gives a session :class:`ThrottledEndpoint` s when its user has
+``socksd.server.dataplane.terms.make_relay`` gives a session :class:`ThrottledEndpoint` s when its user has
 a ``[bandwidth]`` rate (plain endpoints otherwise: nothing added to their per-chunk path), for
 every command alike, GSSAPI-encapsulated relays included. Both directions are limited, each by
 its own bucket shared by all sessions of the user (``socksd.limits``). The bytes counted are the
@@ -13,7 +13,7 @@ There is no polling: each timer waits exactly as long as the bucket needs. A ses
 one read of data per direction besides the write buffers, as an unlimited one does.
 
 Reading on a side is paused for two reasons, each with its flag: the other side's write buffer is
-full (``blocked``, backpressure as in ``socksd.server.relay``) or data is held; it resumes only when
+full (``blocked``, backpressure as in ``socksd.server.dataplane.relay``) or data is held; it resumes only when
 neither holds. An EOF or a lost connection that arrives while data is held waits until the data is
 delivered, so half-close and "nothing is lost" hold as in the plain relay; the transport is still
 closed as soon as both its directions have ended (docs/design-notes.md).
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import cast
 
 from socksd.limits import TokenBucket
-from socksd.server.relay import RelayEndpoint
+from socksd.server.dataplane.relay import RelayEndpoint
 
 MIN_DELAY = 0.001
 """Shortest timer: a bucket that another session just emptied is not asked again at once."""

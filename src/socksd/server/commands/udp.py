@@ -59,25 +59,21 @@ from socksd.protocol import (
     UDP_HEADER_IPV4,
     Address,
     AddressType,
-    Command,
     GssapiEncapsulation,
     GssapiError,
     RemoteProtocolError,
-    Reply,
     ReplyCode,
     UdpClientFilter,
     parse_address,
     udp_header_length,
     udp_reply_header,
 )
-from socksd.rules import NeedAddresses, RuleSet
-from socksd.server.admission import UNKNOWN_CLIENT
-from socksd.server.replycodes import reply_for_error
+from socksd.server.commands.replycodes import reply_for_error
 
 if TYPE_CHECKING:
     from socksd.limits import TokenBucket
-    from socksd.server.relays import RelayTerms
-    from socksd.server.session import Session
+    from socksd.server.commands.base import CommandSession
+    from socksd.server.dataplane.terms import RelayTerms
 
 log = logging.getLogger("socksd.udp")
 
@@ -213,6 +209,10 @@ class TargetSide(asyncio.DatagramProtocol):
         if a.down_bucket is not None and not a.down_bucket.take_whole(len(data), time.monotonic()):
             a.drop("bandwidth")
             return
+        self.deliver(a, header, data)
+
+    def deliver(self, a: UdpAssociation, header: bytes, data: bytes) -> None:
+        """Send ``data`` from a target to the client behind its SOCKS UDP ``header``."""
         a.datagrams_down += 1
         a.bytes_down += len(data)
         a.client_transport.sendto(header + data, a.client_addr)  # type: ignore[union-attr]
@@ -249,19 +249,7 @@ class GssapiClientSide(ClientSide):
 class GssapiTargetSide(TargetSide):
     """A target side after GSSAPI: header and data go to the client as one RFC 1961 frame."""
 
-    def datagram_received(self, data: bytes, addr: SockAddr) -> None:
-        a = self.association
-        header = a.reply_headers.get(addr)
-        if header is None:
-            header = a.reply_header(addr)
-            if header is None:
-                return
-        if a.client_side.paused:
-            a.drop("congested")
-            return
-        if a.down_bucket is not None and not a.down_bucket.take_whole(len(data), time.monotonic()):
-            a.drop("bandwidth")
-            return
+    def deliver(self, a: UdpAssociation, header: bytes, data: bytes) -> None:
         codec = cast(GssapiClientSide, a.client_side).codec
         try:
             datagram = codec.encode_datagram(header + data)
@@ -295,7 +283,7 @@ class UdpAssociation:
 
     def __init__(
         self,
-        session: Session,
+        session: CommandSession,
         client: UdpClientFilter,
         terms: RelayTerms,
         codec: GssapiEncapsulation | None = None,
@@ -314,7 +302,6 @@ class UdpAssociation:
         self.peer_hosts: dict[str, None] = {}  # insertion-ordered set
         self.names: dict[str, tuple[str, float]] = {}  # name -> (IP, expiry)
         self.verdicts: dict[tuple[str | None, str, int], bool] = {}  # access rules, per target
-        self.verdict_rules: RuleSet | None = None
         self.pending: dict[str, list[tuple[bytes, int, int]]] = {}  # name -> [(data, end, port)]
         self.tasks: set[asyncio.Task[None]] = set()
         self.datagrams_up = self.datagrams_down = 0
@@ -462,7 +449,7 @@ class UdpAssociation:
     async def _resolve(self, name: str, port: int) -> None:
         ip: str | None = None
         try:
-            infos = await self.session.ctx.resolver.resolve(name, port)
+            infos = await self.session.resolver.resolve(name, port)
             families = [info for info in infos if info[0] in self.target_sides]
             if families:
                 ip = str(families[0][4][0])
@@ -514,47 +501,18 @@ class UdpAssociation:
         Each datagram's destination is a request of its own: the rules see command ``udp``, the
         name the client gave (if any) and the address it resolved to, so ``to``/``ports`` rules
         and ``protect_local`` hold for datagrams as they do for CONNECT. Verdicts are cached per
-        (name, address, port) until the rule set is reloaded.
+        (name, address, port) until a reload (:meth:`reloaded`).
         """
-        rules = self.session.ctx.rules
-        if rules.allow_all:
-            return True
-        if rules is not self.verdict_rules:
-            self.verdicts.clear()
-            self.verdict_rules = rules
         key = (name, ip, port)
         verdict = self.verdicts.get(key)
         if verdict is None:
-            verdict = self._decide(rules, name, ip, port)
+            verdict = self.session.destination_allowed(name, ip, port)
             if len(self.verdicts) >= TARGET_CACHE_SIZE:
                 self.verdicts.clear()
             self.verdicts[key] = verdict
         if not verdict:
             self.drop("denied")
         return verdict
-
-    def _decide(self, rules: RuleSet, name: str | None, ip: str, port: int) -> bool:
-        admission = self.session.admission
-        record = self.session.record
-        client = admission.ip if admission is not None else UNKNOWN_CLIENT
-        user = record.user if record is not None else None
-        command = Command.UDP_ASSOCIATE
-        decision = rules.check_request(client, user, command, name or ip, port)
-        if isinstance(decision, NeedAddresses):
-            decision = rules.check_address(
-                client,
-                user,
-                command,
-                name=name or ip,
-                address=ip,
-                port=port,
-                start=decision.start,
-            )
-        if not decision.allowed:
-            log.debug(
-                "UDP datagram to %s (%s) port %d denied by %s", name, ip, port, decision.label
-            )
-        return decision.allowed
 
     def reloaded(self) -> None:
         """A reload: every destination is checked and resolved afresh, as for a new request.
@@ -564,7 +522,6 @@ class UdpAssociation:
         self.targets.clear()
         self.verdicts.clear()
         self.names.clear()
-        self.verdict_rules = None
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` datagrams dropped for ``reason``."""
@@ -609,8 +566,7 @@ class UdpAssociation:
         if self._control is not None:
             self._control.close()
         session = self.session
-        if session.record is not None:
-            session.record.udp = self.stats()
+        session.record.udp = self.stats()
         session.finish(reason, self.bytes_up, self.bytes_down)
 
     def abort(self, error: str) -> None:
@@ -620,18 +576,14 @@ class UdpAssociation:
         self.close(error)
 
 
-async def udp_associate(session: Session, address: Address) -> None:
-    """Carry out one UDP ASSOCIATE request for ``session``."""
-    config = session.ctx.config
-    control = session.transport
-    assert control is not None
+async def udp_associate(session: CommandSession, address: Address) -> None:
+    """Carry out one UDP ASSOCIATE request."""
+    config = session.config
+    control = session.client
     local_ip = str(control.get_extra_info("sockname")[0])
     client_ip = str(control.get_extra_info("peername")[0])
     association = UdpAssociation(
-        session,
-        UdpClientFilter(client_ip, address),
-        session.relay_terms(),
-        session.conn.encapsulation,
+        session, UdpClientFilter(client_ip, address), session.terms(), session.codec
     )
     try:
         bound = await association.open(local_ip)
@@ -648,9 +600,7 @@ async def udp_associate(session: Session, address: Address) -> None:
     advertised = (
         Address.of(config.external_address, bound.port) if config.external_address else bound
     )
-    if session.record is not None:
-        session.record.remote = str(bound)
-    session.relay = association
-    session.reply(ReplyCode.SUCCEEDED, Reply(ReplyCode.SUCCEEDED, advertised))
-    session.conn.trailing_data()  # bytes after the request mean nothing here: discarded
+    session.record.remote = str(bound)
+    session.reply(ReplyCode.SUCCEEDED, advertised)
+    session.hand_over(association)
     association.start(control, session.client_eof)

@@ -2,7 +2,7 @@
 
 :func:`reload` reads the config again through the ``ConfigSource`` the command line gave (the
 same file and the same flags, which still win), then derives every part from it with the same
-function start-up uses (:func:`socksd.server.context.derive`: authentication methods, user file,
+function start-up uses (:func:`socksd.server.process.context.derive`: authentication methods, user file,
 GSSAPI acceptor, rules with this host's current addresses, resolver, access log, limits) before
 touching the running server. Any error leaves the running configuration as it was and is logged
 in one line. On success the parts are installed in one step of the event loop: sessions already
@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 
 from socksd.config import Config, ConfigError
-from socksd.server.context import Derived, ServerContext, derive
+from socksd.server.process.context import Derived, ServerContext, derive
 
 log = logging.getLogger("socksd")
 

@@ -14,7 +14,7 @@ and the reason is logged (server log and access-log line). The authenticated pri
 (``user@REALM``) becomes the session's user name.
 
 Each context step passes the same login checkpoint as a password check
-(``socksd.server.admission.login_start``): counted against the address's in-flight checks, or
+(``Admission.login_start``): counted against the address's in-flight checks, or
 refused with the abort message at once. A failed step is a failed login of no known user: it
 counts for the address only, and its abort message waits the delay admission gives.
 """
@@ -33,11 +33,10 @@ from socksd.protocol import (
     ProtectionLevel,
     State,
 )
-from socksd.server import admission
 
 if TYPE_CHECKING:
     from socksd.auth.gssapi import GssapiAcceptor
-    from socksd.server.session import Session
+    from socksd.server.handshake.session import Session
 
 log = logging.getLogger("socksd.gssapi")
 
@@ -57,11 +56,10 @@ class GssapiHandshake:
         """Act on one client message; False when the session has ended (failure or close)."""
         session = self.session
         transport, conn, record = session.transport, session.conn, session.record
-        assert transport is not None and record is not None
         try:
             step = self.negotiation.receive(message)
             if isinstance(step, MechanismStep):
-                refusal = admission.login_start(session)
+                refusal = session.admission.login_start()
                 if refusal is not None:
                     self._fail(f"refused: {refusal}")
                     return False
@@ -72,7 +70,7 @@ class GssapiHandshake:
                     self._fail(f"{e}")
                     return False
                 finally:
-                    admission.login_done(session, None, False)
+                    session.admission.login_done(None, False)
                 if session.closed:
                     return False
                 if complete:
@@ -105,15 +103,15 @@ class GssapiHandshake:
 
     async def _delay_failure(self) -> None:
         """Count the failed context for the client's address; wait the delay admission gives."""
-        failure = admission.login_failed(self.session, None)
-        if failure is not None and failure.delay > 0 and not self.session.closed:
+        failure = self.session.admission.login_failed(None)
+        if failure.delay > 0 and not self.session.closed:
             self.session.cancel_handshake_timer()  # the abort message comes, within the delay
             await asyncio.sleep(failure.delay)
 
     def _fail(self, reason: str) -> None:
         """Abort message, log line, close (unless the session has already ended)."""
         session = self.session
-        if session.closed or session.transport is None or session.record is None:
+        if session.closed:
             return
         if session.conn.state is State.AUTH_GSSAPI:
             session.transport.write(session.conn.send(self.negotiation.abort()))

@@ -1,0 +1,110 @@
+"""What a command is given: :class:`CommandSession`, the part of a session a command may use.
+
+A command is a coroutine ``command(session, address)`` run once the request passed admission.
+It resolves and opens what it needs, asks the session for the checkpoints it meets on the way
+(a name's addresses, a BIND's peer, a UDP datagram's destination), writes its own replies with
+``reply``/``fail``, and finally hands the client's connection over: to a relay
+(``start_relay``, CONNECT and BIND) or to a UDP association (``hand_over``). The session
+(``socksd.server.handshake.session.Session``) implements this; a test may give a command any
+object that does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from socksd.accesslog import SessionRecord
+    from socksd.config import Config
+    from socksd.protocol import Address, GssapiEncapsulation, ReplyCode, ServerConnection
+    from socksd.resolver import AddrInfo, Resolver
+    from socksd.rules import Decision
+    from socksd.server.dataplane.relay import Holding, Relay
+    from socksd.server.dataplane.terms import RelayTerms
+    from socksd.server.handshake.admission import Refusal
+
+
+class Handover(Protocol):
+    """What owns the client connection once a command succeeded: a Relay, a UDP association."""
+
+    def abort(self, error: str) -> None:
+        """End at once, dropping buffered data (shutdown deadline)."""
+
+    def reloaded(self) -> None:
+        """The configuration was reloaded: drop what was derived from the old one."""
+
+
+class CommandSession(Protocol):
+    """The session of a request, as its command sees it."""
+
+    client_eof: bool
+    """The client has half-closed its connection."""
+    closed: bool
+    """The session has ended."""
+
+    @property
+    def record(self) -> SessionRecord:
+        """The access-log record: a command fills in ``remote`` (and ``udp``)."""
+
+    @property
+    def conn(self) -> ServerConnection:
+        """The sans-I/O connection: early data the client sends is kept there."""
+
+    @property
+    def client(self) -> asyncio.Transport:
+        """The client's connection; reading is paused while the command runs."""
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force."""
+
+    @property
+    def resolver(self) -> Resolver:
+        """The resolver in force (a reload may replace it)."""
+
+    @property
+    def codec(self) -> GssapiEncapsulation | None:
+        """RFC 1961 encapsulation after GSSAPI, else None."""
+
+    def terms(self) -> RelayTerms:
+        """Idle timeout, bandwidth and buffer limits of this session's data."""
+
+    def allowed_addresses(self, target: Address, infos: list[AddrInfo]) -> list[AddrInfo] | Refusal:
+        """The rules for the addresses a name resolved to (admission)."""
+
+    def peer_decision(self, host: str, port: int) -> Decision:
+        """The rules for the peer that connected to a BIND for any peer."""
+
+    def destination_allowed(self, name: str | None, ip: str, port: int) -> bool:
+        """The rules for one UDP datagram's destination."""
+
+    def reply(self, code: ReplyCode, bound: Address | None = None) -> None:
+        """Write a reply (a success with its bound address)."""
+
+    def fail(self, code: ReplyCode, error: str) -> None:
+        """Answer with a failure code and close."""
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Answer a checkpoint's refusal and close."""
+
+    def close(self, error: str | None = None) -> None:
+        """Close the client connection and end the session."""
+
+    def abandon(self, error: str) -> None:
+        """The client gave up while the command waits: stop the command, close."""
+
+    def start_relay(self, relay: Relay, held: Holding) -> None:
+        """Relay the client's connection with the outgoing one (after the success reply)."""
+
+    def hand_over(self, owner: Handover) -> None:
+        """Give the client's connection to ``owner`` (a UDP association)."""
+
+    def relay_finished(self, relay: Relay, error: str | None) -> None:
+        """Both connections of the relay are closed (the session is the relay's owner)."""
+
+    def finish(self, error: str | None = None, up: int = 0, down: int = 0) -> None:
+        """The session's end: its access-log line, its counts given back."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The client's connection is gone (forwarded by a command's own protocol)."""

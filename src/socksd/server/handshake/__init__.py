@@ -1,0 +1,3 @@
+"""One client connection until its command runs: the session (greeting, method, sub-negotiation,
+request; ``session``), GSSAPI context establishment (``gssapi``), and the admission checkpoints
+that decide what the session may do (``admission``)."""

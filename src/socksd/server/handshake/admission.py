@@ -1,0 +1,304 @@
+"""Admission: the access-rule checkpoints and the session limits of one session.
+
+Each checkpoint is given what it reads (the rule set in force, the user, the request) and returns
+its decision; the session acts on it (closes, replies, waits). Nothing here writes to a
+connection. A no is a :class:`Refusal`: the reply code to send (None: close without a reply) and
+the reason for the log.
+
+- accept (:func:`admit`): a client address under a hard block after failed logins
+  (``auth_block``), denied by the rules at accept (``RuleSet.check_client``) or over
+  ``max_sessions_per_ip`` is closed before a byte is read; otherwise the session gets its
+  :class:`Admission`, which counts it until :meth:`Admission.release`;
+- login (:meth:`Admission.login_start`, before a password check or a GSSAPI context step is
+  queued; a login in the verified-login cache skips it): counted against
+  ``max_auth_checks_per_ip`` until :meth:`~Admission.login_done`, or refused (answered as failed
+  at once, uncounted); :meth:`~Admission.login_failed` counts a failure and says how long its
+  reply waits (``socksd.limits.LoginThrottle``);
+- request (:meth:`Admission.authorize`): the rules see the command, user and target (a UDP
+  ASSOCIATE or a BIND for any peer has no destination yet: ``RuleSet.check_open_request``); a
+  denied request gets REP 0x02 and its access-log line names the rule; then
+  ``max_sessions_per_user`` (REP 0x01 beyond it);
+- resolved addresses (:meth:`Admission.allowed_addresses`, from a command after it resolved a
+  domain target): when the rules said the outcome depends on the addresses, each is checked;
+  denied ones are dropped, and with none left the request is refused as above;
+- a BIND's peer (:meth:`Admission.peer_decision`) and each UDP destination
+  (:meth:`Admission.destination_allowed`): the rules for a destination known only then.
+
+The rule set in force is passed at each checkpoint, so a reload applies to the next checkpoint;
+a request waiting for its addresses keeps the rule set it started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from socksd.limits import Limits, LoginFailure, throttle_key
+from socksd.protocol import Address, Command, ReplyCode, Request
+from socksd.protocol.udp import is_unspecified
+from socksd.resolver import AddrInfo
+from socksd.rules import IP, Decision, NeedAddresses, RuleSet, parse_ip
+
+log = logging.getLogger("socksd.session")
+
+UNKNOWN_CLIENT: IP = (6, 0)
+"""A client whose address cannot be read: matched as ``::`` (no client rule, not loopback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A checkpoint's no: what to answer (None: close without a reply) and why."""
+
+    reply: ReplyCode | None
+    error: str
+    rule: str | None = None
+    """The access-log ``rule`` field (``N``, ``default``, ``protect_local``) when a rule said no."""
+    log_now: bool = False
+    """Write the session's access-log line at once (a refusal at accept is otherwise silent)."""
+
+
+def _rule_field(decision: Decision) -> str:
+    return decision.label.removeprefix("rule ")
+
+
+def _denied(decision: Decision) -> Refusal:
+    reason = f"denied by {decision.label}"
+    if decision.label == "protect_local":
+        reason += " (a local destination)"
+    return Refusal(ReplyCode.NOT_ALLOWED, reason, _rule_field(decision))
+
+
+def admit(
+    rules: RuleSet,
+    limits: Limits,
+    *,
+    host: str,
+    client: str,
+) -> Admission | Refusal:
+    """Accept checkpoint for a connection from ``host`` (``client`` is HOST:PORT, for logs)."""
+    if limits.throttle.blocked(host, time.monotonic()):
+        log.debug("refusing %s: blocked after failed logins (auth_block)", client)
+        return Refusal(None, "blocked after failed logins (auth_block)")
+    ip = parse_ip(host) or UNKNOWN_CLIENT
+    if not rules.accept_all:
+        decision = rules.check_client(ip)
+        if not decision.allowed:
+            return Refusal(
+                None, f"denied by {decision.label} at accept", _rule_field(decision), log_now=True
+            )
+    count = limits.per_ip.add(host)
+    if limits.max_per_ip and count > limits.max_per_ip:
+        limits.per_ip.remove(host)
+        log.warning(
+            "refusing %s: %d sessions open from this address (max_sessions_per_ip)",
+            client,
+            count - 1,
+        )
+        return Refusal(None, "max_sessions_per_ip")
+    return Admission(limits, host, ip, client)
+
+
+class Admission:
+    """One admitted session: what its checkpoints decided and what it counts."""
+
+    __slots__ = (
+        "checking",
+        "client",
+        "command",
+        "host",
+        "idle_timeout",
+        "ip",
+        "limits",
+        "pending",
+        "pending_rules",
+        "released",
+        "rule",
+        "user",
+    )
+
+    def __init__(self, limits: Limits, host: str, ip: IP, client: str) -> None:
+        self.limits = limits
+        self.host = host
+        """The client's address, as counted for ``max_sessions_per_ip``."""
+        self.ip = ip
+        self.client = client
+        self.user: str | None = None
+        """The user counted for ``max_sessions_per_user``, once the request is in."""
+        self.command = 0
+        self.pending: NeedAddresses | None = None
+        self.pending_rules: RuleSet | None = None
+        self.idle_timeout: float | None = None
+        """The idle timeout of the allow rule that matched, if it has one."""
+        self.rule: str | None = None
+        """The access-log ``rule`` field of the allow rule that decided, if one did."""
+        self.checking = False
+        """A login check is counted for the address (``login_start``)."""
+        self.released = False
+
+    # -- request ------------------------------------------------------------------------------
+
+    def authorize(self, rules: RuleSet, user: str | None, request: Request) -> Refusal | None:
+        """Request checkpoint; None: go on (maybe with addresses to check later)."""
+        self.command = command = request.command
+        if not rules.allow_all:
+            address = request.address
+            decision: Decision | NeedAddresses
+            if command == Command.UDP_ASSOCIATE or (
+                command == Command.BIND and is_unspecified(address)
+            ):  # destinations not known yet: checked per datagram, or when the peer connects
+                decision = rules.check_open_request(self.ip, user, command)
+            else:
+                decision = rules.check_request(self.ip, user, command, address.host, address.port)
+            if isinstance(decision, NeedAddresses):
+                self.pending_rules, self.pending = rules, decision
+            elif not decision.allowed:
+                return _denied(decision)
+            else:
+                self._allowed(decision)
+        if user is not None:
+            limits = self.limits
+            count = limits.per_user.add(user)
+            self.user = user
+            if limits.max_per_user and count > limits.max_per_user:
+                log.warning(
+                    "refusing user %r from %s: %d sessions open (max_sessions_per_user)",
+                    user,
+                    self.client,
+                    count - 1,
+                )
+                return Refusal(
+                    ReplyCode.GENERAL_FAILURE,
+                    f"user has {count - 1} sessions open (max_sessions_per_user)",
+                )
+        return None
+
+    def _allowed(self, decision: Decision) -> None:
+        if decision.rule is not None:
+            self.rule = _rule_field(decision)
+        self.idle_timeout = decision.idle_timeout
+
+    def allowed_addresses(
+        self, user: str | None, target: Address, infos: list[AddrInfo]
+    ) -> list[AddrInfo] | Refusal:
+        """The resolved addresses of ``target`` the rules allow, or the refusal when none is."""
+        rules, pending = self.pending_rules, self.pending
+        if rules is None or pending is None:
+            return infos
+        self.pending = None
+        allowed: list[AddrInfo] = []
+        first_allow: Decision | None = None
+        first_deny: Decision | None = None
+        for info in infos:
+            decision = rules.check_address(
+                self.ip,
+                user,
+                self.command,
+                name=target.host,
+                address=str(info[4][0]),
+                port=target.port,
+                start=pending.start,
+            )
+            if decision.allowed:
+                allowed.append(info)
+                first_allow = first_allow or decision
+            else:
+                first_deny = first_deny or decision
+        if first_allow is None:
+            return (
+                _denied(first_deny)
+                if first_deny is not None
+                else Refusal(ReplyCode.HOST_UNREACHABLE, f"{target.host} has no address")
+            )
+        if first_deny is not None:
+            log.debug(
+                "%s: %d of %d addresses of %s denied (%s)",
+                self.client,
+                len(infos) - len(allowed),
+                len(infos),
+                target.host,
+                first_deny.label,
+            )
+        self._allowed(first_allow)
+        return allowed
+
+    def peer_decision(self, rules: RuleSet, user: str | None, host: str, port: int) -> Decision:
+        """The rules for the peer that connected to a BIND for any peer (command ``bind``, the
+        peer's address and port as the destination), as the request's destination would be."""
+        decision = rules.check_request(self.ip, user, Command.BIND, host, port)
+        assert isinstance(decision, Decision)  # an IP address needs no lookup
+        return decision
+
+    def destination_allowed(
+        self, rules: RuleSet, user: str | None, name: str | None, ip: str, port: int
+    ) -> Decision:
+        """The rules for one UDP datagram's destination: its address, and the name the client
+        gave for it if any (command ``udp``)."""
+        command = Command.UDP_ASSOCIATE
+        decision = rules.check_request(self.ip, user, command, name or ip, port)
+        if isinstance(decision, NeedAddresses):
+            decision = rules.check_address(
+                self.ip,
+                user,
+                command,
+                name=name or ip,
+                address=ip,
+                port=port,
+                start=decision.start,
+            )
+        return decision
+
+    # -- logins -------------------------------------------------------------------------------
+
+    def login_start(self) -> str | None:
+        """Login checkpoint: None when the check may be queued (it is counted for the client's
+        address until :meth:`login_done`), else why the login is refused now."""
+        throttle = self.limits.throttle
+        if throttle.blocked(self.host, time.monotonic()):
+            return f"blocked after {throttle.max_failures} failed logins (auth_block)"
+        if not throttle.begin_check(self.host):
+            return (
+                f"{throttle.checks(self.host)} logins from this address are being checked "
+                "(max_auth_checks_per_ip)"
+            )
+        self.checking = True
+        return None
+
+    def login_failed(self, user: str | None) -> LoginFailure:
+        """Count a failed login of ``user`` (None: not known, as after a failed GSSAPI context);
+        the answer says how long the failure reply waits. Logs when a hard block starts."""
+        throttle = self.limits.throttle
+        failure = throttle.failed(self.host, user, time.monotonic())
+        if failure.blocks:
+            log.warning(
+                "blocking %s for %gs after %d failed logins (max_auth_failures)",
+                throttle_key(self.host),
+                throttle.block_time,
+                throttle.max_failures,
+            )
+        return failure
+
+    def login_done(self, user: str | None, ok: bool) -> None:
+        """The login counted by :meth:`login_start` is answered: its address gets the check
+        back; a success forgets the (address, user) failures."""
+        throttle = self.limits.throttle
+        if self.checking:
+            self.checking = False
+            throttle.end_check(self.host)
+        if ok:
+            throttle.succeeded(self.host, user)
+
+    # -- end ----------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Give back what the session counted (once, when it ends)."""
+        if self.released:
+            return
+        self.released = True
+        limits = self.limits
+        limits.per_ip.remove(self.host)
+        if self.checking:
+            self.checking = False
+            limits.throttle.end_check(self.host)
+        if self.user is not None:
+            limits.per_user.remove(self.user)
