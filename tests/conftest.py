@@ -1,6 +1,6 @@
 """Shared fixtures: socksd server processes on loopback, loopback targets, a Kerberos realm; and
 the hook that marks the end-to-end tests. The helpers they use live in modules (tests/servers.py,
-tests/helpers.py), which tests import; the names imported here are kept for older imports."""
+tests/helpers.py), which tests import."""
 
 from __future__ import annotations
 
@@ -10,18 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import refused_port
-from tests.servers import LISTENING, EchoServer, ServerProcess, ThreadedTarget, start_server
-
-__all__ = [
-    "LISTENING",
-    "EchoServer",
-    "ServerProcess",
-    "ThreadedTarget",
-    "free_port",
-    "start_server",
-]
-
+from tests.servers import EchoServer, ServerProcess, start_server
 
 E2E_DIR = Path(__file__).parent / "e2e"
 
@@ -59,9 +48,6 @@ def echo() -> Iterator[EchoServer]:
     server = EchoServer()
     yield server
     server.close()
-
-
-free_port = refused_port  # the old name, still imported by some tests
 
 
 @pytest.fixture(scope="session")

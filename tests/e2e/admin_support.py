@@ -9,7 +9,6 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import ServerProcess
 from tests.e2e.support import (
     IO_TIMEOUT,
     access_lines,
@@ -19,6 +18,7 @@ from tests.e2e.support import (
     userpass,
     wait_for,
 )
+from tests.servers import ServerProcess
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
 

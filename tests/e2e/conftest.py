@@ -11,8 +11,6 @@ import pytest
 from tests.e2e.support import PASSWORD, USER, HttpServer, NxDomainDns, add_user, has_ipv6
 from tests.servers import EchoServer, ServerProcess, start_server
 
-__all__ = ["PASSWORD", "USER"]  # kept for older imports: tests import them from support
-
 
 @pytest.fixture(scope="session")
 def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:

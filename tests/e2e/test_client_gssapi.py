@@ -23,10 +23,10 @@ from socksd.client import (
     create_udp_association,
     udp_associate,
 )
-from tests.conftest import ServerProcess
 from tests.e2e.support import IO_TIMEOUT, UdpEchoServer, access_lines, recv_exact, wait_for
 from tests.e2e.wiretap import Tap
 from tests.krb5 import HOST, TestRealm
+from tests.servers import ServerProcess
 
 MARKER = b"<<client library marker 0123456789 abcdefghijklmnopqrstuvwxyz>>"
 

@@ -32,10 +32,10 @@ from socksd.client import (
     open_connection,
 )
 from socksd.protocol import Address, Command, State
-from tests.conftest import EchoServer, ServerProcess
-from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
     IO_TIMEOUT,
+    PASSWORD,
+    USER,
     SourceServer,
     UdpEchoServer,
     access_lines,
@@ -52,6 +52,7 @@ from tests.e2e.support import (
 )
 from tests.e2e.wiretap import Tap
 from tests.krb5 import HOST, TestRealm
+from tests.servers import EchoServer, ServerProcess
 
 PRINCIPAL = "user@KRBTEST.COM"
 MARKER = b"<<plain text marker 0123456789 abcdefghijklmnopqrstuvwxyz>>"

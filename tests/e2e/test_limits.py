@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LISTENING, EchoServer, ServerProcess
 from tests.e2e.admin_support import (
     closed_before_negotiation,
     config_server,
@@ -35,6 +34,7 @@ from tests.e2e.support import (
     wait_for,
     wait_for_log,
 )
+from tests.servers import LISTENING, EchoServer, ServerProcess
 
 
 @pytest.fixture(scope="module")

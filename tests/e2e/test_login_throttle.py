@@ -32,7 +32,6 @@ from python_socks.sync import Proxy
 
 from socksd.client import AuthenticationError, GssapiOptions, create_gssapi_connection
 from socksd.client import Proxy as SocksdProxy
-from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.admin_support import (
     closed_before_negotiation,
     config_server,
@@ -59,6 +58,7 @@ from tests.netns import (
     TARGET,
     network_namespace,
 )
+from tests.servers import EchoServer, ServerProcess
 
 if TYPE_CHECKING:
     from tests.krb5 import TestRealm

@@ -21,9 +21,9 @@ from socksd.client import (
     ProxyError,
     ReplyError,
 )
-from tests.conftest import EchoServer, ServerProcess, free_port
-from tests.e2e.conftest import PASSWORD, USER
-from tests.e2e.support import HttpServer, access_lines, recv_exact, wait_for
+from tests.e2e.support import PASSWORD, USER, HttpServer, access_lines, recv_exact, wait_for
+from tests.helpers import refused_port
+from tests.servers import EchoServer, ServerProcess
 
 PAYLOAD = bytes(range(256)) * 64  # 16 KiB, every byte value
 
@@ -93,7 +93,7 @@ def test_python_socks_wrong_password(auth_server: ServerProcess, module_echo: Ec
 
 
 def test_python_socks_refused_reports_code_5(open_server: ServerProcess) -> None:
-    port = free_port()
+    port = refused_port()
 
     async def main() -> None:
         proxy = AsyncioProxy.from_url(url(open_server))
@@ -232,7 +232,7 @@ def test_own_create_connection_ipv6(open_server: ServerProcess, echo6: EchoServe
 
 
 def test_own_client_refused_is_reply_5(open_server: ServerProcess) -> None:
-    port = free_port()
+    port = refused_port()
     with pytest.raises(ReplyError) as info:
         socksd.client.create_connection(url(open_server), ("127.0.0.1", port))
     assert info.value.reply == 5
@@ -271,7 +271,7 @@ def test_own_client_no_credentials_to_auth_server(
 
 
 def test_own_client_proxy_down() -> None:
-    port = free_port()
+    port = refused_port()
     with pytest.raises(ProxyConnectionError) as info:
         socksd.client.create_connection(f"socks5://127.0.0.1:{port}", ("127.0.0.1", 9))
     assert isinstance(info.value, ProxyError)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.admin_support import access_line, wait_log_count
 from tests.e2e.support import (
     IO_TIMEOUT,
@@ -31,6 +30,7 @@ from tests.e2e.support import (
     udp_header,
 )
 from tests.netns import CLIENT_A, CLIENT_B, PROXY, TARGET, network_namespace
+from tests.servers import EchoServer, ServerProcess
 
 OPEN_TARGETS = '[[rules]]\naction = "allow"\nto = ["198.51.100.0/24"]\n'
 

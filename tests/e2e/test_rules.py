@@ -17,7 +17,6 @@ import pytest
 from python_socks import ProxyError as PySocksProxyError
 from python_socks.async_.asyncio import Proxy as AsyncioProxy
 
-from tests.conftest import EchoServer, ServerProcess
 from tests.e2e.admin_support import (
     access_line,
     closed_before_negotiation,
@@ -28,8 +27,9 @@ from tests.e2e.admin_support import (
     socks_reply,
     write_config,
 )
-from tests.e2e.conftest import PASSWORD, USER
 from tests.e2e.support import (
+    PASSWORD,
+    USER,
     HttpServer,
     NxDomainDns,
     add_user,
@@ -39,6 +39,7 @@ from tests.e2e.support import (
     socksd_cli,
     wait_for,
 )
+from tests.servers import EchoServer, ServerProcess
 
 # -- real clients ----------------------------------------------------------------------------------
 

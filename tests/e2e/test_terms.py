@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from socksd.client import create_udp_association
-from tests.conftest import ServerProcess
 from tests.e2e.admin_support import access_line, config_server
 from tests.e2e.support import (
     IO_TIMEOUT,
@@ -32,6 +31,7 @@ from tests.e2e.support import (
     request,
     udp_associate_raw,
 )
+from tests.servers import ServerProcess
 
 RATE = 200_000
 SIZE = 3 * RATE
