@@ -69,6 +69,7 @@ from socksd.protocol import (
     udp_reply_header,
 )
 from socksd.server.commands.replycodes import reply_for_error
+from socksd.server.dataplane.idle import IdleWatch
 
 if TYPE_CHECKING:
     from socksd.limits import TokenBucket
@@ -312,8 +313,7 @@ class UdpAssociation:
         buckets = terms.buckets
         self.up_bucket: TokenBucket | None = buckets[0] if buckets else None
         self.down_bucket: TokenBucket | None = buckets[1] if buckets else None
-        self._idle_mark = (-1, 0.0)
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_watch: IdleWatch | None = None
         self._control: asyncio.Transport | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -353,7 +353,9 @@ class UdpAssociation:
             return
         control.resume_reading()
         if self._idle > 0:
-            self._schedule_idle_check()
+            self._idle_watch = IdleWatch(
+                self._idle, self._traffic, self.close, "UDP association idle"
+            )
 
     # -- client -> target -----------------------------------------------------------------------
 
@@ -531,19 +533,8 @@ class UdpAssociation:
     def stats(self) -> UdpStats:
         return UdpStats(self.datagrams_up, self.datagrams_down, dict(self.dropped))
 
-    def _schedule_idle_check(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._idle_timer = loop.call_later(self._idle / 4, self._check_idle)
-
-    def _check_idle(self) -> None:
-        now = asyncio.get_running_loop().time()
-        total = self.datagrams_up + self.datagrams_down
-        if total != self._idle_mark[0]:
-            self._idle_mark = (total, now)
-        elif now - self._idle_mark[1] >= self._idle:
-            self.close(f"UDP association idle for {self._idle:g}s")
-            return
-        self._schedule_idle_check()
+    def _traffic(self) -> int:
+        return self.datagrams_up + self.datagrams_down
 
     def close_sockets(self) -> None:
         """Close every UDP socket now: nothing is relayed after this returns."""
@@ -561,8 +552,8 @@ class UdpAssociation:
             return
         self.closed = True
         self.close_sockets()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
         if self._control is not None:
             self._control.close()
         session = self.session

@@ -25,14 +25,17 @@ therefore makes the server hold at most one high-water mark plus one read of dat
 A lost connection (reset, error) closes the peer after flushing what is already buffered for it.
 When both are lost, the owner's ``relay_finished`` is called once.
 
-Idle timeout: a timer looks at the byte counters every quarter of the timeout, so a session is
-closed between 1 and 1.25 timeouts after its last byte; nothing is added to the per-chunk path.
+Idle timeout (``socksd.server.dataplane.idle``): a timer looks at the byte counters every
+quarter of the timeout, so a session is closed between 1 and 1.25 timeouts after its last byte;
+nothing is added to the per-chunk path.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Protocol, cast
+
+from socksd.server.dataplane.idle import IdleWatch
 
 HOLD_LIMIT = 64 * 1024
 """Bytes an outgoing connection may deliver before its relay starts, until reading pauses."""
@@ -145,8 +148,7 @@ class Relay:
         "_done",
         "_error",
         "_idle",
-        "_idle_mark",
-        "_idle_timer",
+        "_idle_watch",
         "client",
         "high_water",
         "owner",
@@ -168,8 +170,7 @@ class Relay:
         self.client.peer = self.target
         self.target.peer = self.client
         self._idle = idle_timeout
-        self._idle_mark = (-1, 0.0)
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_watch: IdleWatch | None = None
         self._error: str | None = None
         self._done = False
 
@@ -203,7 +204,7 @@ class Relay:
         self._client_first(first_data, client_eof)
         self._release(held)
         if self._idle > 0:
-            self._schedule_idle_check()
+            self._idle_watch = IdleWatch(self._idle, self._traffic, self.close)
 
     def _client_first(self, first_data: bytes, client_eof: bool) -> None:
         """Pass on what the client sent after its request (and its EOF, if it came)."""
@@ -253,22 +254,11 @@ class Relay:
         if self._done:
             return
         self._done = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
         if self._error is None and exc is not None:
             self._error = str(exc) or type(exc).__name__
         self.owner.relay_finished(self, self._error)
 
-    def _schedule_idle_check(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._idle_timer = loop.call_later(self._idle / 4, self._check_idle)
-
-    def _check_idle(self) -> None:
-        now = asyncio.get_running_loop().time()
-        total = self.client.received + self.target.received
-        if total != self._idle_mark[0]:
-            self._idle_mark = (total, now)
-        elif now - self._idle_mark[1] >= self._idle:
-            self.close(f"idle for {self._idle:g}s")
-            return
-        self._schedule_idle_check()
+    def _traffic(self) -> int:
+        return self.client.received + self.target.received
