@@ -21,6 +21,8 @@ from tests.e2e.admin_support import access_line, wait_log_count
 from tests.e2e.support import (
     IO_TIMEOUT,
     UdpEchoServer,
+    access_lines,
+    add_user,
     addr_bytes,
     echo_roundtrip,
     parse_udp,
@@ -28,6 +30,7 @@ from tests.e2e.support import (
     recv_exact,
     recv_until_eof,
     udp_header,
+    wait_for,
 )
 from tests.netns import CLIENT_A, CLIENT_B, PROXY, TARGET, network_namespace
 from tests.servers import EchoServer, ServerProcess
@@ -246,3 +249,96 @@ def test_protect_local_from_other_machines(
     off = codes["off"]
     assert off["127.0.0.1"] == 0 and off[PROXY] == 0 and off["localhost"] == 0
     assert off["169.254.169.254"] != 2  # not there: 0x03, 0x04 or 0x06, never "not allowed"
+
+
+def _login(server: ServerProcess, source: str, offered: bytes) -> tuple[socket.socket, int]:
+    """Connect from ``source``, offer ``offered``; log in as alice when 0x02 is chosen."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(IO_TIMEOUT)
+    sock.bind((source, 0))
+    sock.connect((server.host, server.port))
+    sock.sendall(bytes((5, len(offered))) + offered)
+    method = recv_exact(sock, 2)[1]
+    if method == 2:
+        sock.sendall(b"\x01\x05alice\x06s3cret")
+        assert recv_exact(sock, 2) == b"\x01\x00"
+    return sock, method
+
+
+def _probe(server: ServerProcess, echo_port: int) -> dict[str, object]:
+    """What a remote client meets: methods, reply codes by destination and command, the hosts
+    map, the per-address session limit."""
+    seen: dict[str, object] = {}
+    logged = len(access_lines(server))
+    for offered in (b"\x00", b"\x02", b"\x00\x02"):
+        sock, method = _login(server, CLIENT_A, offered)
+        sock.close()
+        seen[f"method {offered.hex()}"] = method
+    requests = {
+        "connect target": (1, TARGET, echo_port),
+        "connect name": (1, "echo.test", echo_port),
+        "connect other port": (1, TARGET, 9),
+        "connect proxy itself": (1, PROXY, server.port),
+        "bind any": (2, "0.0.0.0", 0),
+        "udp": (3, "0.0.0.0", 0),
+    }
+    for label, (command, host, port) in requests.items():
+        sock, method = _login(server, CLIENT_A, b"\x00\x02")
+        with sock:
+            if method == 0xFF:
+                seen[label] = "no method"
+                continue
+            sock.sendall(bytes((5, command, 0)) + addr_bytes(host, port))
+            seen[label] = read_reply(sock)[0][1]
+    # every session above has ended (and given its count back) before the limit is probed
+    assert wait_for(lambda: len(access_lines(server)) >= logged + 3 + len(requests))
+    held = [_login(server, CLIENT_A, b"\x00\x02")[0] for _ in range(3)]
+    try:
+        sock, _ = _login(server, CLIENT_A, b"\x00\x02")
+        with sock:
+            sock.sendall(bytes((5, 1, 0)) + addr_bytes(TARGET, echo_port))
+            seen["4th session"] = read_reply(sock)[0][1]
+    except (OSError, AssertionError):
+        seen["4th session"] = "closed"
+    finally:
+        for sock in held:
+            sock.close()
+    return seen
+
+
+def test_a_reload_gives_the_server_a_fresh_start_would(
+    netns: str, socksd: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Issue 11: every setting a remote client can meet is the same after SIGHUP with a new
+    config as in a server started with that config: methods, users, rules and protect_local,
+    the hosts map, the commands served, the per-address limit."""
+    users = tmp_path / "users"
+    add_user(users, "alice", "s3cret")
+    target = EchoServer(TARGET)
+    before = f'listen = ["{PROXY}:0"]\nallow_open = true\n{OPEN_TARGETS}'
+    after = (
+        f'listen = ["{PROXY}:0"]\nusers = "{users}"\ncommands = ["connect", "udp"]\n'
+        "max_sessions_per_ip = 3\n"
+        '[hosts]\n"echo.test" = ["198.51.100.7"]\n'
+        f'[[rules]]\naction = "allow"\nto = ["198.51.100.0/24"]\nports = ["{target.port}"]\n'
+    )
+    try:
+        reloaded_path = tmp_path / "reloaded.toml"
+        reloaded_path.write_text(before)
+        reloaded = socksd("--config", str(reloaded_path))
+        initial = _probe(reloaded, target.port)
+        reloaded_path.write_text(after)
+        count = reloaded.log().count("reloaded configuration")
+        reloaded.proc.send_signal(signal.SIGHUP)
+        wait_log_count(reloaded, "reloaded configuration", count + 1)
+        fresh_path = tmp_path / "fresh.toml"
+        fresh_path.write_text(after)
+        fresh = socksd("--config", str(fresh_path))
+        expected = _probe(fresh, target.port)
+        assert _probe(reloaded, target.port) == expected
+    finally:
+        target.close()
+    assert expected != initial
+    assert expected["method 00"] == 0xFF and expected["method 0002"] == 2
+    assert expected["connect name"] == 0 and expected["connect other port"] == 2
+    assert expected["bind any"] == 7 and expected["4th session"] == "closed"
