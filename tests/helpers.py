@@ -20,7 +20,7 @@ POLL_INTERVAL = 0.01
 
 
 def wait_for(
-    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = POLL_INTERVAL
 ) -> bool:
     """Poll ``predicate()`` until true or ``timeout``; return whether it became true."""
     deadline = time.monotonic() + timeout

@@ -163,9 +163,7 @@ class RuleSet:
         if self.allow_all:
             return self._default
         for rule in self.rules_for(client):
-            if rule.users is not None and (user is None or user not in rule.users):
-                continue
-            if rule.commands is not None and command not in rule.commands:
+            if not rule.matches_request(user, command, None):
                 continue
             if rule.deny and (rule.has_to or rule.ports is not None):
                 continue

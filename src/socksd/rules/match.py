@@ -213,12 +213,13 @@ class Rule:
             self.users is None and self.commands is None and not self.has_to and self.ports is None
         )
 
-    def matches_request(self, user: str | None, command: int, port: int) -> bool:
-        """The user, command and port fields (the client's and the destination's are apart)."""
+    def matches_request(self, user: str | None, command: int, port: int | None) -> bool:
+        """The user, command and port fields (the client's and the destination's are apart);
+        ``port`` None (no destination yet) matches any ``ports``."""
         return (
             (self.users is None or (user is not None and user in self.users))
             and (self.commands is None or command in self.commands)
-            and (self.ports is None or port in self.ports)
+            and (self.ports is None or port is None or port in self.ports)
         )
 
     def describe(self) -> str:

@@ -3,8 +3,8 @@
 A command is a coroutine ``command(session, address)`` run once the request passed admission.
 It resolves and opens what it needs, asks the session for the checkpoints it meets on the way
 (a name's addresses, a BIND's peer, a UDP datagram's destination), writes its own replies with
-``reply``/``fail``, and finally hands the client's connection over: to a relay
-(``start_relay``, CONNECT and BIND) or to a UDP association (``hand_over``). The session
+``reply``/``fail``, and finally hands the client's connection over: to the relay every command
+gets (``start_relay``, CONNECT and BIND) or to a UDP association (``hand_over``). The session
 (``socksd.server.handshake.session.Session``) implements this; a test may give a command any
 object that does.
 """
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from socksd.protocol import Address, GssapiEncapsulation, ReplyCode, ServerConnection
     from socksd.resolver import AddrInfo, Resolver
     from socksd.rules import Decision
-    from socksd.server.dataplane.relay import Holding, Relay
+    from socksd.server.dataplane.relay import Holding
     from socksd.server.dataplane.terms import RelayTerms
     from socksd.server.handshake.admission import Refusal
 
@@ -94,14 +94,11 @@ class CommandSession(Protocol):
     def abandon(self, error: str) -> None:
         """The client gave up while the command waits: stop the command, close."""
 
-    def start_relay(self, relay: Relay, held: Holding) -> None:
+    def start_relay(self, held: Holding) -> None:
         """Relay the client's connection with the outgoing one (after the success reply)."""
 
     def hand_over(self, owner: Handover) -> None:
         """Give the client's connection to ``owner`` (a UDP association)."""
-
-    def relay_finished(self, relay: Relay, error: str | None) -> None:
-        """Both connections of the relay are closed (the session is the relay's owner)."""
 
     def finish(self, error: str | None = None, up: int = 0, down: int = 0) -> None:
         """The session's end: its access-log line, its counts given back."""

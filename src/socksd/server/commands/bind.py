@@ -35,7 +35,6 @@ from socksd.protocol import Address, AddressType, BindPeerFilter, ReplyCode
 from socksd.protocol.udp import is_unspecified
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.dataplane.relay import Holding
-from socksd.server.dataplane.terms import make_relay
 
 if TYPE_CHECKING:
     from socksd.server.commands.base import CommandSession
@@ -193,4 +192,4 @@ async def bind(session: CommandSession, address: Address) -> None:
     peer_address = Address.of(*peer[:2])
     session.record.remote = str(peer_address)
     session.reply(ReplyCode.SUCCEEDED, peer_address)  # the second reply: the peer is connected
-    session.start_relay(make_relay(session, session.terms(), session.codec), held)
+    session.start_relay(held)

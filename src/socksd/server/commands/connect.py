@@ -22,7 +22,6 @@ from socksd.protocol import Address, AddressType, ReplyCode, format_hostport
 from socksd.resolver import AddrInfo
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.dataplane.relay import Holding
-from socksd.server.dataplane.terms import make_relay
 from socksd.server.handshake.admission import Refusal
 
 if TYPE_CHECKING:
@@ -94,7 +93,7 @@ async def connect(session: CommandSession, address: Address) -> None:
         session.record.remote = _peer(target)
     local = target.get_extra_info("sockname")
     session.reply(ReplyCode.SUCCEEDED, Address.of(*local[:2]))
-    session.start_relay(make_relay(session, session.terms(), session.codec), held)
+    session.start_relay(held)
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

@@ -112,7 +112,6 @@ class Admission:
         "limits",
         "pending",
         "pending_rules",
-        "released",
         "rule",
         "user",
     )
@@ -134,7 +133,6 @@ class Admission:
         """The access-log ``rule`` field of the allow rule that decided, if one did."""
         self.checking = False
         """A login check is counted for the address (``login_start``)."""
-        self.released = False
 
     # -- request ------------------------------------------------------------------------------
 
@@ -292,9 +290,6 @@ class Admission:
 
     def release(self) -> None:
         """Give back what the session counted (once, when it ends)."""
-        if self.released:
-            return
-        self.released = True
         limits = self.limits
         limits.per_ip.remove(self.host)
         if self.checking:

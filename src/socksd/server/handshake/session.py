@@ -49,7 +49,7 @@ from socksd.server.commands.bind import bind
 from socksd.server.commands.connect import connect
 from socksd.server.commands.udp import udp_associate
 from socksd.server.dataplane.relay import Holding, Relay
-from socksd.server.dataplane.terms import RelayTerms, relay_terms
+from socksd.server.dataplane.terms import RelayTerms, make_relay, relay_terms
 from socksd.server.handshake.admission import Admission, Refusal, admit
 from socksd.server.handshake.gssapi import GssapiHandshake
 
@@ -364,9 +364,10 @@ class Session(asyncio.Protocol):
             )
         return decision.allowed
 
-    def start_relay(self, relay: Relay, held: Holding) -> None:
-        """Relay from now on: the success reply is written, ``held`` is the outgoing side."""
-        self.relay = relay
+    def start_relay(self, held: Holding) -> None:
+        """Relay from now on, with the one relay every command gets (``make_relay``): the
+        success reply is written, ``held`` is the outgoing side."""
+        self.relay = relay = make_relay(self, self.terms(), self.codec)
         relay.start(self.transport, held, self.conn.trailing_data(), self.client_eof)
 
     def hand_over(self, owner: Handover) -> None:

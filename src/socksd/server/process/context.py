@@ -78,13 +78,7 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
         raise ConfigError(f"users: {e}") from None
     except OSError as e:
         raise ConfigError(f"users: cannot read {config.users}: {e.strerror or e}") from None
-    old = previous.config if previous is not None else None
-    if (
-        previous is not None
-        and old is not None
-        and (old.hosts, old.dns, old.resolve_timeout)
-        == (config.hosts, config.dns, config.resolve_timeout)
-    ):
+    if previous is not None and _resolver_settings(previous.config) == _resolver_settings(config):
         resolver = previous.resolver
     else:
         resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
@@ -106,6 +100,10 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
         resolver=resolver,
         access_log=access_log,
     )
+
+
+def _resolver_settings(config: Config) -> tuple[object, ...]:
+    return (config.hosts, config.dns, config.resolve_timeout)
 
 
 def gssapi_acceptor(config: Config) -> GssapiAcceptor:
@@ -157,7 +155,8 @@ class ServerContext:
         return ctx
 
     def install(self, parts: Derived) -> None:
-        """Use ``parts`` from now on (no await: sessions see all old or all new parts).
+        """Use ``parts`` from now on (no await: sessions see all old or all new parts); open
+        sessions are told (``Session.reloaded``).
 
         Parts replaced here that sessions in the middle of a handshake may still hold (the
         password checker's pool, the GSSAPI acceptor) are closed a handshake timeout later.
@@ -183,6 +182,8 @@ class ServerContext:
         self.methods = parts.methods
         self.limits.configure(parts.config, time.monotonic())
         self.config = parts.config
+        for session in list(self.sessions):
+            session.reloaded()  # what outlives a handshake drops what it derived from the old parts
         if retired:
             loop = asyncio.get_running_loop()
             for close in retired:

@@ -80,8 +80,6 @@ def reload(ctx: ServerContext, source: ConfigSource) -> Config | None:
     for change in changes:
         log.warning("reload: %s needs a restart; keeping the running value", change)
     ctx.install(parts)
-    for session in list(ctx.sessions):
-        session.reloaded()
     users = len(parts.users.users) if parts.users is not None else 0
     log.info(
         "reloaded configuration: methods %s, %d rules, default %s, %d users",
