@@ -60,6 +60,8 @@ class SessionRecord:
     rule: str | None = None
     """What decided an access rule check: a rule number, ``default`` or ``protect_local``."""
     udp: UdpStats | None = None
+    via: str | None = None
+    """The load balancer's HOST:PORT when the client came through one (PROXY protocol)."""
 
     def as_dict(self, ended: float) -> dict[str, object]:
         fields: dict[str, object] = {
@@ -78,6 +80,8 @@ class SessionRecord:
         }
         if self.udp is not None:
             fields["udp"] = self.udp.as_dict()
+        if self.via is not None:
+            fields["via"] = self.via
         return fields
 
 
@@ -108,7 +112,8 @@ def _iso(t: float) -> str:
 
 
 def format_text(record: SessionRecord, ended: float) -> str:
-    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [UDP] [rule=R] [error=E]``.
+    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [UDP] [rule=R] [via=LB]
+    [error=E]``.
 
     ``UDP`` (UDP associations only) is ``dgrams_up=N dgrams_down=N dropped=N[(reason=N,...)]``.
 
@@ -126,6 +131,8 @@ def format_text(record: SessionRecord, ended: float) -> str:
         line += " " + record.udp.format_text()
     if record.rule:
         line += f" rule={record.rule}"
+    if record.via:
+        line += f" via={record.via}"
     if record.error:
         line += f" error={json.dumps(record.error)}"
     return line

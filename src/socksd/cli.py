@@ -153,10 +153,18 @@ def _serve_parser(sub: Any) -> None:
         "(default 300; 0: never)",
     )
     p.add_argument(
-        "--external-address",
+        "--advertise",
         metavar="IP",
-        help="address advertised in BIND and UDP ASSOCIATE replies (behind NAT); "
-        "default: the local address used",
+        help="this node's address clients reach, put in BIND and UDP ASSOCIATE replies (behind "
+        "NAT or a load balancer); default: the local address used",
+    )
+    p.add_argument("--external-address", metavar="IP", help="old name of --advertise")
+    p.add_argument(
+        "--proxy-protocol-from",
+        action="append",
+        metavar="CIDR",
+        help="load balancers whose connections start with a PROXY protocol header (v1 or v2), "
+        "required from them and refused from others; repeatable",
     )
     p.add_argument(
         "--loop",
@@ -323,7 +331,9 @@ _SERVE_KEYS = (
     "commands",
     "bind_timeout",
     "udp_idle_timeout",
+    "advertise",
     "external_address",
+    "proxy_protocol_from",
 )
 
 

@@ -12,6 +12,7 @@ object that does.
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -54,6 +55,11 @@ class CommandSession(Protocol):
     @property
     def client(self) -> asyncio.Transport:
         """The client's connection; reading is paused while the command runs."""
+
+    @property
+    def client_host(self) -> str:
+        """The client's IP address: the connection's peer, or behind a load balancer the
+        source its PROXY protocol header named (UDP datagrams come from there)."""
 
     @property
     def config(self) -> Config:
@@ -105,3 +111,17 @@ class CommandSession(Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The client's connection is gone (forwarded by a command's own protocol)."""
+
+
+def bind_addresses(advertise: str | None, local_ip: str) -> tuple[str, ...]:
+    """Where a BIND listener or a UDP ASSOCIATE client socket is bound, in order: the advertised
+    address first (a fleet node whose public address is not the one its load balancer connects
+    to), then ``local_ip`` (``advertise`` behind NAT, not an address of this host)."""
+    if advertise is None or advertise == local_ip:
+        return (local_ip,)
+    return (advertise, local_ip)
+
+
+def not_local(error: OSError) -> bool:
+    """The address to bind is not one of this host's: try the next of ``bind_addresses``."""
+    return error.errno == errno.EADDRNOTAVAIL

@@ -5,8 +5,9 @@
    address of a UDP socket connected to it (``connect`` on a UDP socket sends nothing, it only asks
    the kernel for the route); for an unspecified DST, the address the control connection arrived
    on. A listening socket is bound there on a free port.
-2. First reply: BND.ADDR/BND.PORT of that listener (``external_address`` instead of the local
-   address when set: a server behind NAT with the port forwarded).
+2. First reply: BND.ADDR/BND.PORT of that listener. With ``advertise`` set, that address
+   instead; the listener is then bound on it when it is this host's own (a node behind a load
+   balancer), else on the local address (NAT, the port forwarded).
 3. Wait, at most ``bind_timeout`` seconds, for a connection from the expected peer. A connection
    from another host is closed and logged, and the wait goes on until the deadline. Timeout:
    reply 0x06 and close.
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from socksd.protocol import Address, AddressType, BindPeerFilter, ReplyCode
 from socksd.protocol.udp import is_unspecified
+from socksd.server.commands.base import bind_addresses, not_local
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.dataplane.relay import Holding
 
@@ -70,6 +72,17 @@ def open_listener(ip: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def open_advertised_listener(advertise: str | None, local_ip: str) -> socket.socket:
+    """The listener on the advertised address when it is this host's, else on ``local_ip``."""
+    for ip in bind_addresses(advertise, local_ip):
+        try:
+            return open_listener(ip)
+        except OSError as e:
+            if ip == local_ip or not not_local(e):
+                raise
+    raise AssertionError("bind_addresses ends with local_ip")  # pragma: no cover
 
 
 class BindControl(asyncio.Protocol):
@@ -143,7 +156,7 @@ async def bind(session: CommandSession, address: Address) -> None:
             if route_ip is not None
             else str(transport.get_extra_info("sockname")[0])
         )
-        listener = open_listener(local_ip)
+        listener = open_advertised_listener(config.advertise, local_ip)
     except asyncio.CancelledError:
         raise
     except Exception as e:  # every failure is a reply code, never a crash
@@ -152,7 +165,7 @@ async def bind(session: CommandSession, address: Address) -> None:
     accepted: socket.socket | None = None
     try:
         port = listener.getsockname()[1]
-        advertised = Address.of(config.external_address or local_ip, port)
+        advertised = Address.of(config.advertise or local_ip, port)
         session.reply(ReplyCode.SUCCEEDED, advertised)
         BindControl(session).watch(transport)
         try:
