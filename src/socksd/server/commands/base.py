@@ -12,7 +12,7 @@ object that does.
 from __future__ import annotations
 
 import asyncio
-import errno
+import socket
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -113,15 +113,21 @@ class CommandSession(Protocol):
         """The client's connection is gone (forwarded by a command's own protocol)."""
 
 
-def bind_addresses(advertise: str | None, local_ip: str) -> tuple[str, ...]:
-    """Where a BIND listener or a UDP ASSOCIATE client socket is bound, in order: the advertised
-    address first (a fleet node whose public address is not the one its load balancer connects
-    to), then ``local_ip`` (``advertise`` behind NAT, not an address of this host)."""
+
+def bind_address(advertise: str | None, local_ip: str) -> str:
+    """Where a BIND listener or a UDP ASSOCIATE client socket is bound: the advertised address
+    when it is this host's own (a fleet node whose public address is not the one its load
+    balancer connects to), else ``local_ip`` (``advertise`` behind NAT: the port is forwarded).
+
+    Whether it is this host's is asked of the kernel each time (a bind on port 0), so an
+    address added or removed later counts at once.
+    """
     if advertise is None or advertise == local_ip:
-        return (local_ip,)
-    return (advertise, local_ip)
-
-
-def not_local(error: OSError) -> bool:
-    """The address to bind is not one of this host's: try the next of ``bind_addresses``."""
-    return error.errno == errno.EADDRNOTAVAIL
+        return local_ip
+    family = socket.AF_INET6 if ":" in advertise else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((advertise, 0))
+    except OSError:
+        return local_ip
+    return advertise

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from socksd.protocol import Address, AddressType, BindPeerFilter, ReplyCode
 from socksd.protocol.udp import is_unspecified
-from socksd.server.commands.base import bind_addresses, not_local
+from socksd.server.commands.base import bind_address
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.dataplane.relay import Holding
 
@@ -72,17 +72,6 @@ def open_listener(ip: str) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def open_advertised_listener(advertise: str | None, local_ip: str) -> socket.socket:
-    """The listener on the advertised address when it is this host's, else on ``local_ip``."""
-    for ip in bind_addresses(advertise, local_ip):
-        try:
-            return open_listener(ip)
-        except OSError as e:
-            if ip == local_ip or not not_local(e):
-                raise
-    raise AssertionError("bind_addresses ends with local_ip")  # pragma: no cover
 
 
 class BindControl(asyncio.Protocol):
@@ -156,7 +145,7 @@ async def bind(session: CommandSession, address: Address) -> None:
             if route_ip is not None
             else str(transport.get_extra_info("sockname")[0])
         )
-        listener = open_advertised_listener(config.advertise, local_ip)
+        listener = open_listener(bind_address(config.advertise, local_ip))
     except asyncio.CancelledError:
         raise
     except Exception as e:  # every failure is a reply code, never a crash

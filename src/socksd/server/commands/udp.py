@@ -70,7 +70,7 @@ from socksd.protocol import (
     udp_header_length,
     udp_reply_header,
 )
-from socksd.server.commands.base import bind_addresses, not_local
+from socksd.server.commands.base import bind_address
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.dataplane.idle import IdleWatch
 
@@ -579,13 +579,7 @@ async def udp_associate(session: CommandSession, address: Address) -> None:
         session, UdpClientFilter(session.client_host, address), session.terms(), session.codec
     )
     try:
-        for ip in bind_addresses(config.advertise, local_ip):
-            try:
-                bound = await association.open(ip)
-                break
-            except OSError as e:
-                if ip == local_ip or not not_local(e):
-                    raise
+        bound = await association.open(bind_address(config.advertise, local_ip))
     except asyncio.CancelledError:
         association.close_sockets()
         raise
