@@ -119,6 +119,10 @@ class Session(asyncio.Protocol):
         self.header: ProxyHeaderReader | None = None
         """Reads the PROXY header of a connection from a load balancer, until it is whole."""
         self._header_from_untrusted = False
+        self._balancer: tuple[str, int] = ("", 0)
+        self._quiet = False
+        """A connection of the balancer's own (PROXY LOCAL) that has not sent a SOCKS byte: its
+        end is logged at debug level, not in the access log (health checks, several a second)."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -136,8 +140,16 @@ class Session(asyncio.Protocol):
             transport.abort()
             return
         host = str(peer[0]) if isinstance(peer, tuple) else ""
+        if ctx.proxy_from and not host:
+            # Reset before it was accepted (HAProxy ends its health checks with a reset): who
+            # it came from, and so whether a header is due, is not known. Nothing to serve.
+            log.debug("connection reset before it was accepted")
+            self.closed = self._finished = True
+            transport.abort()
+            return
         if ctx.proxy_from and ctx.proxy_from.trusts(host):
             # A load balancer: its PROXY header names the client, admitted once it is read.
+            self._balancer = (host, int(peer[1]))
             self.header = ProxyHeaderReader()
             record.via = record.client
             ctx.sessions.add(self)
@@ -179,9 +191,9 @@ class Session(asyncio.Protocol):
         if not isinstance(header, ProxyHeader):
             return  # NEED_DATA
         self.header = None
-        peer = self.transport.get_extra_info("peername")
-        host, port = client_of(header, (str(peer[0]), int(peer[1])))
+        host, port = client_of(header, self._balancer)
         self.record.client = format_hostport(host, port)
+        self._quiet = header.source is None  # the balancer's own (a health check), so far
         self._admit(host)
         rest = reader.trailing_data()
         if rest and not self.closed:
@@ -201,6 +213,7 @@ class Session(asyncio.Protocol):
         conn = self.conn
         if conn.state is State.GREETING and not conn.buffered:
             self._header_from_untrusted = looks_like_header(data[:12])
+            self._quiet = False
         conn.receive_data(data)
         if conn.state is State.REPLY:
             # The command is running; what the client sends meanwhile is kept for the target.
@@ -476,4 +489,12 @@ class Session(asyncio.Protocol):
         record.bytes_up, record.bytes_down = up, down
         if error and record.error is None:
             record.error = error
+        if self._quiet:
+            log.debug(
+                "%s via %s (the balancer's own, PROXY LOCAL) ended: %s",
+                record.client,
+                record.via,
+                error,
+            )
+            return
         self.ctx.access_log.write(record)
