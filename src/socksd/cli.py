@@ -413,6 +413,13 @@ def check_config_command(args: argparse.Namespace) -> int:
         f"idle_timeout={config.idle_timeout:g}s" if config.idle_timeout else "idle_timeout=none",
     ]
     print(f"limits: {' '.join(limits)}")
+    if config.proxy_protocol_from:
+        print(
+            f"proxy_protocol_from: {', '.join(config.proxy_protocol_from)} (a PROXY protocol "
+            "header required from these, refused from others)"
+        )
+    if config.advertise:
+        print(f"advertise: {config.advertise} (BND.ADDR of BIND and UDP ASSOCIATE replies)")
     for user, rate in config.bandwidth.items():
         print(f"bandwidth: {user} {rate} bytes/s each way" if rate else f"bandwidth: {user} none")
     for name, members in config.groups.items():

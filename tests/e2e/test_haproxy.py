@@ -346,3 +346,85 @@ def test_remote_client_via_a_loopback_balancer_is_not_a_loopback_client(
             n.stop()
             local_echo.close()
             remote_echo.close()
+
+
+# -- the header on the wire, straight from the balancer's address (no HAProxy) -------------------
+
+
+@pytest.fixture(scope="module")
+def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A node trusting 127.0.0.9, with a short handshake timeout."""
+    n = node(tmp_path_factory.mktemp("direct"), "--handshake-timeout", "1")
+    yield n
+    n.stop()
+
+
+def from_balancer(n: ServerProcess) -> socket.socket:
+    sock = socket.create_connection(
+        (n.host, n.port), timeout=IO_TIMEOUT, source_address=(BALANCER_SOURCE, 0)
+    )
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def test_header_split_in_single_bytes(direct: ServerProcess) -> None:
+    """The header may arrive in pieces: each byte its own segment, the greeting after it."""
+    echo = EchoServer()
+    header = build_v1(("127.0.0.44", 4444), ("127.0.0.1", direct.port))
+    try:
+        with from_balancer(direct) as sock:
+            for i in range(len(header)):
+                sock.sendall(header[i : i + 1])
+            raw, _, _ = socks_connect(sock, "127.0.0.1", echo.port)
+            assert raw[1] == 0
+            echo_roundtrip(sock, b"split")
+        wait_for(lambda: any(r["client"] == "127.0.0.44:4444" for r in access_records(direct)))
+    finally:
+        echo.close()
+
+
+def test_local_header_then_socks(direct: ServerProcess) -> None:
+    """A LOCAL header (a health check that goes on with SOCKS) is the balancer's own session."""
+    echo = EchoServer()
+    try:
+        with from_balancer(direct) as sock:
+            sock.sendall(build_v2(ProxyCommand.LOCAL))
+            raw, _, _ = socks_connect(sock, "127.0.0.1", echo.port)
+            assert raw[1] == 0
+            echo_roundtrip(sock, b"check")
+        wait_for(
+            lambda: any(
+                str(r["client"]).startswith(f"{BALANCER_SOURCE}:") and r["command"] == "CONNECT"
+                for r in access_records(direct)
+            )
+        )
+    finally:
+        echo.close()
+
+
+def test_incomplete_header_times_out_or_ends(direct: ServerProcess) -> None:
+    with from_balancer(direct) as sock:
+        sock.sendall(b"PROXY TCP4 192.0.2.1")
+        assert recv_until_eof(sock, timeout=IO_TIMEOUT) == b""  # the 1 s handshake timeout
+    wait_for_log(direct, "PROXY protocol: no complete PROXY header within 1s")
+    with from_balancer(direct) as sock:
+        sock.sendall(b"PROXY TCP4 192.0.2.1")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""
+    wait_for_log(direct, "PROXY protocol: closed before a complete PROXY header")
+
+
+def test_workers_behind_haproxy(tmp_path: Path, http: HttpServer) -> None:
+    """With --workers 2 every worker reads the header (the setting reaches each worker)."""
+    n = node(tmp_path, "--workers", "2")
+    balancer = start_haproxy(tmp_path, [(n.host, n.port)])
+    try:
+        for _ in range(4):
+            result = curl(balancer, http.url, "--interface", CLIENT_B)
+            assert result.returncode == 0, result.stderr
+        wait_for(lambda: len([r for r in access_records(n) if r["command"]]) >= 4)
+        records = [r for r in access_records(n) if r["command"]]
+        assert {str(r["client"]).rpartition(":")[0] for r in records} == {CLIENT_B}
+    finally:
+        balancer.stop()
+        n.stop()
