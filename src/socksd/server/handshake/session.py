@@ -1,10 +1,11 @@
 """One client connection, from accept to the access-log line.
 
-accept -> PROXY header (from a load balancer in ``proxy_protocol_from`` only:
-``socksd.server.handshake.proxied``) -> admission (``admission.admit``, with the real client) -> greeting -> method selection -> sub-negotiation (username/password
-here, GSSAPI in ``socksd.server.handshake.gssapi``) -> request (``Admission.authorize``) ->
-command (``socksd.server.commands``: ``connect``, ``bind``, ``udp``) -> relay
-(``socksd.server.dataplane``) or UDP association -> access log.
+accept -> PROXY header (only from a load balancer in ``proxy_protocol_from``:
+``socksd.server.handshake.proxied``) -> admission (``admission.admit``, with the real client) ->
+greeting -> method selection -> sub-negotiation (username/password here, GSSAPI in
+``socksd.server.handshake.gssapi``) -> request (``Admission.authorize``) -> command
+(``socksd.server.commands``: ``connect``, ``bind``, ``udp``) -> relay (``socksd.server.dataplane``)
+or UDP association -> access log.
 
 :class:`Session` is the ``asyncio.Protocol`` of the client's connection during the handshake. It
 feeds the bytes to the sans-I/O :class:`~socksd.protocol.ServerConnection` and acts on its events
