@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from ipaddress import ip_address
 
 import pytest
 from hypothesis import given, settings
@@ -166,7 +167,7 @@ def test_v2_local_ignores_its_address_block() -> None:
 
 def test_v1_ipv4_mapped_ipv6_as_haproxy_prints_it() -> None:
     header, _ = read_whole(b"PROXY TCP6 ::ffff:192.0.2.5 ::ffff:192.0.2.1 4000 1080\r\n")
-    assert header.source == ("::ffff:c000:205", 4000)
+    assert header.source == ("::ffff:192.0.2.5", 4000)
 
 
 BAD = [
@@ -270,6 +271,12 @@ endpoints = st.one_of(
 tlv_lists = st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=5).map(tuple)
 
 
+def same(parsed: tuple[str, int] | None, built: tuple[str, int]) -> bool:
+    """One address and port (``::ffff:0:0`` and ``::ffff:0.0.0.0`` are one address)."""
+    assert parsed is not None
+    return ip_address(parsed[0]) == ip_address(built[0]) and parsed[1] == built[1]
+
+
 @settings(max_examples=300)
 @given(endpoints, st.binary(max_size=32))
 def test_v1_round_trip(ends: tuple[tuple[str, int], tuple[str, int]], rest: bytes) -> None:
@@ -278,7 +285,8 @@ def test_v1_round_trip(ends: tuple[tuple[str, int], tuple[str, int]], rest: byte
     assert len(data) <= 107
     for read in (read_whole, read_bytewise):
         header, trailing = read(data + rest)
-        assert (header.version, header.source, header.destination) == (1, source, destination)
+        assert header.version == 1
+        assert same(header.source, source) and same(header.destination, destination)
         assert trailing == rest
 
 
@@ -292,7 +300,8 @@ def test_v2_round_trip(
     for read in (read_whole, read_bytewise):
         header, trailing = read(data + rest)
         assert (header.version, header.command) == (2, ProxyCommand.PROXY)
-        assert (header.source, header.destination, header.tlvs) == (source, destination, tlvs)
+        assert same(header.source, source) and same(header.destination, destination)
+        assert header.tlvs == tlvs
         assert trailing == rest
 
 

@@ -32,6 +32,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 
 from socksd.protocol.connection import NEED_DATA, _NeedData
 from socksd.protocol.errors import RemoteProtocolError
@@ -106,18 +107,16 @@ def _v1_port(text: str) -> int:
 
 
 def _v1_address(text: str, family: ProxyFamily) -> str:
+    """The address in the form ``inet_ntop`` gives (as a v2 header's); IPv4 must be canonical."""
+    af = AF_INET if family is ProxyFamily.INET else AF_INET6
     try:
-        if family is ProxyFamily.INET:
-            ip4 = ipaddress.IPv4Address(text)
-            if str(ip4) != text:
-                raise ValueError
-            return text
-        if "%" in text:
-            raise ValueError
-        return str(ipaddress.IPv6Address(text))
-    except ValueError:
-        kind = "IPv4" if family is ProxyFamily.INET else "IPv6"
-        raise ProxyHeaderError(f"PROXY v1: {text!r} is not a canonical {kind} address") from None
+        address = inet_ntop(af, inet_pton(af, text))
+    except OSError:
+        address = ""
+    if not address or (af == AF_INET and address != text):
+        kind = "IPv4" if af == AF_INET else "IPv6"
+        raise ProxyHeaderError(f"PROXY v1: {text!r} is not a canonical {kind} address")
+    return address
 
 
 def _parse_v1(line: bytes) -> ProxyHeader:
@@ -154,7 +153,7 @@ def _v1(data: bytes | bytearray) -> tuple[ProxyHeader, int] | None:
 
 
 def _ip(raw: bytes | bytearray) -> str:
-    return str(ipaddress.ip_address(bytes(raw)))
+    return inet_ntop(AF_INET if len(raw) == 4 else AF_INET6, bytes(raw))
 
 
 def _tlvs(block: bytes | bytearray) -> tuple[tuple[int, bytes], ...]:

@@ -57,7 +57,8 @@ def client_of(header: ProxyHeader, peer: tuple[str, int]) -> tuple[str, int]:
     if header.source is None:
         return peer
     host, port = header.source
-    ip = ipaddress.ip_address(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        host = str(ip.ipv4_mapped)
+    if host.startswith("::ffff:"):  # the form inet_ntop and ipaddress give a mapped address
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        if mapped is not None:
+            host = str(mapped)
     return host, port
