@@ -35,6 +35,8 @@ def test_proxy_protocol_from_key_and_flag() -> None:
         (["10.0.0.0/33"], "proxy_protocol_from: '10.0.0.0/33' is not an address"),
         (5, "proxy_protocol_from: expected a list of networks"),
         ([5], "proxy_protocol_from: expected a list of networks"),
+        (["0.0.0.0/0"], "proxy_protocol_from: '0.0.0.0/0' is every address"),
+        (["::/0"], "proxy_protocol_from: '::/0' is every address"),
     ],
 )
 def test_proxy_protocol_from_errors(value: object, message: str) -> None:

@@ -371,6 +371,11 @@ def _proxy_protocol_from(value: Any) -> tuple[str, ...]:
                 f"proxy_protocol_from: {item!r} is not an address or network (CIDR such as "
                 "10.0.0.0/24): give the load balancers' addresses"
             ) from None
+        if network.prefixlen == 0:
+            raise ConfigError(
+                f"proxy_protocol_from: {item!r} is every address: anyone could claim any client "
+                "address; list the load balancers"
+            )
         if str(network) not in networks:
             networks.append(str(network))
     return tuple(networks)
