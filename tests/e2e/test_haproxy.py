@@ -412,6 +412,20 @@ def test_incomplete_header_times_out_or_ends(direct: ServerProcess) -> None:
         sock.shutdown(socket.SHUT_WR)
         assert recv_until_eof(sock) == b""
     wait_for_log(direct, "PROXY protocol: closed before a complete PROXY header")
+    # a connect-only health check (no byte, then FIN): neither a warning nor an access-log line
+    errors = len([r for r in access_records(direct) if r["error"]])
+    with from_balancer(direct) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""
+    with from_balancer(direct) as sock:  # a later session, to know the check's end was handled
+        sock.sendall(b"PROXY UNKNOWN\r\n\x05")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""
+    wait_for(lambda: len([r for r in access_records(direct) if r["error"]]) > errors)
+    new = [r for r in access_records(direct) if r["error"]][errors:]
+    assert [r["error"] for r in new] == [
+        "protocol error: connection closed in the middle of a message"
+    ], new
 
 
 def test_workers_behind_haproxy(tmp_path: Path, http: HttpServer) -> None:

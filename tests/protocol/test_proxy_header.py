@@ -222,6 +222,19 @@ def test_refused_at_the_first_byte_that_cannot_start_a_header() -> None:
         reader.next_event()
 
 
+def test_buffered_counts_what_waits() -> None:
+    reader = ProxyHeaderReader()
+    assert reader.buffered == 0
+    reader.receive_data(V1_TCP4[:10])
+    assert reader.next_event() is NEED_DATA
+    assert reader.buffered == 10
+    reader.receive_data(V1_TCP4[10:] + TRAILER)
+    assert isinstance(reader.next_event(), ProxyHeader)
+    assert reader.buffered == len(TRAILER)
+    assert reader.trailing_data() == TRAILER
+    assert reader.buffered == 0
+
+
 def test_partial_headers_need_data() -> None:
     for data in (V1_TCP4, V2_TCP6, V2_LOCAL):
         for cut in range(len(data)):

@@ -254,6 +254,11 @@ class ProxyHeaderReader:
         del self._buffer[:size]
         return self._header
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not consumed (before the header is whole: all of them)."""
+        return len(self._buffer)
+
     def trailing_data(self) -> bytes:
         """The bytes after the header (given once; the reader keeps nothing after)."""
         data = bytes(self._buffer)

@@ -122,8 +122,9 @@ class Session(asyncio.Protocol):
         self._header_from_untrusted = False
         self._balancer: tuple[str, int] = ("", 0)
         self._quiet = False
-        """A connection of the balancer's own (PROXY LOCAL) that has not sent a SOCKS byte: its
-        end is logged at debug level, not in the access log (health checks, several a second)."""
+        """A connection of the balancer's own (no header yet, or PROXY LOCAL) that has not sent a
+        SOCKS byte: its end is logged at debug level, not in the access log (health checks,
+        several a second)."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -152,6 +153,7 @@ class Session(asyncio.Protocol):
             # A load balancer: its PROXY header names the client, admitted once it is read.
             self._balancer = (host, int(peer[1]))
             self.header = ProxyHeaderReader()
+            self._quiet = True
             record.via = record.client
             ctx.sessions.add(self)
             self._start_timer()
@@ -203,6 +205,7 @@ class Session(asyncio.Protocol):
     def _bad_header(self, error: str) -> None:
         """A load balancer's connection without a valid PROXY header: counted, logged, closed."""
         self.ctx.proxy_header_errors += 1
+        self._quiet = False
         log.warning("closing the connection from %s: %s", self.record.client, error)
         self.close(f"PROXY protocol: {error}")
 
@@ -227,7 +230,10 @@ class Session(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.client_eof = True
         if self.header is not None:
-            self._bad_header("closed before a complete PROXY header")
+            if self.header.buffered:
+                self._bad_header("closed before a complete PROXY header")
+            else:  # a connect-only health check (AWS NLB, HAProxy with no-check-send-proxy)
+                self.close("closed before sending anything")
             return True
         if self.conn.state is State.ESTABLISHED or self.conn.state is State.REPLY:
             return True  # the request is in: keep the write side for the reply and relay
@@ -492,7 +498,7 @@ class Session(asyncio.Protocol):
             record.error = error
         if self._quiet:
             log.debug(
-                "%s via %s (the balancer's own, PROXY LOCAL) ended: %s",
+                "%s via %s (the balancer's own connection) ended: %s",
                 record.client,
                 record.via,
                 error,
