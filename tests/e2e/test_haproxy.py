@@ -142,7 +142,7 @@ def test_curl_through_haproxy_logs_curls_address(
 
 
 def test_send_proxy_v1(tmp_path: Path, http: HttpServer) -> None:
-    n = node(tmp_path)
+    n = node(tmp_path, "--log-level", "debug")
     balancer = start_haproxy(tmp_path, [(n.host, n.port)], send_proxy="send-proxy")
     try:
         result = curl(balancer, http.url, "--interface", CLIENT_B)
@@ -150,6 +150,10 @@ def test_send_proxy_v1(tmp_path: Path, http: HttpServer) -> None:
         wait_for(lambda: any(r["command"] == "CONNECT" for r in access_records(n)))
         (record,) = [r for r in access_records(n) if r["command"] == "CONNECT"]
         assert str(record["client"]).startswith(f"{CLIENT_B}:"), record
+        # HAProxy's checks (reset at once, or a v1 line naming their own addresses): no lines
+        checks = ("the balancer's own connection", "connection reset before it was accepted")
+        wait_for(lambda: sum(n.log().count(c) for c in checks) >= 3)
+        assert all(r["command"] for r in access_records(n)), access_records(n)
     finally:
         balancer.stop()
         n.stop()
@@ -400,6 +404,24 @@ def test_local_header_then_socks(direct: ServerProcess) -> None:
         )
     finally:
         echo.close()
+
+
+def test_v1_line_with_the_connections_own_addresses_is_a_check(direct: ServerProcess) -> None:
+    """A v1 health check names its own connection (the spec asks so of checks): its end is
+    no access-log line; a line naming another client that ends the same way is one."""
+    before = len(access_records(direct))
+    with from_balancer(direct) as sock:
+        own = sock.getsockname()[:2]
+        sock.sendall(build_v1(own, (direct.host, direct.port)))
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""
+    with from_balancer(direct) as sock:
+        sock.sendall(build_v1(("127.0.0.45", 4545), (direct.host, direct.port)))
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""
+    wait_for(lambda: len(access_records(direct)) > before)
+    new = access_records(direct)[before:]
+    assert [r["client"] for r in new] == ["127.0.0.45:4545"], new
 
 
 def test_incomplete_header_times_out_or_ends(direct: ServerProcess) -> None:

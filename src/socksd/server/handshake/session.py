@@ -196,7 +196,9 @@ class Session(asyncio.Protocol):
         self.header = None
         host, port = client_of(header, self._balancer)
         self.record.client = format_hostport(host, port)
-        self._quiet = header.source is None  # the balancer's own (a health check), so far
+        # The balancer's own connection (a health check), so far: no client address, or (v1
+        # checks) the connection's own addresses, as the specification asks of checks.
+        self._quiet = header.source is None or (host, port) == self._balancer
         self._admit(host)
         rest = reader.trailing_data()
         if rest and not self.closed:
