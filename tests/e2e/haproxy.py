@@ -33,7 +33,7 @@ def haproxy_binary() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
@@ -98,7 +98,8 @@ def start_haproxy(
     source: str = BALANCER_SOURCE,
     bind: str = "127.0.0.1",
 ) -> HAProxy:
-    """HAProxy on ``bind`` and a free port, balancing over ``nodes`` with ``send_proxy``."""
+    """HAProxy on ``bind`` and a free port, balancing over ``nodes`` with ``send_proxy``
+    (``::`` takes IPv4 too, as IPv4-mapped addresses; clients then use 127.0.0.1)."""
     binary = haproxy_binary()
     port = free_port(bind)
     admin = tmp_path / f"haproxy-{port}.sock"
@@ -120,7 +121,7 @@ defaults
     option redispatch
 
 frontend socks
-    bind {bind}:{port}
+    bind {f"[{bind}]" if ":" in bind else bind}:{port}{" v4v6" if bind == "::" else ""}
     default_backend nodes
 
 backend nodes
@@ -132,7 +133,7 @@ backend nodes
     log_path = tmp_path / f"haproxy-{port}.log"
     with log_path.open("wb") as logf:
         proc = subprocess.Popen([binary, "-f", str(cfg), "-db"], stdout=logf, stderr=logf)
-    balancer = HAProxy(proc, bind, port, admin, log_path)
+    balancer = HAProxy(proc, "127.0.0.1" if bind == "::" else bind, port, admin, log_path)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:

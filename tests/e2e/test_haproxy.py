@@ -25,6 +25,7 @@ from tests.e2e.support import (
     UdpEchoServer,
     assert_closed,
     echo_roundtrip,
+    has_ipv6,
     parse_udp,
     read_reply,
     recv_exact,
@@ -154,6 +155,24 @@ def test_send_proxy_v1(tmp_path: Path, http: HttpServer) -> None:
         checks = ("the balancer's own connection", "connection reset before it was accepted")
         wait_for(lambda: sum(n.log().count(c) for c in checks) >= 3)
         assert all(r["command"] for r in access_records(n)), access_records(n)
+    finally:
+        balancer.stop()
+        n.stop()
+
+
+@pytest.mark.parametrize("send_proxy", ["send-proxy-v2", "send-proxy"])
+def test_balancer_on_ipv6_wildcard(tmp_path: Path, http: HttpServer, send_proxy: str) -> None:
+    """HAProxy on [::] sees IPv4 clients as ::ffff:127.0.0.5; the node logs 127.0.0.5."""
+    if not has_ipv6():
+        pytest.skip("no IPv6")
+    n = node(tmp_path)
+    balancer = start_haproxy(tmp_path, [(n.host, n.port)], send_proxy=send_proxy, bind="::")
+    try:
+        result = curl(balancer, http.url, "--interface", CLIENT_A)
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: any(r["command"] == "CONNECT" for r in access_records(n)))
+        (record,) = [r for r in access_records(n) if r["command"] == "CONNECT"]
+        assert str(record["client"]).startswith(f"{CLIENT_A}:"), record
     finally:
         balancer.stop()
         n.stop()
