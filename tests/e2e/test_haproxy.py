@@ -21,6 +21,8 @@ from socksd.protocol.proxy_header import ProxyCommand, build_v1, build_v2
 from tests.e2e.haproxy import BALANCER_SOURCE, HAProxy, start_haproxy
 from tests.e2e.support import (
     IO_TIMEOUT,
+    PASSWORD,
+    USER,
     HttpServer,
     UdpEchoServer,
     assert_closed,
@@ -32,6 +34,7 @@ from tests.e2e.support import (
     recv_until_eof,
     request,
     udp_header,
+    userpass,
     wait_for_log,
 )
 from tests.helpers import wait_for
@@ -206,6 +209,41 @@ def test_per_address_limit_counts_the_real_client(tmp_path: Path) -> None:
         balancer.stop()
         n.stop()
         echo.close()
+
+
+def test_login_block_hits_the_guessing_client_only(tmp_path: Path, users_file: Path) -> None:
+    """auth_block blocks the address that failed, not the balancer's: another client behind the
+    same HAProxy logs in."""
+    n = node(
+        tmp_path,
+        "--users",
+        str(users_file),
+        "--auth-block",
+        "--max-auth-failures",
+        "2",
+        "--auth-delay",
+        "0",
+    )
+    balancer = start_haproxy(tmp_path, [(n.host, n.port)])
+
+    def login(source: str, password: str) -> bytes:
+        with through(balancer, source) as sock:
+            sock.sendall(b"\x05\x01\x02")
+            assert recv_exact(sock, 2) == b"\x05\x02"
+            sock.sendall(userpass(USER, password))
+            return recv_exact(sock, 2)
+
+    try:
+        for _ in range(2):
+            assert login(CLIENT_A, "wrong") == b"\x01\x01"
+        wait_for_log(n, f"blocking {CLIENT_A}")
+        with through(balancer, CLIENT_A) as sock:  # blocked: closed at accept
+            sock.sendall(b"\x05\x01\x02")
+            assert recv_until_eof(sock) == b""
+        assert login(CLIENT_B, PASSWORD) == b"\x01\x00"
+    finally:
+        balancer.stop()
+        n.stop()
 
 
 def test_header_from_an_untrusted_address_is_refused(
