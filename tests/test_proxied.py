@@ -110,3 +110,12 @@ def test_check_config_shows_balancers(tmp_path: object, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert "proxy_protocol_from: 10.0.0.2/32 (a PROXY protocol header required" in out
     assert "advertise: 203.0.113.11" in out
+
+
+def test_bind_address_prefers_the_advertised_address_when_it_is_this_hosts() -> None:
+    from socksd.server.commands.base import bind_address
+
+    assert bind_address(None, "127.0.0.1") == "127.0.0.1"
+    assert bind_address("127.0.0.1", "127.0.0.1") == "127.0.0.1"
+    assert bind_address("127.0.0.21", "127.0.0.1") == "127.0.0.21"  # all of 127/8 is this host's
+    assert bind_address("192.0.2.77", "127.0.0.1") == "127.0.0.1"  # NAT: not an address here

@@ -113,7 +113,6 @@ class CommandSession(Protocol):
         """The client's connection is gone (forwarded by a command's own protocol)."""
 
 
-
 def bind_address(advertise: str | None, local_ip: str) -> str:
     """Where a BIND listener or a UDP ASSOCIATE client socket is bound: the advertised address
     when it is this host's own (a fleet node whose public address is not the one its load
