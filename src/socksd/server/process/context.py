@@ -138,6 +138,12 @@ class ServerContext:
     sessions: set[Session] = field(default_factory=set)
     refused_sessions: int = 0
     limits: Limits = field(default_factory=Limits)
+    worker: int = 0
+    """This process's worker index (0 in a single-process server)."""
+    worker_label: str = "0"
+    """The ``W`` of session ids ``W-N``: the worker index, ``index.G`` after its G-th start."""
+    opened: int = 0
+    """Sessions admitted so far: the ``N`` of the last session id."""
 
     @classmethod
     def create(cls, config: Config) -> ServerContext:

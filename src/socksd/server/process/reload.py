@@ -28,7 +28,7 @@ log = logging.getLogger("socksd")
 ConfigSource = Callable[[], Config]
 """Builds the config afresh (file, then flags); raises ConfigError when it is wrong."""
 
-RESTART_ONLY = ("listen", "workers", "loop")
+RESTART_ONLY = ("listen", "workers", "loop", "control_socket", "control_group")
 
 
 class ReloadError(Exception):
