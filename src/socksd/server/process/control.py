@@ -82,6 +82,8 @@ WORKER_TIMEOUT = 5.0
 """Seconds a worker (or a single-process server's event loop) has to answer."""
 MAX_CLIENTS = 8
 """Control connections served at once."""
+BACKLOG = 64
+"""Control connections waiting to be accepted."""
 ACCEPT_POLL = 0.2
 """Seconds between two looks at the stop flag while waiting for a control connection."""
 
@@ -175,7 +177,7 @@ class ControlSocket:
             os.chmod(path, 0o600 if gid is None else 0o660)
             if gid is not None:
                 os.chown(path, -1, gid)
-            sock.listen(MAX_CLIENTS * 2)
+            sock.listen(BACKLOG)
         except OSError as e:
             sock.close()
             with contextlib.suppress(OSError):
@@ -349,13 +351,8 @@ class ControlServer:
                 with conn:
                     conn.settimeout(0.5)
                     with contextlib.suppress(OSError):
-                        conn.sendall(
-                            encode(
-                                error_answer(
-                                    f"busy: {MAX_CLIENTS} control connections open; try again"
-                                )
-                            )
-                        )
+                        busy = f"busy: {MAX_CLIENTS} control connections open; try again"
+                        conn.sendall(encode({**error_answer(busy), "busy": True}))
                 continue
             threading.Thread(
                 target=self._serve, args=(conn,), name="socksd-control-client", daemon=True
@@ -629,13 +626,37 @@ ControlPlane = LocalControl | WorkerControl
 # -- the client ------------------------------------------------------------------------------
 
 
+def _connect(sock: socket.socket, path: Path, deadline: float) -> None:
+    """Connect, waiting (until ``deadline``) while the server's backlog is full (EAGAIN)."""
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError("the server's backlog stays full") from None
+            time.sleep(0.05)
+
+
 def query(path: Path, request: Mapping[str, Any], timeout: float = 15.0) -> dict[str, Any]:
-    """Send one request to the server at ``path`` and return its answer; ControlError with a
-    one-line reason (what to do) otherwise."""
+    """Send one request to the server at ``path`` and return its answer (asking again while it
+    is busy, until ``timeout``); ControlError with a one-line reason (what to do) otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = _query_once(path, request, max(0.1, deadline - time.monotonic()))
+        if not reply.get("busy") or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if "error" in reply:
+        raise ControlError(f"the server says: {reply['error']}")
+    return reply
+
+
+def _query_once(path: Path, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(str(path))
+            _connect(sock, path, time.monotonic() + timeout)
         except FileNotFoundError:
             raise ControlError(
                 f"control_socket: {path} does not exist; is socksd running with this "
@@ -665,6 +686,4 @@ def query(path: Path, request: Mapping[str, Any], timeout: float = 15.0) -> dict
         raise ControlError(f"control socket {path}: the answer is not JSON") from None
     if not isinstance(reply, dict):
         raise ControlError(f"control socket {path}: the answer is not a JSON object")
-    if "error" in reply:
-        raise ControlError(f"the server says: {reply['error']}")
     return reply
