@@ -358,7 +358,7 @@ def _control(key: str, value: Any) -> str | None:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return str(value)
         if not isinstance(value, str) or not value.strip():
-            raise ConfigError("control_group: expected a group name or id, e.g. \"socksd-admin\"")
+            raise ConfigError('control_group: expected a group name or id, e.g. "socksd-admin"')
         return value.strip()
     if not isinstance(value, str | Path):
         raise ConfigError('control_socket: expected the path of a Unix socket, or "off"')
