@@ -84,8 +84,6 @@ MAX_CLIENTS = 8
 """Control connections served at once."""
 BACKLOG = 64
 """Control connections waiting to be accepted."""
-ACCEPT_POLL = 0.2
-"""Seconds between two looks at the stop flag while waiting for a control connection."""
 
 KILLED = "killed by the admin"
 """The access-log error of a session ended with ``socksd sessions --kill``."""
@@ -335,12 +333,10 @@ class ControlServer:
 
     def _accept_loop(self) -> None:
         sock = self.listener.sock
-        sock.settimeout(ACCEPT_POLL)
+        sock.settimeout(None)  # blocks: no wake-ups while nobody asks; close() shuts it down
         while not self._stop.is_set():
             try:
                 conn, _ = sock.accept()
-            except TimeoutError:
-                continue
             except OSError as e:
                 if self._stop.is_set() or e.errno == errno.EBADF:
                     return
@@ -383,10 +379,13 @@ class ControlServer:
             self._slots.release()
 
     def close(self) -> None:
-        """Stop accepting (the accept thread ends within ``ACCEPT_POLL``), remove the socket."""
+        """Stop accepting and remove the socket (connections being served finish on their own,
+        within their timeouts)."""
         self._stop.set()
+        with contextlib.suppress(OSError):
+            self.listener.sock.shutdown(socket.SHUT_RDWR)  # wakes accept() (EINVAL on Linux)
         if self._thread is not None:
-            self._thread.join(ACCEPT_POLL * 5)
+            self._thread.join(2.0)
         self.listener.close()
 
 
