@@ -4,6 +4,7 @@ what it answers to bad input (oversized, garbage, too slow, too many at once).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import json
 import os
@@ -37,7 +38,8 @@ def raw_exchange(path: Path, data: bytes, timeout: float = 10.0) -> dict[str, An
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
-        sock.sendall(data)
+        with contextlib.suppress(BrokenPipeError):
+            sock.sendall(data)  # refused unread: the answer is there all the same
         answer = b""
         while not answer.endswith(b"\n"):
             chunk = sock.recv(65536)
@@ -382,3 +384,54 @@ def test_tcp_quiet_for_reads_the_kernel() -> None:
     assert quiet is not None and quiet >= 0.25
     assert moved
     assert tcp_quiet_for(None) is None
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_check_config_shows_the_control_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from socksd.cli import main
+
+    file = tmp_path / "socksd.toml"
+    file.write_text('control_socket = "c.sock"\ncontrol_group = 0\n')
+    assert main(["check-config", str(file)]) == 0
+    assert f"control socket: {tmp_path / 'c.sock'} (mode 0660, group 0: gid 0)\n" in (
+        capsys.readouterr().out
+    )
+    file.write_text('control_group = "no-such-group-x"\ncontrol_socket = "c.sock"\n')
+    assert main(["check-config", str(file)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("socksd: error: control_group: no group 'no-such-group-x'")
+
+
+def test_serve_refuses_a_live_control_socket_before_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from socksd.cli import main
+
+    path = tmp_path / "c.sock"
+    running = ControlSocket(path)
+    try:
+        args = ["serve", "--listen", "127.0.0.1:0", "--control-socket", str(path)]
+        assert main([*args, "--access-log", "off"]) == 2
+        assert "control_socket: a running server answers on" in capsys.readouterr().err
+        assert path.exists()
+    finally:
+        running.close()
+
+
+def test_sessions_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from socksd.cli import main
+
+    file = tmp_path / "socksd.toml"
+    file.write_text('control_socket = "off"\n')
+    assert main(["sessions", "--config", str(file)]) == 2
+    assert "turns the control socket off" in capsys.readouterr().err
+    assert main(["sessions", "--control-socket", "x.sock", "--count", "2"]) == 2
+    assert "--count: give a number of refreshes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sessions", "--watch", "0.01"])
+    assert "must be from 0.2 to 3600 seconds" in capsys.readouterr().err

@@ -447,6 +447,18 @@ def user_command(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
 
 
+def _control_summary(config: Config) -> str:
+    """Where ``socksd sessions`` connects and who may (the group checked), for check-config."""
+    from socksd.server.process.control import control_socket_path, group_id
+
+    path = control_socket_path(config)
+    if path is None:
+        return "none (set control_socket for socksd sessions)"
+    if config.control_group is None:
+        return f"{path} (mode 0600)"
+    return f"{path} (mode 0660, group {config.control_group}: gid {group_id(config.control_group)})"
+
+
 def check_config_command(args: argparse.Namespace) -> int:
     """Validate ``args.file`` and print what ``serve`` would apply (derived as serve does)."""
     from socksd.server.process.context import derive
@@ -455,6 +467,7 @@ def check_config_command(args: argparse.Namespace) -> int:
     config = build_config(load_file(path), {})
     parts = derive(config)  # the user file, keytab, access log and rules, as serve builds them
     parts.close()
+    control = _control_summary(config)  # checks control_group
     print(f"{path}: valid")
     print(f"listen: {', '.join(str(a) for a in config.listen)}")
     methods = []
@@ -480,6 +493,7 @@ def check_config_command(args: argparse.Namespace) -> int:
         f"idle_timeout={config.idle_timeout:g}s" if config.idle_timeout else "idle_timeout=none",
     ]
     print(f"limits: {' '.join(limits)}")
+    print(f"control socket: {control}")
     for user, rate in config.bandwidth.items():
         print(f"bandwidth: {user} {rate} bytes/s each way" if rate else f"bandwidth: {user} none")
     for name, members in config.groups.items():

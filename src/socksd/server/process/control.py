@@ -675,7 +675,8 @@ def _query_once(path: Path, request: Mapping[str, Any], timeout: float) -> dict[
                 f"control_socket: cannot connect to {path}: {e.strerror or e}"
             ) from None
         try:
-            sock.sendall(encode(request))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(encode(request))  # a busy server answers without reading: read on
             line = read_line(sock, MAX_RESPONSE, timeout)
         except OSError as e:
             raise ControlError(f"control socket {path}: {e.strerror or e}") from None
