@@ -28,7 +28,9 @@ from tests.e2e.support import (
     access_lines,
     clean_env,
     connect_proxy,
+    read_reply,
     recv_until_eof,
+    request,
     socksd_cli,
     udp_associate_raw,
     udp_header,
@@ -347,3 +349,27 @@ def test_workers_every_worker_listed_kill_reaches_the_right_one(
             sock.close()
     assert server.stop() == 0
     assert not path.exists()
+
+
+def test_kill_while_the_command_runs(socksd: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """A BIND waiting for its peer is ``connecting``; killed, its client sees the close and the
+    port it listened on is closed too."""
+    path = tmp_path / "control.sock"
+    server = socksd("--control-socket", str(path))
+    sock = connect_proxy(server)
+    try:
+        sock.sendall(b"\x05\x01\x00")
+        assert sock.recv(2) == b"\x05\x00"
+        sock.sendall(request("127.0.0.1", 9, cmd=2))
+        _, host, port = read_reply(sock)  # the first BIND reply: listening
+        (s,) = listing(path)["sessions"]
+        assert (s["state"], s["command"], s["target"]) == ("connecting", "BIND", "127.0.0.1:9")
+        assert sessions(path, "--kill", s["id"]).returncode == 0
+        assert recv_until_eof(sock) == b""
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, port), timeout=5).close()
+        line = wait_for_log(server, 'error="killed by the admin"')
+        assert " BIND 127.0.0.1:9 " in line
+        assert listing(path)["sessions"] == []
+    finally:
+        sock.close()
