@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -435,3 +436,54 @@ def test_sessions_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main(["sessions", "--watch", "0.01"])
     assert "must be from 0.2 to 3600 seconds" in capsys.readouterr().err
+
+
+# -- answers in batches --------------------------------------------------------------------------
+
+
+def test_encode_puts_encoded_sessions_in_as_they_are() -> None:
+    items = control.Fragments(['{"id":"0-1"}', '{"id":"0-2"}'])
+    line = control.encode({"version": 1, "workers": 1, "sessions": items, "errors": []})
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == {
+        "version": 1,
+        "workers": 1,
+        "errors": [],
+        "sessions": [{"id": "0-1"}, {"id": "0-2"}],
+    }
+    assert json.loads(control.encode({"sessions": control.Fragments()})) == {"sessions": []}
+
+
+class _View:
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": f"0-{self.number}"}
+
+
+class _FakeSession:
+    """What ``session_fragments`` uses of a session: ``snapshot``."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+    def snapshot(self, now: float, loop_now: float) -> _View:
+        return _View(self.number)
+
+
+def test_sessions_are_looked_at_in_batches_with_the_loop_running_between(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(control, "BATCH", 2)
+    ctx = SimpleNamespace(sessions={_FakeSession(n) for n in range(1, 6)})
+
+    async def main() -> tuple[list[str], str]:
+        last = list(ctx.sessions)[-1]  # the order session_fragments takes them in
+        # runs between two batches: the session that ends then is not listed
+        asyncio.get_running_loop().call_soon(ctx.sessions.discard, last)
+        fragments = await control.session_fragments(ctx)  # type: ignore[arg-type]
+        return [json.loads(f)["id"] for f in fragments], f"0-{last.number}"
+
+    ids, ended = asyncio.run(main())
+    assert len(ids) == 4 and ended not in ids

@@ -32,8 +32,12 @@ Fork safety: the supervisor forks the first workers before its control thread st
 restarted later is forked while that thread runs; the child only detaches and closes the
 descriptors of the control socket and of the other channels (:meth:`WorkerChannels.forget`,
 :meth:`ControlSocket.forget`: no lock is taken, since the thread that may hold one does not exist
-in the child), then builds everything else afresh, as a first worker does. Python re-initialises
-the logging locks at fork.
+in the child), then builds everything else afresh, as a first worker does. The one lock the
+child does need is the one inside ``sys.stderr``: Python re-initialises the logging module's
+locks at fork but not the stream's, so a fork while a control thread is in the middle of writing
+a log line would leave the new worker stuck at its first line. Control threads therefore log
+only under ``_FORK_GUARD``, which every fork takes (``os.register_at_fork``). They import nothing
+lazily and hold no other lock a worker uses.
 """
 
 from __future__ import annotations
@@ -87,6 +91,21 @@ BACKLOG = 64
 
 KILLED = "killed by the admin"
 """The access-log error of a session ended with ``socksd sessions --kill``."""
+
+
+_FORK_GUARD = threading.Lock()
+"""Held by a control thread while it writes a log line, and by every fork (see the module)."""
+os.register_at_fork(
+    before=_FORK_GUARD.acquire,
+    after_in_parent=_FORK_GUARD.release,
+    after_in_child=_FORK_GUARD.release,
+)
+
+
+def _log(level: int, message: str, *args: object, exc_info: bool = False) -> None:
+    """Log from a control thread: never while a worker is being forked."""
+    with _FORK_GUARD:
+        log.log(level, message, *args, exc_info=exc_info)
 
 
 class ControlError(Exception):
@@ -207,8 +226,14 @@ class ControlSocket:
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
-    """One message: compact JSON and a newline."""
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    """One message: compact JSON and a newline (``sessions`` given as :class:`Fragments` are
+    put in as they are, last)."""
+    sessions = message.get("sessions")
+    if not isinstance(sessions, Fragments):
+        return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    rest = json.dumps({k: v for k, v in message.items() if k != "sessions"}, separators=(",", ":"))
+    joined = ",".join(sessions)
+    return f'{rest[:-1]}{"," if len(rest) > 2 else ""}"sessions":[{joined}]}}\n'.encode()
 
 
 def error_answer(text: str) -> dict[str, Any]:
@@ -261,8 +286,34 @@ def read_line(sock: socket.socket, limit: int, timeout: float) -> bytes:
 # -- answers from a server process's sessions (on its event loop) ------------------------------
 
 
-def answer(ctx: ServerContext, request: Mapping[str, Any]) -> dict[str, Any]:
-    """Answer ``request`` from this process's sessions; run on the event loop that owns them."""
+BATCH = 256
+"""Sessions looked at in one step of the event loop; it runs its sessions between two batches."""
+
+
+class Fragments(list[str]):
+    """Session objects already encoded as JSON, each on the event loop that owns the session."""
+
+
+async def session_fragments(ctx: ServerContext) -> Fragments:
+    """Every open session of this process as a JSON object, ``BATCH`` at a time, so a server
+    with many sessions is never held up for more than one batch by a query."""
+    loop = asyncio.get_running_loop()
+    sessions = list(ctx.sessions)
+    out = Fragments()
+    for start in range(0, len(sessions), BATCH):
+        if start:
+            await asyncio.sleep(0)
+        now, loop_now, live = time.time(), loop.time(), ctx.sessions
+        out.extend(
+            json.dumps(s.snapshot(now, loop_now).as_dict(), separators=(",", ":"))
+            for s in sessions[start : start + BATCH]
+            if s in live  # (ended during an earlier batch: not listed)
+        )
+    return out
+
+
+async def answer(ctx: ServerContext, request: Mapping[str, Any]) -> dict[str, Any]:
+    """Answer ``request`` from this process's sessions, on the event loop that owns them."""
     if request["op"] == "kill":
         for session in ctx.sessions:
             if session.id == request["id"]:
@@ -270,28 +321,19 @@ def answer(ctx: ServerContext, request: Mapping[str, Any]) -> dict[str, Any]:
                 session.abort(KILLED)
                 return {"killed": True}
         return {"killed": False}
-    now, loop_now = time.time(), asyncio.get_running_loop().time()
-    return {"sessions": [s.snapshot(now, loop_now).as_dict() for s in list(ctx.sessions)]}
+    return {"sessions": await session_fragments(ctx)}
 
 
 def answer_in_loop(
     ctx: ServerContext, loop: asyncio.AbstractEventLoop, request: Mapping[str, Any]
 ) -> dict[str, Any]:
     """:func:`answer` from another thread: run on ``loop``, waited for ``WORKER_TIMEOUT`` at most."""
-    future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-
-    def run() -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(answer(ctx, request))
-            except BaseException as e:  # handed to the waiting thread
-                future.set_exception(e)
-
     try:
-        loop.call_soon_threadsafe(run)
-        return future.result(WORKER_TIMEOUT)
+        future = asyncio.run_coroutine_threadsafe(answer(ctx, request), loop)
     except RuntimeError:  # the loop is closed: the server is stopping
         raise ControlError("the server is stopping") from None
+    try:
+        return future.result(WORKER_TIMEOUT)
     except concurrent.futures.TimeoutError:
         future.cancel()
         raise ControlError(f"the server did not answer within {WORKER_TIMEOUT:g}s") from None
@@ -340,7 +382,7 @@ class ControlServer:
             except OSError as e:
                 if self._stop.is_set() or e.errno == errno.EBADF:
                     return
-                log.error("control socket: accept failed: %s", e.strerror or e)
+                _log(logging.ERROR, "control socket: accept failed: %s", e.strerror or e)
                 self._stop.wait(1.0)
                 continue
             if not self._slots.acquire(blocking=False):
@@ -361,7 +403,8 @@ class ControlServer:
                     request = parse_request(read_line(conn, MAX_REQUEST, READ_TIMEOUT))
                     reply = {"version": SCHEMA_VERSION, **self.handle(request)}
                     if request["op"] == "kill":
-                        log.info(
+                        _log(
+                            logging.INFO,
                             "control: %s asked to kill session %s: %s",
                             _peer(conn),
                             request["id"],
@@ -374,7 +417,7 @@ class ControlServer:
         except OSError:
             pass  # the client went away; nothing to tell it
         except Exception:
-            log.exception("control request failed")
+            _log(logging.ERROR, "control request failed", exc_info=True)
         finally:
             self._slots.release()
 
@@ -536,9 +579,14 @@ class WorkerChannels:
             replies: list[dict[str, Any]] = []
             for index, channel in asked:
                 try:
-                    replies.append(channel.receive(seq, deadline))
+                    reply = channel.receive(seq, deadline)
                 except (ControlError, OSError) as e:
                     errors.append(f"worker {index}: {e}")
+                    continue
+                if "error" in reply:
+                    errors.append(f"worker {index}: {reply['error']}")
+                else:
+                    replies.append(reply)
         finally:
             for _, channel in held:
                 channel.lock.release()
@@ -564,6 +612,7 @@ class _WorkerEndpoint(asyncio.Protocol):
         self.ctx = ctx
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.tasks: set[asyncio.Task[dict[str, Any]]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -581,11 +630,28 @@ class _WorkerEndpoint(asyncio.Protocol):
         try:
             raw = json.loads(line)
             seq = raw.get("seq") if isinstance(raw, dict) else None
-            reply = {**answer(self.ctx, parse_request(line)), "seq": seq}
+            request = parse_request(line)
         except (ControlError, ValueError) as e:
-            reply = {"error": str(e), "seq": None}
-        assert self.transport is not None
-        self.transport.write(encode(reply))
+            self._write({"error": str(e), "seq": None})
+            return
+        task = asyncio.get_running_loop().create_task(answer(self.ctx, request))
+        self.tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, seq))
+
+    def _done(self, task: asyncio.Task[dict[str, Any]], seq: object) -> None:
+        self.tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("control request failed: %r", error)
+            self._write({"error": f"the worker failed to answer: {error!r}", "seq": seq})
+            return
+        self._write({**task.result(), "seq": seq})
+
+    def _write(self, reply: dict[str, Any]) -> None:
+        if self.transport is not None:  # (the supervisor may be gone by now)
+            self.transport.write(encode(reply))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None  # the supervisor is gone; SIGTERM or its death ends this worker
