@@ -433,6 +433,8 @@ def test_sessions_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "turns the control socket off" in capsys.readouterr().err
     assert main(["sessions", "--control-socket", "x.sock", "--count", "2"]) == 2
     assert "--count: give a number of refreshes" in capsys.readouterr().err
+    assert main(["sessions", "--control-socket", "x.sock", "--kill", "0-1", "--watch"]) == 2
+    assert "--kill ends one session; leave out --watch" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sessions", "--watch", "0.01"])
     assert "must be from 0.2 to 3600 seconds" in capsys.readouterr().err

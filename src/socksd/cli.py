@@ -533,6 +533,8 @@ def sessions_command(args: argparse.Namespace) -> int:
     from socksd.server.process.control import ControlError, query
     from socksd.sessionview import LiveSession, format_table
 
+    if args.kill is not None and args.watch is not None:
+        raise ConfigError("--kill ends one session; leave out --watch")
     if args.count is not None and (args.watch is None or args.count < 1):
         raise ConfigError("--count: give a number of refreshes of at least 1, with --watch")
     path = control_path(args)

@@ -150,7 +150,10 @@ def _answers(path: Path) -> bool:
         except (ConnectionRefusedError, FileNotFoundError):
             return False
         except PermissionError:
-            return True  # someone else's socket: not ours to replace
+            raise ConfigError(
+                f"control_socket: {path} is another user's socket (permission denied); remove "
+                "it or choose another path"
+            ) from None
         except OSError as e:
             return e.errno != errno.ECONNREFUSED
     return True
@@ -188,8 +191,10 @@ class ControlSocket:
                 "control socket %s: replaced the stale socket of a server that is gone", path
             )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
         try:
             sock.bind(str(path))
+            bound = True
             # Not listening yet, so nobody can connect before the mode and group are right.
             os.chmod(path, 0o600 if gid is None else 0o660)
             if gid is not None:
@@ -197,8 +202,8 @@ class ControlSocket:
             sock.listen(BACKLOG)
         except OSError as e:
             sock.close()
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode) and not _answers(path):
+            if bound:  # ours, never listened on: gone again
+                with contextlib.suppress(OSError):
                     os.unlink(path)
             raise ConfigError(
                 f"control_socket: cannot create {path}: {e.strerror or e}"
