@@ -18,6 +18,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from socksd.config import Config, ConfigError, build_config, load_file
 from socksd.server.dataplane.idle import ActivityMark, tcp_quiet_for
@@ -489,3 +491,32 @@ def test_sessions_are_looked_at_in_batches_with_the_loop_running_between(
 
     ids, ended = asyncio.run(main())
     assert len(ids) == 4 and ended not in ids
+
+
+# -- garbage never crashes -----------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_are_a_request_or_a_control_error(line: bytes) -> None:
+    try:
+        request = parse_request(line)
+    except ControlError:
+        return
+    assert request["op"] in ("sessions", "kill")
+
+
+@given(_json)
+def test_any_json_is_a_request_or_a_control_error(value: object) -> None:
+    for candidate in (value, {"op": "kill", "id": value}, {"op": value}):
+        try:
+            request = parse_request(json.dumps(candidate).encode())
+        except ControlError:
+            continue
+        assert request in ({"op": "sessions"}, {"op": "kill", "id": request.get("id")})
+        assert request["op"] == "sessions" or isinstance(request["id"], str)

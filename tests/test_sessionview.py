@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from socksd.sessionview import (
     LiveSession,
@@ -162,3 +164,24 @@ def test_empty_table() -> None:
         "ID  CLIENT  USER  COMMAND  TARGET  STATE  UP  DOWN  AGE  IDLE",
         "0 sessions (1 worker), 0 B up, 0 B down",
     ]
+
+
+_values = (
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.lists(st.integers())
+)
+
+
+@given(st.dictionaries(st.sampled_from(sorted(live().as_dict())), _values))
+@example({"age": float("inf")})
+@example({"idle": float("nan")})
+@example({"bytes_up": 1e300})
+@example({"worker": True})
+@example({"started_unix": "1"})
+def test_any_object_reads_as_a_session_or_a_value_error(changes: dict[str, object]) -> None:
+    """What a server answers is read back or refused with ValueError, never another error."""
+    data = {**live().as_dict(), **changes}
+    try:
+        session = LiveSession.from_dict(data)
+    except ValueError:
+        return
+    format_table([session])  # and a session read back can always be shown

@@ -13,6 +13,7 @@ escape sequences or extra lines into the admin's table.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,25 +81,24 @@ class LiveSession:
         try:
             idle = data["idle"]
             udp = data.get("udp")
-            session = cls(
+            return cls(
                 id=_text(data["id"]),
-                worker=int(data["worker"]),
+                worker=_count(data["worker"]),
                 client=_text(data["client"]),
                 user=_optional_text(data["user"]),
                 command=_optional_text(data["command"]),
                 target=_optional_text(data["target"]),
                 remote=_optional_text(data.get("remote")),
                 state=_text(data["state"]),
-                started=float(data["started_unix"]),
-                age=float(data["age"]),
-                idle=None if idle is None else float(idle),
-                bytes_up=int(data["bytes_up"]),
-                bytes_down=int(data["bytes_down"]),
+                started=_seconds(data["started_unix"]),
+                age=_seconds(data["age"]),
+                idle=None if idle is None else _seconds(idle),
+                bytes_up=_count(data["bytes_up"]),
+                bytes_down=_count(data["bytes_down"]),
                 udp=dict(udp) if isinstance(udp, Mapping) else None,
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed session object: {e}") from None
-        return session
 
     @property
     def bytes_total(self) -> int:
@@ -113,6 +113,18 @@ def _text(value: object) -> str:
 
 def _optional_text(value: object) -> str | None:
     return None if value is None else _text(value)
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"expected a count, got {value!r}")
+    return value
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError(f"expected seconds, got {value!r}")
+    return float(value)
 
 
 def _iso(t: float) -> str:
