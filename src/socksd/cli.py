@@ -562,10 +562,13 @@ def sessions_command(args: argparse.Namespace) -> int:
                 table = format_table(
                     sessions, sort=args.sort, workers=workers, errors=reply.get("errors", [])
                 )
-                if args.watch is not None and tty:
-                    sys.stdout.write("\x1b[H\x1b[2J")  # clear the screen, as watch(1) does
-                elif shown:
-                    print()
+                if args.watch is not None:
+                    if tty:
+                        sys.stdout.write("\x1b[H\x1b[2J")  # clear the screen, as watch(1) does
+                    elif shown:
+                        print()
+                    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                    print(f"{stamp}  {path}  every {args.watch:g}s (Ctrl-C ends)")
                 print(table)
             sys.stdout.flush()
             shown += 1

@@ -229,6 +229,7 @@ def test_watch_refreshes_and_ends_cleanly(
         counted = sessions(path, "--watch", "0.2", "--count", "3")
         assert counted.returncode == 0, counted.stderr
         assert counted.stdout.count("ID  ") == 3 and counted.stdout.count("1 session (") == 3
+        assert counted.stdout.count("every 0.2s (Ctrl-C ends)\n") == 3
         jsonl = sessions(path, "--watch", "0.2", "--count", "2", "--json").stdout.splitlines()
         assert len(jsonl) == 2 and all(len(json.loads(line)["sessions"]) == 1 for line in jsonl)
 
@@ -239,8 +240,9 @@ def test_watch_refreshes_and_ends_cleanly(
             text=True,
         )
         assert watcher.stdout is not None
-        first = watcher.stdout.readline()  # the first table is out: it is running
-        assert first.startswith("ID")
+        title = watcher.stdout.readline()  # the first table is coming: it is running
+        assert title.rstrip().endswith(f"{path}  every 2s (Ctrl-C ends)")
+        assert watcher.stdout.readline().startswith("ID")
         watcher.send_signal(signal.SIGINT)  # Ctrl-C
         _, err = watcher.communicate(timeout=15)
         assert watcher.returncode == 0 and err == ""
