@@ -375,3 +375,58 @@ def test_kill_while_the_command_runs(socksd: Callable[..., ServerProcess], tmp_p
         assert listing(path)["sessions"] == []
     finally:
         sock.close()
+
+
+def _connects_as(uid: int, gid: int, path: Path) -> str:
+    """Connect to ``path`` from a forked child running as ``uid``/``gid``: what happened."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no exec (the interpreter may not be reachable for that user)
+        outcome = b"error"
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(str(path))
+                sock.sendall(b'{"op": "sessions"}\n')
+                outcome = b"answered" if b'"sessions"' in sock.recv(65536) else b"no answer"
+        except PermissionError:
+            outcome = b"denied"
+        finally:
+            os.write(write, outcome)
+            os._exit(0)
+    os.close(write)
+    try:
+        return os.read(read, 100).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_only_the_owner_or_the_control_group_may_connect(
+    socksd: Callable[..., ServerProcess],
+) -> None:
+    import grp
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    directory = Path(tempfile.mkdtemp(prefix="socksd-control-"))
+    try:
+        directory.chmod(0o755)  # anyone may reach the socket file: its own mode decides
+        private = directory / "private.sock"
+        socksd("--control-socket", str(private))
+        assert _connects_as(nobody.pw_uid, nobody.pw_gid, private) == "denied"
+        shared = directory / "shared.sock"
+        socksd("--control-socket", str(shared), "--control-group", group)
+        st = os.stat(shared)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == nobody.pw_gid
+        assert _connects_as(nobody.pw_uid, nobody.pw_gid, shared) == "answered"
+        assert _connects_as(nobody.pw_uid, 0 if nobody.pw_gid else 1, shared) == "denied"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
