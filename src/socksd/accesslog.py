@@ -94,7 +94,7 @@ def user_name(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _field(value: str | None) -> str:
+def quote_field(value: str | None) -> str:
     """A value safe to put in a space-separated line: quoted JSON-style if it needs to be.
 
     Bare only when it is printable ASCII without quote or backslash and not ``-`` (no value), so
@@ -123,8 +123,8 @@ def format_text(record: SessionRecord, ended: float) -> str:
     """
     rep = "-" if record.reply is None else f"0x{record.reply:02x}"
     line = (
-        f"{_iso(ended)} {record.client} user={_field(record.user)} {record.command or '-'} "
-        f"{_field(record.target)} -> {record.remote or '-'} rep={rep} "
+        f"{_iso(ended)} {record.client} user={quote_field(record.user)} {record.command or '-'} "
+        f"{quote_field(record.target)} -> {record.remote or '-'} rep={rep} "
         f"up={record.bytes_up} down={record.bytes_down} dur={ended - record.started:.3f}s"
     )
     if record.udp is not None:

@@ -171,6 +171,17 @@ def _serve_parser(sub: Any) -> None:
         choices=("auto", "uvloop", "asyncio"),
         help="event loop (default auto: uvloop when installed)",
     )
+    p.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="Unix socket `socksd sessions` talks to (mode 0600); 'off' for none "
+        "(default: $RUNTIME_DIRECTORY/socksd.sock under systemd, else none)",
+    )
+    p.add_argument(
+        "--control-group",
+        metavar="GROUP",
+        help="group that may use the control socket too (mode 0660)",
+    )
     access = p.add_argument_group(
         "access rules and limits ([[rules]], [groups], [bandwidth]: TOML)"
     )
@@ -285,15 +296,79 @@ def _check_config_parser(sub: Any) -> None:
     p.add_argument("file", type=Path, metavar="FILE", help="TOML config file")
 
 
+def _watch_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected seconds between two refreshes") from None
+    if not MIN_WATCH <= value <= MAX_WATCH:
+        raise argparse.ArgumentTypeError(f"must be from {MIN_WATCH:g} to {MAX_WATCH:g} seconds")
+    return value
+
+
+MIN_WATCH = 0.2
+MAX_WATCH = 3600.0
+DEFAULT_WATCH = 2.0
+
+
+def _sessions_parser(sub: Any) -> None:
+    from socksd.sessionview import SORT_KEYS
+
+    p = sub.add_parser(
+        "sessions",
+        help="show who is connected now (or end one session)",
+        description="Ask a running server, through its control socket, for its open sessions "
+        "(every worker's): id, client, user, command, target, state, bytes each way, age, idle "
+        "time. Without --control-socket or --config it looks in $RUNTIME_DIRECTORY, then "
+        "/run/socksd/socksd.sock.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--control-socket", type=Path, metavar="PATH", help="the server's socket")
+    where.add_argument(
+        "--config", type=Path, metavar="FILE", help="the server's TOML file (its control_socket)"
+    )
+    p.add_argument("--json", action="store_true", help="print the server's JSON answer")
+    p.add_argument(
+        "--sort",
+        choices=SORT_KEYS,
+        default="age",
+        help="table order: age (oldest first, default), bytes (most first), client, idle "
+        "(longest first), id",
+    )
+    p.add_argument(
+        "--watch",
+        type=_watch_interval,
+        nargs="?",
+        const=DEFAULT_WATCH,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {DEFAULT_WATCH:g}) until Ctrl-C; with --json one "
+        "JSON object a line",
+    )
+    p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N refreshes")
+    p.add_argument(
+        "--kill", metavar="ID", help="end the session ID (as listed) and say whether it existed"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="seconds to wait for the server's answer (default 15)",
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="socksd", description="A SOCKS5 proxy server (RFC 1928, RFC 1929, RFC 1961)."
     )
     parser.add_argument("--version", action="version", version=f"socksd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,user,check-config}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{serve,user,check-config,sessions}"
+    )
     _serve_parser(sub)
     _user_parser(sub)
     _check_config_parser(sub)
+    _sessions_parser(sub)
     return parser
 
 
@@ -334,6 +409,8 @@ _SERVE_KEYS = (
     "advertise",
     "external_address",
     "proxy_protocol_from",
+    "control_socket",
+    "control_group",
 )
 
 
@@ -380,6 +457,18 @@ def user_command(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
 
 
+def _control_summary(config: Config) -> str:
+    """Where ``socksd sessions`` connects and who may (the group checked), for check-config."""
+    from socksd.server.process.control import control_socket_path, group_id
+
+    path = control_socket_path(config)
+    if path is None:
+        return "none (set control_socket for socksd sessions)"
+    if config.control_group is None:
+        return f"{path} (mode 0600)"
+    return f"{path} (mode 0660, group {config.control_group}: gid {group_id(config.control_group)})"
+
+
 def check_config_command(args: argparse.Namespace) -> int:
     """Validate ``args.file`` and print what ``serve`` would apply (derived as serve does)."""
     from socksd.server.process.context import derive
@@ -388,6 +477,7 @@ def check_config_command(args: argparse.Namespace) -> int:
     config = build_config(load_file(path), {})
     parts = derive(config)  # the user file, keytab, access log and rules, as serve builds them
     parts.close()
+    control = _control_summary(config)  # checks control_group
     print(f"{path}: valid")
     print(f"listen: {', '.join(str(a) for a in config.listen)}")
     methods = []
@@ -420,6 +510,7 @@ def check_config_command(args: argparse.Namespace) -> int:
         )
     if config.advertise:
         print(f"advertise: {config.advertise} (BND.ADDR of BIND and UDP ASSOCIATE replies)")
+    print(f"control socket: {control}")
     for user, rate in config.bandwidth.items():
         print(f"bandwidth: {user} {rate} bytes/s each way" if rate else f"bandwidth: {user} none")
     for name, members in config.groups.items():
@@ -428,6 +519,83 @@ def check_config_command(args: argparse.Namespace) -> int:
     for line in parts.rules.describe():
         print(f"  {line}")
     return 0
+
+
+def control_path(args: argparse.Namespace) -> Path:
+    """The control socket ``socksd sessions`` asks: the flag, the config file's, systemd's
+    runtime directory, ``/run/socksd/socksd.sock``; ConfigError when none is known."""
+    from socksd.server.process.control import SYSTEM_SOCKET, control_socket_path
+
+    if args.control_socket is not None:
+        return Path(args.control_socket)
+    config = build_config(load_file(args.config), {}) if args.config is not None else Config()
+    path = control_socket_path(config)
+    if path is None and config.control_socket == "off":
+        raise ConfigError(f"control_socket: {args.config} turns the control socket off")
+    if path is None and args.config is None and SYSTEM_SOCKET.exists():
+        path = SYSTEM_SOCKET
+    if path is None:
+        raise ConfigError(
+            "control_socket: no control socket known; give --control-socket PATH or "
+            "--config FILE (the server's control_socket)"
+        )
+    return path
+
+
+def sessions_command(args: argparse.Namespace) -> int:
+    """List the open sessions of a running server, watch them, or end one (``--kill``)."""
+    import json
+    import time
+
+    from socksd.server.process.control import ControlError, query
+    from socksd.sessionview import LiveSession, format_table
+
+    if args.kill is not None and args.watch is not None:
+        raise ConfigError("--kill ends one session; leave out --watch")
+    if args.count is not None and (args.watch is None or args.count < 1):
+        raise ConfigError("--count: give a number of refreshes of at least 1, with --watch")
+    path = control_path(args)
+    try:
+        if args.kill is not None:
+            reply = query(path, {"op": "kill", "id": args.kill}, args.timeout)
+            killed = bool(reply.get("killed"))
+            if args.json:
+                print(json.dumps({"id": args.kill, "killed": killed}))
+            else:
+                print(f"session {args.kill}: {'killed' if killed else 'no such session'}")
+            return 0 if killed else 1
+        tty = sys.stdout.isatty()
+        shown = 0
+        while True:
+            reply = query(path, {"op": "sessions"}, args.timeout)
+            if args.json:
+                print(json.dumps(reply, separators=(",", ":") if args.watch else None))
+            else:
+                try:
+                    sessions = [LiveSession.from_dict(item) for item in reply["sessions"]]
+                    workers = int(reply.get("workers", 1))
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ControlError(f"the server's answer is not understood: {e}") from None
+                table = format_table(
+                    sessions, sort=args.sort, workers=workers, errors=reply.get("errors", [])
+                )
+                if args.watch is not None:
+                    if tty:
+                        sys.stdout.write("\x1b[H\x1b[2J")  # clear the screen, as watch(1) does
+                    elif shown:
+                        print()
+                    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                    print(f"{stamp}  {path}  every {args.watch:g}s (Ctrl-C ends)")
+                print(table)
+            sys.stdout.flush()
+            shown += 1
+            if args.watch is None or (args.count is not None and shown >= args.count):
+                return 0
+            time.sleep(args.watch)
+    except ControlError as e:
+        raise ConfigError(str(e)) from None
+    except KeyboardInterrupt:
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -439,6 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return user_command(args)
         if args.command == "check-config":
             return check_config_command(args)
+        if args.command == "sessions":
+            return sessions_command(args)
         config = config_from_args(args)
         from socksd.server import ServerContext, run
 

@@ -130,6 +130,10 @@ class Config:
     gssapi_keytab: Path | None = None
     gssapi_service: str | None = None
     gssapi_levels: tuple[int, ...] = (1, 2, 3)
+    control_socket: str | None = None
+    """The control socket's path, ``off``, or None: ``$RUNTIME_DIRECTORY/socksd.sock`` if set."""
+    control_group: str | None = None
+    """A group (name or id) that may use the control socket too (mode 0660)."""
 
     @property
     def auth_methods(self) -> tuple[str, ...]:
@@ -188,6 +192,8 @@ def _convert(key: str, value: Any) -> Any:
         return _advertise(value)
     if key == "proxy_protocol_from":
         return _proxy_protocol_from(value)
+    if key in ("control_socket", "control_group"):
+        return _control(key, value)
     converter = _CONVERTERS.get(key)
     if converter is not None:
         return converter(value)
@@ -379,6 +385,17 @@ def _proxy_protocol_from(value: Any) -> tuple[str, ...]:
         if str(network) not in networks:
             networks.append(str(network))
     return tuple(networks)
+def _control(key: str, value: Any) -> str | None:
+    if key == "control_group":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError('control_group: expected a group name or id, e.g. "socksd-admin"')
+        return value.strip()
+    if not isinstance(value, str | Path):
+        raise ConfigError('control_socket: expected the path of a Unix socket, or "off"')
+    text = str(value)
+    return "off" if text in ("", "off") else text
 
 
 def _methods(value: Any) -> tuple[str, ...]:
@@ -538,8 +555,8 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
-    for key in ("users", "gssapi_keytab"):
+    for key in ("users", "gssapi_keytab", "control_socket"):
         value = data.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute():
+        if isinstance(value, str) and value not in ("", "off") and not Path(value).is_absolute():
             data[key] = str(path.parent / value)
     return data

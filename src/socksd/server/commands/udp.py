@@ -72,7 +72,7 @@ from socksd.protocol import (
 )
 from socksd.server.commands.base import bind_address
 from socksd.server.commands.replycodes import reply_for_error
-from socksd.server.dataplane.idle import IdleWatch
+from socksd.server.dataplane.idle import ActivityMark, IdleWatch
 
 if TYPE_CHECKING:
     from socksd.limits import TokenBucket
@@ -318,6 +318,8 @@ class UdpAssociation:
         self.down_bucket: TokenBucket | None = buckets[1] if buckets else None
         self._idle_watch: IdleWatch | None = None
         self._control: asyncio.Transport | None = None
+        self.activity = ActivityMark(0, 0.0)
+        """When the datagram counter last moved, as far as the idle watch or a query saw."""
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -355,9 +357,10 @@ class UdpAssociation:
             self.close()
             return
         control.resume_reading()
+        self.activity.since = asyncio.get_running_loop().time()
         if self._idle > 0:
             self._idle_watch = IdleWatch(
-                self._idle, self._traffic, self.close, "UDP association idle"
+                self._idle, self._traffic, self.close, "UDP association idle", self.activity
             )
 
     # -- client -> target -----------------------------------------------------------------------
@@ -538,6 +541,11 @@ class UdpAssociation:
 
     def _traffic(self) -> int:
         return self.datagrams_up + self.datagrams_down
+
+    def quiet_for(self, now: float) -> float:
+        """Seconds since a datagram last went either way, to within the time since the last
+        look (the idle watch's or a query's); ``now`` is the event loop's time."""
+        return self.activity.see(self._traffic(), now)
 
     def close_sockets(self) -> None:
         """Close every UDP socket now: nothing is relayed after this returns."""

@@ -55,12 +55,14 @@ from socksd.protocol.proxy_header import (
 from socksd.server.commands.base import CommandSession, Handover
 from socksd.server.commands.bind import bind
 from socksd.server.commands.connect import connect
-from socksd.server.commands.udp import udp_associate
+from socksd.server.commands.udp import UdpAssociation, udp_associate
+from socksd.server.dataplane.idle import tcp_quiet_for
 from socksd.server.dataplane.relay import Holding, Relay
 from socksd.server.dataplane.terms import RelayTerms, make_relay, relay_terms
 from socksd.server.handshake.admission import Admission, Refusal, admit
 from socksd.server.handshake.gssapi import GssapiHandshake
 from socksd.server.handshake.proxied import client_of
+from socksd.sessionview import LiveSession
 
 if TYPE_CHECKING:
     from socksd.config import Config
@@ -125,6 +127,8 @@ class Session(asyncio.Protocol):
         """A connection of the balancer's own (no header yet, or PROXY LOCAL) that has not sent a
         SOCKS byte: its end is logged at debug level, not in the access log (health checks,
         several a second)."""
+        self.number = 0
+        """This worker's number for the session (``socksd sessions`` shows ``worker-number``)."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -156,6 +160,8 @@ class Session(asyncio.Protocol):
             self._quiet = True
             record.via = record.client
             ctx.sessions.add(self)
+            ctx.opened += 1
+            self.number = ctx.opened
             self._start_timer()
             return
         self._admit(host)
@@ -176,6 +182,9 @@ class Session(asyncio.Protocol):
         self.admission = outcome
         self._admitted = True
         ctx.sessions.add(self)  # (asyncio and uvloop both set TCP_NODELAY on accepted sockets)
+        if not self.number:  # (numbered already when it came with a PROXY header)
+            ctx.opened += 1
+            self.number = ctx.opened
         if self._timer is None:
             self._start_timer()
 
@@ -419,6 +428,53 @@ class Session(asyncio.Protocol):
             return
         self.transport.close()
         self.finish(error)
+
+    # -- the live view (socksd sessions) -----------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """``W-N``: the worker (``ServerContext.worker_label``) and the session's number in it."""
+        return f"{self.ctx.worker_label}-{self.number}"
+
+    def snapshot(self, now: float, loop_now: float) -> LiveSession:
+        """What the session is doing at ``now`` (wall clock; ``loop_now``: the loop's clock).
+
+        Reads the counters the relay or UDP association keeps anyway; idle time from the kernel
+        (TCP) or the association's activity mark, so nothing is added per byte."""
+        record = self.record
+        owner = self.relay
+        up = down = 0
+        udp: dict[str, object] | None = None
+        if isinstance(owner, Relay):
+            state = "relaying"
+            up, down = owner.up, owner.down
+            quiet = [tcp_quiet_for(e.transport) for e in (owner.client, owner.target)]
+            known = [q for q in quiet if q is not None]
+            idle = min(known) if known else None
+        elif isinstance(owner, UdpAssociation):
+            state = "udp"
+            up, down = owner.bytes_up, owner.bytes_down
+            udp = owner.stats().as_dict()
+            idle = owner.quiet_for(loop_now)
+        else:
+            state = "handshake" if record.command is None else "connecting"
+            idle = tcp_quiet_for(self.transport)
+        return LiveSession(
+            id=self.id,
+            worker=self.ctx.worker,
+            client=record.client,
+            user=record.user,
+            command=record.command,
+            target=record.target,
+            remote=record.remote,
+            state=state,
+            started=record.started,
+            age=max(0.0, now - record.started),
+            idle=idle,
+            bytes_up=up,
+            bytes_down=down,
+            udp=udp,
+        )
 
     # -- what a command uses (CommandSession) ------------------------------------------------
 

@@ -146,6 +146,12 @@ class ServerContext:
     proxy_from: TrustedProxies = field(default_factory=TrustedProxies)
     proxy_header_errors: int = 0
     """Connections from a balancer closed for a missing or invalid PROXY header."""
+    worker: int = 0
+    """This process's worker index (0 in a single-process server)."""
+    worker_label: str = "0"
+    """The ``W`` of session ids ``W-N``: the worker index, ``index.G`` after its G-th start."""
+    opened: int = 0
+    """Sessions admitted so far: the ``N`` of the last session id."""
 
     @classmethod
     def create(cls, config: Config) -> ServerContext:

@@ -20,6 +20,7 @@ from typing import Any
 from socksd import fdlimit
 from socksd.config import Config
 from socksd.server.process.context import ServerContext
+from socksd.server.process.control import ControlPlane, local_control
 from socksd.server.process.listener import Server
 from socksd.server.process.reload import ConfigSource, reload
 from socksd.server.process.workers import Supervisor, worker_count
@@ -61,10 +62,12 @@ async def serve(
     announce: bool = True,
     source: ConfigSource | None = None,
     on_ready: Callable[[], None] | None = None,
+    control: ControlPlane | None = None,
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads from
     ``source`` (by default the same config: the user file is read again, the access log
-    reopened)."""
+    reopened). ``control`` (``socksd sessions``) answers from before the first accept until the
+    sessions are drained."""
     ctx = ctx or ServerContext.create(config)
     server = Server(ctx)
     loop = asyncio.get_running_loop()
@@ -74,6 +77,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, ctx, source or (lambda: config))
+    if control is not None:
+        await control.start(ctx)
     await server.start(sockets, announce=announce)
     if on_ready is not None:
         on_ready()  # a worker tells its supervisor: accepting, signal handlers in place
@@ -88,6 +93,8 @@ async def serve(
         server.abort_all("second signal")
         await drained
     again.cancel()
+    if control is not None:
+        control.close()
     ctx.access_log.close()
 
 
@@ -142,7 +149,12 @@ def run(
         if ctx is not None:
             ctx.access_log.close()
         return Supervisor(config, source).run()
+    control = local_control(config)  # a running server on its socket stops us here
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
-    with asyncio.Runner(**kwargs) as runner:
-        runner.run(serve(config, ctx, source=source))
+    try:
+        with asyncio.Runner(**kwargs) as runner:
+            runner.run(serve(config, ctx, source=source, control=control))
+    finally:
+        if control is not None:
+            control.close()  # (again: a no-op after serve's close)
     return 0

@@ -10,7 +10,12 @@ first (a broken one is logged once and no worker is disturbed), then forwards SI
 worker, which reloads itself; workers started later get the new config.
 
 Forking happens before any event loop or thread exists in the supervisor, so each worker starts
-clean; it builds its own resolver, authenticator (with its bcrypt threads) and access log.
+clean; it builds its own resolver, authenticator (with its bcrypt threads) and access log. The
+control socket (``socksd sessions``) is the supervisor's: it is bound before the first fork, and
+its thread starts once the workers are ready; a worker restarted later is forked while that
+thread runs, which is safe as ``socksd.server.process.control`` explains (the child only closes
+the inherited control descriptors, taking no lock). Each worker answers on one end of a
+socketpair made just before it is forked.
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ from typing import Any
 
 from socksd.config import Config
 from socksd.protocol import format_hostport
+from socksd.server.process.control import (
+    ControlServer,
+    ControlSocket,
+    WorkerChannels,
+    WorkerControl,
+    control_socket_path,
+)
 from socksd.server.process.listener import bind_for_workers, ready_log
 from socksd.server.process.reload import ConfigSource, ReloadError, prepare
 
@@ -54,7 +66,18 @@ class Supervisor:
         self.count = worker_count(config)
         self.worker_config = self.for_worker(config)
         self.sockets = bind_for_workers(config.listen, self.count)
+        self.control: ControlSocket | None = None
+        self.control_server: ControlServer | None = None
+        self.channels = WorkerChannels()
+        path = control_socket_path(config)
+        if path is not None:
+            try:
+                self.control = ControlSocket(path, config.control_group)
+            except BaseException:
+                self._close_sockets()
+                raise
         self.children: dict[int, int] = {}  # pid -> worker index
+        self.starts: dict[int, int] = {}  # worker index -> times started
         self.ready_pipes: set[int] = set()  # read ends: a worker writes one byte once serving
         self.announced = False
         self.stopping = False
@@ -78,6 +101,9 @@ class Supervisor:
                 self._spawn(index)
             self._wait_ready()
             self.announced = True
+            if self.control is not None:
+                self.control_server = ControlServer(self.control, self.channels.ask)
+                self.control_server.start()
             for sock in self.sockets[0]:
                 host, port = sock.getsockname()[:2]
                 ready_log.info(
@@ -87,9 +113,17 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            for socks in self.sockets:
-                for sock in socks:
-                    sock.close()
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for socks in self.sockets:
+            for sock in socks:
+                sock.close()
+        if self.control_server is not None:
+            self.control_server.close()
+        if self.control is not None:
+            self.control.close()
+        self.channels.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
@@ -132,12 +166,17 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         ready_r, ready_w = os.pipe()
+        channel = self.channels.open(index) if self.control is not None else None
+        self.starts[index] = self.starts.get(index, 0) + 1
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1
             os.close(ready_r)
             for fd in self.ready_pipes:
                 os.close(fd)
+            if self.control is not None:
+                self.control.forget()
+            self.channels.forget()
 
             def ready() -> None:
                 with contextlib.suppress(OSError):  # a restarted worker: nobody listens
@@ -158,6 +197,7 @@ class Supervisor:
                     self.sockets[index],
                     lambda: self.for_worker(source()),
                     ready,
+                    None if channel is None else WorkerControl(channel, index, self.starts[index]),
                 )
                 status = 0
             except BaseException:
@@ -166,6 +206,8 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(status)
         os.close(ready_w)
+        if channel is not None:
+            channel.close()  # the worker's end
         if self.announced:
             os.close(ready_r)  # a restarted worker: nobody waits for it
         else:
@@ -208,6 +250,7 @@ def _worker_main(
     sockets: list[socket.socket],
     source: ConfigSource,
     ready: Callable[[], None],
+    control: WorkerControl | None = None,
 ) -> None:
     from socksd.server.process.context import ServerContext
     from socksd.server.process.run import loop_factory, serve
@@ -217,5 +260,13 @@ def _worker_main(
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
         runner.run(
-            serve(config, ctx, sockets=sockets, announce=False, source=source, on_ready=ready)
+            serve(
+                config,
+                ctx,
+                sockets=sockets,
+                announce=False,
+                source=source,
+                on_ready=ready,
+                control=control,
+            )
         )
