@@ -79,6 +79,12 @@ def _serve_parser(sub: Any) -> None:
         help='where session lines go: "-" stderr (default), "off", or a file path',
     )
     p.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help='server log: "-" stderr (default; journald under systemd) or a file, '
+        "reopened on SIGUSR1",
+    )
+    p.add_argument(
         "--handshake-timeout",
         type=float,
         metavar="S",
@@ -300,6 +306,7 @@ _SERVE_KEYS = (
     "log_format",
     "log_level",
     "access_log",
+    "log_file",
     "handshake_timeout",
     "connect_timeout",
     "idle_timeout",
