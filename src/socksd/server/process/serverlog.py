@@ -83,4 +83,3 @@ class JournalFormatter(logging.Formatter):
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
-

@@ -1,0 +1,151 @@
+"""Log rotation as an admin does it: rename the log files, send SIGUSR1, and every session line
+is in exactly one of the two files; the server log moves too. One process and two workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.service_support import echo_session, launch, line_count
+from tests.helpers import wait_for
+from tests.servers import EchoServer
+
+
+class Traffic:
+    """Sessions through the proxy one after another on a thread, counted, until stopped."""
+
+    def __init__(self, run_one: object) -> None:
+        self.run_one = run_one
+        self.done = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_one()  # type: ignore[operator]
+            except Exception as e:
+                self.errors.append(e)
+                return
+            self.done += 1
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+        assert not self.errors, self.errors
+        return self.done
+
+
+def _sessions(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rename_then_sigusr1_moves_both_logs_without_losing_a_line(
+    tmp_path: Path, echo: EchoServer, workers: int
+) -> None:
+    access, server_log = tmp_path / "access.log", tmp_path / "socksd.log"
+    server = launch(
+        tmp_path,
+        "--access-log",
+        str(access),
+        "--log-format",
+        "json",
+        "--workers",
+        str(workers),
+        log_file=server_log,
+    )
+    try:
+        assert access.stat().st_mode & 0o777 == 0o640
+        assert server_log.stat().st_mode & 0o777 == 0o640
+        traffic = Traffic(lambda: echo_session(server, echo))
+        assert wait_for(lambda: line_count(access) >= 20, 30), server.log()
+
+        # what logrotate does: rename, then postrotate kill -USR1 MAINPID
+        access.rename(tmp_path / "access.log.1")
+        server_log.rename(tmp_path / "socksd.log.1")
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        reopened = 1 + workers if workers > 1 else 1  # the supervisor's line, then each worker's
+
+        def all_reopened() -> bool:
+            return server_log.exists() and server_log.read_text().count("SIGUSR1") >= reopened
+
+        assert wait_for(all_reopened, 15), (tmp_path / "socksd.log.1").read_text()
+        assert wait_for(lambda: line_count(access) >= 20, 30)
+        # every process writes to the new files now: the old access log stops growing
+        old_count = line_count(tmp_path / "access.log.1")
+        more = traffic.done + 40
+        assert wait_for(lambda: traffic.done >= more, 60)
+        sessions = traffic.stop()
+
+        def all_logged() -> bool:
+            return line_count(tmp_path / "access.log.1") + line_count(access) >= sessions
+
+        assert wait_for(all_logged, 15)
+        assert line_count(tmp_path / "access.log.1") == old_count
+        lines = _sessions(tmp_path / "access.log.1") + _sessions(access)
+        assert len(lines) == sessions  # none lost, none written twice
+        assert len({(s["client"], s["time"]) for s in lines}) == sessions
+        assert all(s["command"] == "CONNECT" and s["reply"] == 0 for s in lines)
+
+        old_server_log = (tmp_path / "socksd.log.1").read_text()
+        assert "listening on" in old_server_log and "SIGUSR1" not in old_server_log
+        assert server_log.stat().st_mode & 0o777 == 0o640
+        assert access.stat().st_mode & 0o777 == 0o640
+        assert server.stop() == 0
+        assert "stopped" in server_log.read_text()  # the shutdown lines go to the new file
+    finally:
+        server.stop(signal.SIGKILL if not server.alive() else signal.SIGTERM)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigusr1_during_start_up_does_not_kill(tmp_path: Path, workers: int) -> None:
+    """logrotate may run while socksd starts: SIGUSR1 (whose default action is to terminate) sent
+    again and again from the "starting" line on, while the workers start too, kills nothing.
+    (The window before the handlers are in place is a few milliseconds: this is a smoke test.)"""
+    server_log = tmp_path / "socksd.log"
+    argv = [sys.executable, "-m", "socksd", "serve", "--listen", "127.0.0.1:0"]
+    argv += ["--log-file", str(server_log), "--workers", str(workers)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: server_log.exists() and "starting" in server_log.read_text(), 20)
+        sent = 0
+        while proc.poll() is None and "listening on" not in server_log.read_text() and sent < 2000:
+            os.kill(proc.pid, signal.SIGUSR1)
+            sent += 1
+            time.sleep(0.002)
+        assert proc.poll() is None, f"killed by SIGUSR1 {sent}: {server_log.read_text()}"
+        assert "listening on" in server_log.read_text()
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert wait_for(lambda: "log files reopened" in server_log.read_text(), 15)
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+
+
+def test_reopen_failure_keeps_logging_to_the_old_file(tmp_path: Path, echo: EchoServer) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    access, server_log = logs / "access.log", logs / "socksd.log"
+    server = launch(tmp_path, "--access-log", str(access), log_file=server_log)
+    try:
+        moved = tmp_path / "moved"
+        logs.rename(moved)  # the directory is gone: nothing can be reopened
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        assert wait_for(lambda: "cannot reopen" in (moved / "socksd.log").read_text(), 15)
+        echo_session(server, echo)
+        assert wait_for(lambda: line_count(moved / "access.log") == 1, 15)
+        assert server.alive()
+    finally:
+        assert server.stop() == 0
