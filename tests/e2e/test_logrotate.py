@@ -3,8 +3,10 @@ is in exactly one of the two files; the server log moves too. One process and tw
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,5 +149,55 @@ def test_reopen_failure_keeps_logging_to_the_old_file(tmp_path: Path, echo: Echo
         echo_session(server, echo)
         assert wait_for(lambda: line_count(moved / "access.log") == 1, 15)
         assert server.alive()
+    finally:
+        assert server.stop() == 0
+
+
+def _logrotate() -> str | None:
+    return shutil.which("logrotate") or next(
+        (p for p in ("/usr/sbin/logrotate",) if os.access(p, os.X_OK)), None
+    )
+
+
+@pytest.mark.skipif(_logrotate() is None, reason="logrotate is not installed")
+def test_contrib_logrotate_config_rotates_a_running_server(
+    tmp_path: Path, echo: EchoServer
+) -> None:
+    """contrib/logrotate/socksd run by logrotate itself, with two substitutions: the log
+    directory, and the MainPID systemd would give (there is no systemd here)."""
+    logs = tmp_path / "log"
+    logs.mkdir()
+    access, server_log = logs / "access.log", logs / "socksd.log"
+    server = launch(tmp_path, "--access-log", str(access), "--workers", "2", log_file=server_log)
+    try:
+        contrib = Path(__file__).resolve().parents[2] / "contrib/logrotate/socksd"
+        lookup = "$(systemctl show --property=MainPID --value socksd.service 2>/dev/null)"
+        text = contrib.read_text()
+        assert "/var/log/socksd/*.log {" in text and lookup in text
+        conf = tmp_path / "logrotate.conf"
+        conf.write_text(
+            text.replace("/var/log/socksd/", f"{logs}/").replace(lookup, str(server.proc.pid))
+        )
+        rotate = [_logrotate() or "", "--state", str(tmp_path / "state"), "--force", str(conf)]
+
+        for round_ in (1, 2):
+            for _ in range(10):
+                echo_session(server, echo)
+            assert wait_for(lambda: line_count(access) == 10, 15)
+            result = subprocess.run(rotate, capture_output=True, text=True, timeout=60, check=False)
+            assert result.returncode == 0, result.stderr
+            # socksd (supervisor and both workers) opened the files again: it made them anew,
+            # and its SIGUSR1 lines are the first of the new server log
+            assert wait_for(lambda: server_log.exists() and line_count(server_log) >= 3, 15)
+            assert server_log.read_text().count("SIGUSR1") == 3
+            assert access.exists() and line_count(access) == 0
+            assert line_count(logs / "access.log.1") == 10  # delaycompress: newest kept plain
+            if round_ == 2:
+                with gzip.open(logs / "access.log.2.gz", "rt") as f:
+                    assert len(f.read().splitlines()) == 10
+        echo_session(server, echo)
+        assert wait_for(lambda: line_count(access) == 1, 15)
+        assert line_count(logs / "access.log.1") == 10
+        assert access.stat().st_mode & 0o777 == 0o640
     finally:
         assert server.stop() == 0
