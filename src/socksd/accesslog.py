@@ -67,7 +67,7 @@ class SessionRecord:
 
     def as_dict(self, ended: float) -> dict[str, object]:
         fields: dict[str, object] = {
-            "time": _iso(ended),
+            "time": iso_time(ended),
             "client": self.client,
             "user": self.user,
             "command": self.command,
@@ -107,7 +107,8 @@ def _field(value: str | None) -> str:
     return json.dumps(value)
 
 
-def _iso(t: float) -> str:
+def iso_time(t: float) -> str:
+    """UTC, ISO 8601 with milliseconds: ``2026-11-25T14:32:12.839Z`` (both logs' ``time``)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
@@ -122,7 +123,7 @@ def format_text(record: SessionRecord, ended: float) -> str:
     """
     rep = "-" if record.reply is None else f"0x{record.reply:02x}"
     line = (
-        f"{_iso(ended)} {record.client} user={_field(record.user)} {record.command or '-'} "
+        f"{iso_time(ended)} {record.client} user={_field(record.user)} {record.command or '-'} "
         f"{_field(record.target)} -> {record.remote or '-'} rep={rep} "
         f"up={record.bytes_up} down={record.bytes_down} dur={ended - record.started:.3f}s"
     )

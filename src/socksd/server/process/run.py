@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from socksd import fdlimit
+from socksd.accesslog import iso_time
 from socksd.config import Config, ConfigError
 from socksd.protocol import format_hostport
 from socksd.server.process import notify, serverlog
@@ -32,17 +33,19 @@ log = logging.getLogger("socksd")
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message."""
+    """One JSON object a line: time (UTC, as the access log's), level, logger, message, and the
+    traceback as ``exception`` when there is one (README: "JSON server log")."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
+        line: dict[str, str] = {
+            "time": iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def setup_logging(config: Config) -> None:
