@@ -25,11 +25,15 @@ def launch(
     log_file: Path,
     env: dict[str, str] | None = None,
     listeners: int = 1,
+    flag: bool = True,
 ) -> ServerProcess:
     """Start ``socksd serve --listen 127.0.0.1:0 --log-file LOG_FILE ARGS`` and wait for its
     "listening on" line in LOG_FILE. The returned server's ``log()`` reads LOG_FILE; what the
-    process writes to its console goes to ``console.txt`` beside it."""
-    argv = [sys.executable, "-m", "socksd", "serve", "--log-file", str(log_file), *args]
+    process writes to its console goes to ``console.txt`` beside it. ``flag=False``: no
+    ``--log-file`` (the config file in ARGS names LOG_FILE)."""
+    argv = [sys.executable, "-m", "socksd", "serve", *args]
+    if flag:
+        argv += ["--log-file", str(log_file)]
     if "--listen" not in args and "--config" not in args:
         argv += ["--listen", "127.0.0.1:0"]
     console = (tmp_path / "console.txt").open("a")

@@ -201,3 +201,23 @@ def test_contrib_logrotate_config_rotates_a_running_server(
         assert access.stat().st_mode & 0o777 == 0o640
     finally:
         assert server.stop() == 0
+
+
+def test_reload_moves_the_server_log_of_every_process(tmp_path: Path) -> None:
+    """``log_file`` changed in the config: after SIGHUP the supervisor and both workers write to
+    the new file (their SIGUSR1 lines, sent after the reload, are all there)."""
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    config = tmp_path / "socksd.toml"
+    config.write_text(f'listen = ["127.0.0.1:0"]\nworkers = 2\nlog_file = "{first}"\n')
+    server = launch(tmp_path, "--config", str(config), log_file=first, flag=False)
+    try:
+        config.write_text(f'listen = ["127.0.0.1:0"]\nworkers = 2\nlog_file = "{second}"\n')
+        os.kill(server.proc.pid, signal.SIGHUP)
+        assert wait_for(lambda: first.read_text().count("reloaded configuration") == 2, 15)
+        assert wait_for(second.exists, 15)
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        assert wait_for(lambda: second.read_text().count("SIGUSR1") == 3, 15), second.read_text()
+        assert "SIGUSR1" not in first.read_text()
+    finally:
+        assert server.stop() == 0
+    assert "stopped" in second.read_text() and "stopped" not in first.read_text()
