@@ -116,30 +116,28 @@ def _status(server: Server) -> str:
 
 
 def _reload(ctx: ServerContext, source: ConfigSource, server: Server | None) -> None:
-    """SIGHUP; ``server`` when this process notifies systemd (not a worker)."""
+    """SIGHUP; ``server`` when this process notifies systemd (not a worker), which it does once
+    the server is listening (before, systemd is still waiting for the first READY=1)."""
     log.info("SIGHUP received: reloading the configuration")
-    if server is not None:
+    notifying = server is not None and bool(server.addresses)
+    if notifying:
         notify.reloading()
     old = reload(ctx, source)
-    if old is not None and log_settings(old) != log_settings(ctx.config):
+    if old is not None and serverlog.log_settings(old) != serverlog.log_settings(ctx.config):
         try:
             setup_logging(ctx.config)
         except OSError as e:
             log.error("log_file: cannot open %s: %s; logging as before", ctx.config.log_file, e)
-    if server is not None:
+    if notifying and server is not None:
         failed = "; the last reload failed, see the log" if old is None else ""
         notify.ready(_status(server) + failed)
 
 
-def log_settings(config: Config) -> tuple[str, str, str]:
-    """The settings ``setup_logging`` applies; a reload that changes them sets logging up again."""
-    return (config.log_format, config.log_level, config.log_file)
-
-
 def reopen_logs(ctx: ServerContext) -> None:
     """SIGUSR1 (logrotate): open the server log file and the access log file again by name."""
-    ok = serverlog.reopen_log_file(ctx.config.log_file) & ctx.access_log.reopen()
-    if ok:
+    server_log = serverlog.reopen_log_file(ctx.config.log_file)
+    access_log = ctx.access_log.reopen()
+    if server_log and access_log:
         log.info("SIGUSR1 received: log files reopened")
 
 

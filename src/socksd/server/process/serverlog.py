@@ -21,6 +21,7 @@ import logging
 import os
 
 from socksd.accesslog import LOG_FILE_MODE
+from socksd.config import Config
 
 log = logging.getLogger("socksd")
 
@@ -28,6 +29,11 @@ _saved_stderr: int | None = None
 """A copy of the stderr the process started with, to go back to when ``log_file`` becomes ``-``."""
 
 _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+def log_settings(config: Config) -> tuple[str, str, str]:
+    """The settings logging is set up from; a reload that changes them sets it up again."""
+    return (config.log_format, config.log_level, config.log_file)
 
 
 def use_log_file(path: str) -> None:

@@ -62,7 +62,7 @@ class Supervisor:
         self.announced = False
         self.stopping = False
         self.restarts: list[float] = []
-        self.logging = (config.log_format, config.log_level, config.log_file)
+        self.logging = serverlog.log_settings(config)
         self.status = ""
 
     def for_worker(self, config: Config) -> Config:
@@ -112,12 +112,14 @@ class Supervisor:
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping:
             return
-        notify.reloading()
+        if self.announced:  # before, systemd still waits for the first READY=1
+            notify.reloading()
         try:
             parts, changes = prepare(self.source, self.config)
         except ReloadError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
-            notify.ready(self.status + "; the last reload failed, see the log")
+            if self.announced:
+                notify.ready(self.status + "; the last reload failed, see the log")
             return
         parts.close()  # checked only: each worker derives its own parts
         self._apply_logging(parts.config)
@@ -128,20 +130,21 @@ class Supervisor:
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
-        notify.ready(self.status)
+        if self.announced:
+            notify.ready(self.status)
 
     def _apply_logging(self, config: Config) -> None:
         """The supervisor's own logging after a reload that changed it (workers do theirs)."""
-        from socksd.server.process.run import log_settings, setup_logging
+        from socksd.server.process.run import setup_logging
 
-        if log_settings(config) == self.logging:
+        if serverlog.log_settings(config) == self.logging:
             return
         try:
             setup_logging(config)
         except OSError as e:
             log.error("log_file: cannot open %s: %s; logging as before", config.log_file, e)
             return
-        self.logging = log_settings(config)
+        self.logging = serverlog.log_settings(config)
 
     def _on_reopen(self, signum: int, frame: FrameType | None) -> None:
         """SIGUSR1: reopen the supervisor's log file, then have each worker reopen its own."""
