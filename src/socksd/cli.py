@@ -470,6 +470,13 @@ def check_config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(message: str) -> None:
+    """``socksd: error: MESSAGE`` on the console (and in ``log_file`` when serve opened one)."""
+    from socksd.server.process.serverlog import console_error
+
+    console_error(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``socksd`` command."""
     parser = make_parser()
@@ -487,13 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = ServerContext.create(config)
         return run(config, ctx, source=lambda: config_from_args(args))
     except ConfigError as e:
-        print(f"socksd: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except OSError as e:
-        print(
-            f"socksd: error: {e.strerror or e} ({getattr(e, 'filename', '') or 'socket'})",
-            file=sys.stderr,
-        )
+        _error(f"{e.strerror or e} ({getattr(e, 'filename', '') or 'socket'})")
         return 2
     except KeyboardInterrupt:
         return 130

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from socksd.accesslog import LOG_FILE_MODE
 from socksd.config import Config
@@ -27,6 +28,8 @@ log = logging.getLogger("socksd")
 
 _saved_stderr: int | None = None
 """A copy of the stderr the process started with, to go back to when ``log_file`` becomes ``-``."""
+_in_file = False
+"""True while fd 2 is ``log_file``."""
 
 _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
@@ -39,10 +42,11 @@ def log_settings(config: Config) -> tuple[str, str, str]:
 def use_log_file(path: str) -> None:
     """Make ``path`` the process's stderr (``-``: the stderr it started with); OSError when it
     cannot be opened (stderr is then unchanged)."""
-    global _saved_stderr  # noqa: PLW0603 - one stderr a process
+    global _saved_stderr, _in_file  # noqa: PLW0603 - one stderr a process
     if path == "-":
         if _saved_stderr is not None:
             os.dup2(_saved_stderr, 2)
+        _in_file = False
         return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
     try:
@@ -50,8 +54,18 @@ def use_log_file(path: str) -> None:
             _saved_stderr = os.dup(2)
             os.set_inheritable(_saved_stderr, False)
         os.dup2(fd, 2)
+        _in_file = True
     finally:
         os.close(fd)
+
+
+def console_error(message: str) -> None:
+    """The command's one error line, ``socksd: error: MESSAGE``, on the console it was started
+    from; when stderr is ``log_file`` by then (a port that cannot be bound), logged there too."""
+    if _in_file:
+        log.error("%s", message)
+        use_log_file("-")
+    print(f"socksd: error: {message}", file=sys.stderr)
 
 
 def reopen_log_file(path: str) -> bool:

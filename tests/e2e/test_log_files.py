@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -221,3 +222,26 @@ def test_reload_moves_the_server_log_of_every_process(tmp_path: Path) -> None:
     finally:
         assert server.stop() == 0
     assert "stopped" in second.read_text() and "stopped" not in first.read_text()
+
+
+def test_a_start_up_error_reaches_the_console_and_the_log_file(tmp_path: Path) -> None:
+    """The port is taken: the one error line is on the console, where the admin looks, and in
+    the log file, where a supervisor's admin looks."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server_log = tmp_path / "socksd.log"
+        argv = [sys.executable, "-m", "socksd", "serve", "--listen", f"127.0.0.1:{port}"]
+        result = subprocess.run(
+            [*argv, "--log-file", str(server_log)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 2
+    message = f"listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert result.stderr.startswith(f"socksd: error: {message}")
+    assert result.stderr.count("\n") == 1
+    assert f"ERROR socksd: {message}" in server_log.read_text()
