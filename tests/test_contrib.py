@@ -252,3 +252,27 @@ def test_the_build_context_holds_what_pip_install_needs(tmp_path: Path) -> None:
         names = tar.getnames()
     assert any(n.endswith("src/socksd/server/process/run.py") for n in names)
     assert any(n.endswith("src/socksd/py.typed") for n in names)
+
+
+def test_container_ports_agree() -> None:
+    """The example config listens where EXPOSE, the compose mapping and HEALTHCHECK look."""
+    import tomllib
+
+    config = tomllib.loads((COMPOSE.parent / "socksd.toml").read_text())
+    assert config["listen"] == ["0.0.0.0:1080"]
+    stage = final_stage()
+    health = json.loads(next(rest for word, rest in stage if word == "HEALTHCHECK").split("CMD")[1])
+    assert health[2].endswith(":1080")
+    assert ("EXPOSE", "1080") in stage
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["socksd"]
+    assert service["ports"] == ["1080:1080"]
+
+
+def test_every_contrib_file_the_readme_names_exists() -> None:
+    named = set(re.findall(r"contrib/[\w./-]+[\w]", README.read_text()))
+    assert named, "the README names no contrib file"
+    for path in named - {"contrib/users"}:  # the admin makes that one (git ignores it)
+        assert (ROOT / path).exists(), path
+    # and every file in contrib/ is documented
+    shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "contrib").rglob("*") if p.is_file()}
+    assert shipped <= named | {"contrib/users"}, shipped - named
