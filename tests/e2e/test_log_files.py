@@ -245,3 +245,32 @@ def test_a_start_up_error_reaches_the_console_and_the_log_file(tmp_path: Path) -
     assert result.stderr.startswith(f"socksd: error: {message}")
     assert result.stderr.count("\n") == 1
     assert f"ERROR socksd: {message}" in server_log.read_text()
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> None:
+    """At start and in check-config: one error line; on reload: refused, the old file kept."""
+    missing = tmp_path / "no-such-dir" / "socksd.log"
+    config = tmp_path / "socksd.toml"
+    config.write_text(f'listen = ["127.0.0.1:0"]\nlog_file = "{missing}"\n')
+    message = f"socksd: error: log_file: cannot open {missing}: No such file or directory\n"
+    for argv in (["check-config", str(config)], ["serve", "--config", str(config)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "socksd", *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert (result.returncode, result.stderr) == (2, message)
+
+    good = tmp_path / "socksd.log"
+    config.write_text(f'listen = ["127.0.0.1:0"]\nlog_file = "{good}"\n')
+    server = launch(tmp_path, "--config", str(config), log_file=good, flag=False)
+    try:
+        config.write_text(f'listen = ["127.0.0.1:0"]\nlog_file = "{missing}"\n')
+        os.kill(server.proc.pid, signal.SIGHUP)
+        assert wait_for(lambda: "reload failed" in good.read_text(), 15)
+        assert f"log_file: cannot open {missing}" in good.read_text()
+    finally:
+        assert server.stop() == 0
+    assert "stopped" in good.read_text()

@@ -22,7 +22,7 @@ import os
 import sys
 
 from socksd.accesslog import LOG_FILE_MODE
-from socksd.config import Config
+from socksd.config import Config, ConfigError
 
 log = logging.getLogger("socksd")
 
@@ -57,6 +57,18 @@ def use_log_file(path: str) -> None:
         _in_file = True
     finally:
         os.close(fd)
+
+
+def check_log_file(path: str) -> None:
+    """ConfigError unless ``path`` (``-``: stderr) can be opened for appending (it is created)."""
+    if path == "-":
+        return
+    try:
+        os.close(
+            os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+        )
+    except OSError as e:
+        raise ConfigError(f"log_file: cannot open {path}: {e.strerror or e}") from None
 
 
 def console_error(message: str) -> None:
