@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs, then run lint, types and the tests.
 # System packages: curl, iproute2 (ip, for the network-namespace tests), HAProxy (the PROXY
-# protocol tests put socksd nodes behind it), ncat, htpasswd
+# protocol tests put socksd nodes behind it), logrotate (the contrib/logrotate config is run for
+# real), ncat, htpasswd
 # (apache2-utils), Dante (server and socksify client), gcc
 # (it builds the small C programs socksify runs), and MIT Kerberos for the GSSAPI tests (a KDC and
 # its admin tools for k5test's throwaway realm, kinit, and libkrb5-dev with a C compiler, which the
@@ -15,6 +16,7 @@ need=()
 command -v curl >/dev/null || need+=(curl)
 command -v ip >/dev/null || need+=(iproute2)  # network namespaces for the remote-client tests
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)  # PROXY protocol tests
+command -v logrotate >/dev/null || [ -x /usr/sbin/logrotate ] || need+=(logrotate)  # contrib/logrotate/socksd, run for real
 command -v ncat >/dev/null || need+=(ncat)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v socksify >/dev/null || need+=(dante-client)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
 logger = logging.getLogger("socksd.access")
+
+LOG_FILE_MODE = 0o640
+"""Mode of a log file socksd creates (client addresses and user names are not for everyone)."""
 
 
 @dataclass(slots=True)
@@ -65,7 +69,7 @@ class SessionRecord:
 
     def as_dict(self, ended: float) -> dict[str, object]:
         fields: dict[str, object] = {
-            "time": _iso(ended),
+            "time": iso_time(ended),
             "client": self.client,
             "user": self.user,
             "command": self.command,
@@ -107,7 +111,8 @@ def quote_field(value: str | None) -> str:
     return json.dumps(value)
 
 
-def _iso(t: float) -> str:
+def iso_time(t: float) -> str:
+    """UTC, ISO 8601 with milliseconds: ``2026-11-25T14:32:12.839Z`` (both logs' ``time``)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
@@ -123,7 +128,7 @@ def format_text(record: SessionRecord, ended: float) -> str:
     """
     rep = "-" if record.reply is None else f"0x{record.reply:02x}"
     line = (
-        f"{_iso(ended)} {record.client} user={quote_field(record.user)} {record.command or '-'} "
+        f"{iso_time(ended)} {record.client} user={quote_field(record.user)} {record.command or '-'} "
         f"{quote_field(record.target)} -> {record.remote or '-'} rep={rep} "
         f"up={record.bytes_up} down={record.bytes_down} dur={ended - record.started:.3f}s"
     )
@@ -143,19 +148,49 @@ def format_json(record: SessionRecord, ended: float) -> str:
     return json.dumps(record.as_dict(ended), separators=(",", ":"))
 
 
+def _open_file(path: str) -> TextIO:
+    """``path`` for appending lines, created with ``LOG_FILE_MODE``; each line written at once."""
+    return open(
+        path,
+        "a",
+        buffering=1,
+        encoding="utf-8",
+        opener=lambda name, flags: os.open(name, flags, LOG_FILE_MODE),
+    )
+
+
 class AccessLog:
     """Writes session records to a stream (stderr by default) or a file; ``off`` writes nothing."""
 
     def __init__(self, destination: str = "-", fmt: str = "text") -> None:
         self.enabled = destination != "off"
+        self.destination = destination
         self._format = format_json if fmt == "json" else format_text
         self._stream: TextIO
         self._owned = False
         if destination in ("-", "off"):
             self._stream = sys.stderr
         else:
-            self._stream = open(destination, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._stream = _open_file(destination)
             self._owned = True
+
+    def reopen(self) -> bool:
+        """Open the file again by its name (logrotate moved it): the next line goes to the new
+        file, none is lost. False, logged, when it cannot be opened: lines go on to the old one."""
+        if not self._owned:
+            return True
+        try:
+            stream = _open_file(self.destination)
+        except OSError as e:
+            logger.error(
+                "access_log: cannot reopen %s: %s; still writing to the old file",
+                self.destination,
+                e.strerror,
+            )
+            return False
+        old, self._stream = self._stream, stream
+        old.close()
+        return True
 
     def write(self, record: SessionRecord) -> None:
         """Write one line for a finished session."""

@@ -1,5 +1,6 @@
 """The ``socksd`` command: ``serve`` runs the server, ``user`` manages the htpasswd user file,
-``check-config`` validates a config file and prints the effective rules.
+``check-config`` validates a config file and prints the effective rules, ``health`` checks that a
+server answers.
 
 Every mistake on the command line or in the config file ends in one line on stderr,
 ``socksd: error: <what> ...; <fix>``, and exit status 2.
@@ -15,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from socksd import __version__
-from socksd.config import DEFAULT_LISTEN, Config, ConfigError, build_config, load_file
+from socksd.config import (
+    DEFAULT_LISTEN,
+    Config,
+    ConfigError,
+    ListenAddress,
+    build_config,
+    load_file,
+)
 
 
 def _serve_parser(sub: Any) -> None:
@@ -77,6 +85,12 @@ def _serve_parser(sub: Any) -> None:
         "--access-log",
         metavar="DEST",
         help='where session lines go: "-" stderr (default), "off", or a file path',
+    )
+    p.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help='server log: "-" stderr (default; journald under systemd) or a file, '
+        "reopened on SIGUSR1",
     )
     p.add_argument(
         "--handshake-timeout",
@@ -357,18 +371,58 @@ def _sessions_parser(sub: Any) -> None:
     )
 
 
+def _health_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "health",
+        help="check that a SOCKS5 server answers (exit 0) or not (exit 1)",
+        description="Send a SOCKS5 greeting to HOST:PORT and wait for the method selection; any "
+        "selection, 'no acceptable method' included, is healthy. Prints one line; exit status 0 "
+        "when healthy, 1 when not. No credentials are needed or sent.",
+    )
+    p.add_argument(
+        "address",
+        nargs="?",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"the server to check, IPv6 as [::1]:1080 (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds to connect and for the answer (default 5)",
+    )
+
+
+def health_command(args: argparse.Namespace) -> int:
+    """One line on stdout, exit status 0 when a SOCKS5 server answers at ``args.address``."""
+    from socksd.client import Proxy, ProxyError
+    from socksd.client.probe import method_name, probe
+
+    address = ListenAddress.parse(args.address, "address")
+    try:
+        method = probe(Proxy(address.host, address.port), args.timeout)
+    except ProxyError as e:
+        print(f"unhealthy: {e}")
+        return 1
+    print(f"healthy: {address} answers SOCKS5 (selects {method_name(method)})")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="socksd", description="A SOCKS5 proxy server (RFC 1928, RFC 1929, RFC 1961)."
     )
     parser.add_argument("--version", action="version", version=f"socksd {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{serve,user,check-config,sessions}"
+        dest="command", required=True, metavar="{serve,user,check-config,sessions,health}"
     )
     _serve_parser(sub)
     _user_parser(sub)
     _check_config_parser(sub)
     _sessions_parser(sub)
+    _health_parser(sub)
     return parser
 
 
@@ -383,6 +437,7 @@ _SERVE_KEYS = (
     "log_format",
     "log_level",
     "access_log",
+    "log_file",
     "handshake_timeout",
     "connect_timeout",
     "idle_timeout",
@@ -598,6 +653,13 @@ def sessions_command(args: argparse.Namespace) -> int:
         return 0
 
 
+def _error(message: str) -> None:
+    """``socksd: error: MESSAGE`` on the console (and in ``log_file`` when serve opened one)."""
+    from socksd.server.process.serverlog import console_error
+
+    console_error(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``socksd`` command."""
     parser = make_parser()
@@ -609,19 +671,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config_command(args)
         if args.command == "sessions":
             return sessions_command(args)
+        if args.command == "health":
+            return health_command(args)
         config = config_from_args(args)
         from socksd.server import ServerContext, run
 
         ctx = ServerContext.create(config)
         return run(config, ctx, source=lambda: config_from_args(args))
     except ConfigError as e:
-        print(f"socksd: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except OSError as e:
-        print(
-            f"socksd: error: {e.strerror or e} ({getattr(e, 'filename', '') or 'socket'})",
-            file=sys.stderr,
-        )
+        _error(f"{e.strerror or e} ({getattr(e, 'filename', '') or 'socket'})")
         return 2
     except KeyboardInterrupt:
         return 130

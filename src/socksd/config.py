@@ -93,6 +93,7 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
     access_log: str = "-"
+    log_file: str = "-"
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0
@@ -225,6 +226,10 @@ def _convert(key: str, value: Any) -> Any:
     if key == "access_log":
         if not isinstance(value, str) or not value:
             raise ConfigError('access_log: expected "-" (stderr), "off" or a file path')
+        return value
+    if key == "log_file":
+        if not isinstance(value, str) or not value or value == "off":
+            raise ConfigError('log_file: expected "-" (stderr) or a file path')
         return value
     if key in (
         "handshake_timeout",

@@ -35,6 +35,7 @@ from socksd.resolver import Resolver, make_resolver
 from socksd.rules import RuleSet
 from socksd.server.handshake.proxied import TrustedProxies
 from socksd.server.process.hostaddrs import effective_rules
+from socksd.server.process.serverlog import check_log_file
 
 if TYPE_CHECKING:
     from socksd.auth.gssapi import GssapiAcceptor
@@ -82,6 +83,7 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
         raise ConfigError(f"users: {e}") from None
     except OSError as e:
         raise ConfigError(f"users: cannot read {config.users}: {e.strerror or e}") from None
+    check_log_file(config.log_file)  # the server log itself is set up by run.setup_logging
     if previous is not None and _resolver_settings(previous.config) == _resolver_settings(config):
         resolver = previous.resolver
     else:

@@ -1,8 +1,10 @@
 """Running a server process: event loop choice, logging, signals, graceful shutdown.
 
-SIGTERM/SIGINT shut down gracefully; SIGHUP reloads the configuration (``socksd.server.process.reload``).
-SIGHUP is ignored from the start of :func:`run` until the handler is in place, so an early one
-does not kill the process (its default action).
+SIGTERM/SIGINT shut down gracefully; SIGHUP reloads the configuration (``socksd.server.process.reload``);
+SIGUSR1 reopens the log files (``socksd.server.process.serverlog``). SIGHUP and SIGUSR1 are ignored
+from the start of :func:`run` until the handlers are in place, so an early one does not kill the
+process (their default action). Under systemd the process reports readiness, reloads and
+shutdown (``socksd.server.process.notify``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from socksd import fdlimit
-from socksd.config import Config
+from socksd.accesslog import iso_time
+from socksd.config import Config, ConfigError
+from socksd.protocol import format_hostport
+from socksd.server.process import notify, serverlog
 from socksd.server.process.context import ServerContext
 from socksd.server.process.control import ControlPlane, local_control
 from socksd.server.process.listener import Server
@@ -29,24 +34,30 @@ log = logging.getLogger("socksd")
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message."""
+    """One JSON object a line: time (UTC, as the access log's), level, logger, message, and the
+    traceback as ``exception`` when there is one (README: "JSON server log")."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
+        line: dict[str, str] = {
+            "time": iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def setup_logging(config: Config) -> None:
-    """Server logs go to stderr, as text or JSON lines."""
+    """Server logs go to stderr (``log_file``: a file made stderr), as text or JSON lines; text
+    for journald has its priority and no timestamp. OSError when ``log_file`` cannot be opened."""
+    serverlog.use_log_file(config.log_file)
     handler = logging.StreamHandler(sys.stderr)
     if config.log_format == "json":
         handler.setFormatter(JsonFormatter())
+    elif serverlog.stderr_is_journal():
+        handler.setFormatter(serverlog.JournalFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -66,8 +77,9 @@ async def serve(
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads from
     ``source`` (by default the same config: the user file is read again, the access log
-    reopened). ``control`` (``socksd sessions``) answers from before the first accept until the
-    sessions are drained."""
+    reopened); SIGUSR1 reopens the log files. ``announce``: this process is the server (not one
+    of several workers), which logs the "listening on" lines and notifies systemd. ``control``
+    (``socksd sessions``) answers from before the first accept until the sessions are drained."""
     ctx = ctx or ServerContext.create(config)
     server = Server(ctx)
     loop = asyncio.get_running_loop()
@@ -76,14 +88,21 @@ async def serve(
     # that line already means "shut down gracefully" (not asyncio.Runner's KeyboardInterrupt).
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, ctx, source or (lambda: config))
+    loop.add_signal_handler(
+        signal.SIGHUP, _reload, ctx, source or (lambda: config), server if announce else None
+    )
+    loop.add_signal_handler(signal.SIGUSR1, reopen_logs, ctx)
     if control is not None:
         await control.start(ctx)
     await server.start(sockets, announce=announce)
     if on_ready is not None:
         on_ready()  # a worker tells its supervisor: accepting, signal handlers in place
+    if announce:
+        notify.ready(_status(server))
     await stop.wait()
     log.info("signal received: shutting down")
+    if announce:
+        notify.stopping()
     stop.clear()
     drained = asyncio.ensure_future(server.shutdown())
     again = asyncio.ensure_future(stop.wait())
@@ -98,14 +117,35 @@ async def serve(
     ctx.access_log.close()
 
 
-def _reload(ctx: ServerContext, source: ConfigSource) -> None:
+def _status(server: Server) -> str:
+    """What ``systemctl status`` shows of a running server."""
+    return "listening on " + ", ".join(format_hostport(h, p) for h, p in server.addresses)
+
+
+def _reload(ctx: ServerContext, source: ConfigSource, server: Server | None) -> None:
+    """SIGHUP; ``server`` when this process notifies systemd (not a worker), which it does once
+    the server is listening (before, systemd is still waiting for the first READY=1)."""
     log.info("SIGHUP received: reloading the configuration")
+    notifying = server is not None and bool(server.addresses)
+    if notifying:
+        notify.reloading()
     old = reload(ctx, source)
-    if old is not None and (old.log_format, old.log_level) != (
-        ctx.config.log_format,
-        ctx.config.log_level,
-    ):
-        setup_logging(ctx.config)
+    if old is not None and serverlog.log_settings(old) != serverlog.log_settings(ctx.config):
+        try:
+            setup_logging(ctx.config)
+        except OSError as e:
+            log.error("log_file: cannot open %s: %s; logging as before", ctx.config.log_file, e)
+    if notifying and server is not None:
+        failed = "; the last reload failed, see the log" if old is None else ""
+        notify.ready(_status(server) + failed)
+
+
+def reopen_logs(ctx: ServerContext) -> None:
+    """SIGUSR1 (logrotate): open the server log file and the access log file again by name."""
+    server_log = serverlog.reopen_log_file(ctx.config.log_file)
+    access_log = ctx.access_log.reopen()
+    if server_log and access_log:
+        log.info("SIGUSR1 received: log files reopened")
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -140,7 +180,11 @@ def run(
     ``source`` rebuilds the config on SIGHUP (the CLI re-reads the file and applies its flags).
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    setup_logging(config)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        setup_logging(config)
+    except OSError as e:
+        raise ConfigError(f"log_file: cannot open {config.log_file}: {e.strerror or e}") from None
     fdlimit.check(config.max_sessions, worker_count(config))
     factory = loop_factory(config.loop)
     tune_gc()

@@ -7,7 +7,9 @@ the failed-login guard and bandwidth buckets are each worker's own). The supervi
 SIGTERM and SIGINT to the workers, which drain as a single server would, and restarts a worker
 that dies unexpectedly (giving up when workers keep dying). On SIGHUP it checks the new config
 first (a broken one is logged once and no worker is disturbed), then forwards SIGHUP to every
-worker, which reloads itself; workers started later get the new config.
+worker, which reloads itself; workers started later get the new config. On SIGUSR1 it reopens
+its own log file and forwards the signal; each worker reopens its own log files. Under systemd
+the supervisor is the main process and the only one that notifies it (``notify``).
 
 Forking happens before any event loop or thread exists in the supervisor, so each worker starts
 clean; it builds its own resolver, authenticator (with its bcrypt threads) and access log. The
@@ -35,6 +37,7 @@ from typing import Any
 
 from socksd.config import Config
 from socksd.protocol import format_hostport
+from socksd.server.process import notify, serverlog
 from socksd.server.process.control import (
     ControlServer,
     ControlSocket,
@@ -82,6 +85,8 @@ class Supervisor:
         self.announced = False
         self.stopping = False
         self.restarts: list[float] = []
+        self.logging = serverlog.log_settings(config)
+        self.status = ""
 
     def for_worker(self, config: Config) -> Config:
         """``config`` with each worker's share of ``max_sessions``, and the running listen."""
@@ -96,6 +101,7 @@ class Supervisor:
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload)
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_reopen)
         try:
             for index in range(self.count):
                 self._spawn(index)
@@ -109,6 +115,9 @@ class Supervisor:
                 ready_log.info(
                     "listening on %s (%d workers)", format_hostport(host, port), self.count
                 )
+            addresses = (format_hostport(*s.getsockname()[:2]) for s in self.sockets[0])
+            self.status = f"listening on {', '.join(addresses)} ({self.count} workers)"
+            notify.ready(self.status)
             return self._watch()
         finally:
             for sig, handler in previous.items():
@@ -128,6 +137,7 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
             log.info("signal received: stopping %d workers", len(self.children))
+            notify.stopping()
         self.stopping = True
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
@@ -136,12 +146,17 @@ class Supervisor:
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping:
             return
+        if self.announced:  # before, systemd still waits for the first READY=1
+            notify.reloading()
         try:
             parts, changes = prepare(self.source, self.config)
         except ReloadError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
+            if self.announced:
+                notify.ready(self.status + "; the last reload failed, see the log")
             return
         parts.close()  # checked only: each worker derives its own parts
+        self._apply_logging(parts.config)
         for change in changes:
             log.warning("reload: %s needs a restart; keeping the running value", change)
         self.worker_config = self.for_worker(parts.config)
@@ -149,6 +164,29 @@ class Supervisor:
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
+        if self.announced:
+            notify.ready(self.status)
+
+    def _apply_logging(self, config: Config) -> None:
+        """The supervisor's own logging after a reload that changed it (workers do theirs)."""
+        from socksd.server.process.run import setup_logging
+
+        if serverlog.log_settings(config) == self.logging:
+            return
+        try:
+            setup_logging(config)
+        except OSError as e:
+            log.error("log_file: cannot open %s: %s; logging as before", config.log_file, e)
+            return
+        self.logging = serverlog.log_settings(config)
+
+    def _on_reopen(self, signum: int, frame: FrameType | None) -> None:
+        """SIGUSR1: reopen the supervisor's log file, then have each worker reopen its own."""
+        if serverlog.reopen_log_file(self.logging[2]):
+            log.info("SIGUSR1 received: reopening the log files of %d workers", len(self.children))
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
 
     def _wait_ready(self) -> None:
         """Wait (bounded) until each worker said it accepts and handles signals, so that the
@@ -186,7 +224,8 @@ class Supervisor:
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it
+                for sig in (signal.SIGHUP, signal.SIGUSR1):
+                    signal.signal(sig, signal.SIG_IGN)  # until serve() handles it
                 for i, socks in enumerate(self.sockets):
                     if i != index:
                         for sock in socks:
