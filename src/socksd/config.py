@@ -25,6 +25,7 @@ from socksd.rules import (
     parse_groups,
     parse_ruleset,
 )
+from socksd.upstreams import UpstreamError, UpstreamSpec, parse_upstreams
 
 DEFAULT_LISTEN = "127.0.0.1:1080"
 
@@ -126,6 +127,10 @@ class Config:
     gssapi_keytab: Path | None = None
     gssapi_service: str | None = None
     gssapi_levels: tuple[int, ...] = (1, 2, 3)
+    upstreams: Mapping[str, UpstreamSpec] = field(default_factory=dict)
+    """``[upstreams]`` (file only): the proxies requests may be sent through."""
+    upstream: str | None = None
+    """The upstream every allowed request goes through unless its rule says (None: direct)."""
 
     @property
     def auth_methods(self) -> tuple[str, ...]:
@@ -235,6 +240,17 @@ def _convert(key: str, value: Any) -> Any:
         return _hosts(value)
     if key in ("rules", "groups", "default", "protect_local", "bandwidth"):
         return _convert_access(key, value)
+    if key == "upstreams":
+        try:
+            return parse_upstreams(value)
+        except UpstreamError as e:
+            raise ConfigError(str(e)) from None
+    if key == "upstream":
+        if value is None or value in {"", "direct"}:
+            return None
+        if not isinstance(value, str):
+            raise ConfigError('upstream: expected the name of an [upstreams] entry or "direct"')
+        return value  # checked against [upstreams] with the rules
     if key in ("max_sessions_per_ip", "max_sessions_per_user", "max_auth_failures"):
         return int(_number(key, value, minimum=0, integer=True))
     if key == "auth_block_time":
@@ -456,6 +472,8 @@ def _compile_access(merged: dict[str, Any]) -> None:
             groups,
             merged.get("default", "allow"),
             merged.get("protect_local", True),
+            upstreams=tuple(merged.get("upstreams", {})),
+            upstream=merged.get("upstream"),
         )
     except RuleError as e:
         raise ConfigError(str(e)) from None
@@ -494,4 +512,10 @@ def load_file(path: Path) -> dict[str, Any]:
         value = data.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
             data[key] = str(path.parent / value)
+    upstreams = data.get("upstreams")
+    if isinstance(upstreams, dict):
+        for entry in upstreams.values():
+            value = entry.get("password_file") if isinstance(entry, dict) else None
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                entry["password_file"] = str(path.parent / value)
     return data

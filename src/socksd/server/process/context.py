@@ -2,7 +2,8 @@
 
 :func:`derive` turns a :class:`~socksd.config.Config` into everything a server runs with: the
 authentication methods in order, the user file, the GSSAPI acceptor (the keytab read afresh), the
-rules guarding this host's current addresses, the resolver and the access log. It is the only
+rules guarding this host's current addresses, the resolver, the access log and the upstream
+proxies (their passwords read afresh). It is the only
 place that does so: :meth:`ServerContext.create` calls it at start-up, the reload
 (``socksd.server.process.reload``) calls it on SIGHUP, and the supervisor of ``--workers N`` calls it to
 check a new config before it signals the workers. So a reload yields the server a fresh start
@@ -33,9 +34,11 @@ from socksd.protocol import AuthMethod
 from socksd.resolver import Resolver, make_resolver
 from socksd.rules import RuleSet
 from socksd.server.process.hostaddrs import effective_rules
+from socksd.upstreams import UpstreamError
 
 if TYPE_CHECKING:
     from socksd.auth.gssapi import GssapiAcceptor
+    from socksd.client.proxy import Proxy
     from socksd.server.handshake.session import Session
 
 METHOD_CODES = {
@@ -58,6 +61,8 @@ class Derived:
     """``config.rules`` guarding this host's addresses too (``protect_local``)."""
     resolver: Resolver
     access_log: AccessLog
+    upstreams: dict[str, Proxy] = field(default_factory=dict)
+    """``[upstreams]`` by name, their passwords read (from the file or the environment)."""
 
     def close(self) -> None:
         """Release what was opened (a check that is not installed)."""
@@ -82,6 +87,10 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
         resolver = previous.resolver
     else:
         resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
+    try:
+        upstreams = {name: spec.proxy() for name, spec in config.upstreams.items()}
+    except UpstreamError as e:
+        raise ConfigError(str(e)) from None
     gssapi = gssapi_acceptor(config) if "gssapi" in config.auth_methods else None
     try:
         access_log = AccessLog(config.access_log, config.log_format)
@@ -99,6 +108,7 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
         rules=effective_rules(config),
         resolver=resolver,
         access_log=access_log,
+        upstreams=upstreams,
     )
 
 
@@ -138,6 +148,8 @@ class ServerContext:
     sessions: set[Session] = field(default_factory=set)
     refused_sessions: int = 0
     limits: Limits = field(default_factory=Limits)
+    upstreams: dict[str, Proxy] = field(default_factory=dict)
+    """``[upstreams]`` by name (``Derived.upstreams``)."""
 
     @classmethod
     def create(cls, config: Config) -> ServerContext:
@@ -180,6 +192,7 @@ class ServerContext:
         self.resolver = parts.resolver
         self.rules = parts.rules
         self.methods = parts.methods
+        self.upstreams = parts.upstreams
         self.limits.configure(parts.config, time.monotonic())
         self.config = parts.config
         for session in list(self.sessions):
