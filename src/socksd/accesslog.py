@@ -2,7 +2,8 @@
 
 Fields: client address, user, command, target as the client asked for it (a domain stays a domain),
 the address actually used, reply code, bytes each way, duration, and, when an access rule
-decided, which one (``rule``: a rule number, ``default`` or ``protect_local``); for a UDP
+decided, which one (``rule``: a rule number, ``default`` or ``protect_local``); when the request
+went through an upstream proxy, its name (``upstream``; ``remote`` is then that proxy); for a UDP
 association also the datagrams each way and the datagrams dropped, by reason. ``text`` is one
 readable line; ``json`` is one JSON object a line (JSON Lines). Passwords never reach this module.
 """
@@ -60,6 +61,8 @@ class SessionRecord:
     rule: str | None = None
     """What decided an access rule check: a rule number, ``default`` or ``protect_local``."""
     udp: UdpStats | None = None
+    upstream: str | None = None
+    """The ``[upstreams]`` name the request went through (``remote`` is then that proxy)."""
 
     def as_dict(self, ended: float) -> dict[str, object]:
         fields: dict[str, object] = {
@@ -78,6 +81,8 @@ class SessionRecord:
         }
         if self.udp is not None:
             fields["udp"] = self.udp.as_dict()
+        if self.upstream is not None:
+            fields["upstream"] = self.upstream
         return fields
 
 
@@ -108,7 +113,8 @@ def _iso(t: float) -> str:
 
 
 def format_text(record: SessionRecord, ended: float) -> str:
-    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [UDP] [rule=R] [error=E]``.
+    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [UDP] [rule=R]
+    [upstream=NAME] [error=E]``.
 
     ``UDP`` (UDP associations only) is ``dgrams_up=N dgrams_down=N dropped=N[(reason=N,...)]``.
 
@@ -126,6 +132,8 @@ def format_text(record: SessionRecord, ended: float) -> str:
         line += " " + record.udp.format_text()
     if record.rule:
         line += f" rule={record.rule}"
+    if record.upstream is not None:
+        line += f" upstream={_field(record.upstream)}"
     if record.error:
         line += f" error={json.dumps(record.error)}"
     return line

@@ -16,7 +16,8 @@ the reason for the log.
   reply waits (``socksd.limits.LoginThrottle``);
 - request (:meth:`Admission.authorize`): the rules see the command, user and target (a UDP
   ASSOCIATE or a BIND for any peer has no destination yet: ``RuleSet.check_open_request``); a
-  denied request gets REP 0x02 and its access-log line names the rule; then
+  denied request gets REP 0x02 and its access-log line names the rule; an allowed one notes the
+  upstream proxy its rule (or the global ``upstream``) sends it through; then
   ``max_sessions_per_user`` (REP 0x01 beyond it);
 - resolved addresses (:meth:`Admission.allowed_addresses`, from a command after it resolved a
   domain target): when the rules said the outcome depends on the addresses, each is checked;
@@ -113,6 +114,7 @@ class Admission:
         "pending",
         "pending_rules",
         "rule",
+        "upstream",
         "user",
     )
 
@@ -133,12 +135,15 @@ class Admission:
         """The access-log ``rule`` field of the allow rule that decided, if one did."""
         self.checking = False
         """A login check is counted for the address (``login_start``)."""
+        self.upstream: str | None = None
+        """The ``[upstreams]`` name the allowed request goes through (None: direct)."""
 
     # -- request ------------------------------------------------------------------------------
 
     def authorize(self, rules: RuleSet, user: str | None, request: Request) -> Refusal | None:
         """Request checkpoint; None: go on (maybe with addresses to check later)."""
         self.command = command = request.command
+        self.upstream = rules.upstream  # no rule to check: the global one
         if not rules.allow_all:
             address = request.address
             decision: Decision | NeedAddresses
@@ -150,10 +155,11 @@ class Admission:
                 decision = rules.check_request(self.ip, user, command, address.host, address.port)
             if isinstance(decision, NeedAddresses):
                 self.pending_rules, self.pending = rules, decision
+                self.upstream = None  # decided with the addresses (allowed_addresses)
             elif not decision.allowed:
                 return _denied(decision)
             else:
-                self._allowed(decision)
+                self._allowed(rules, decision)
         if user is not None:
             limits = self.limits
             count = limits.per_user.add(user)
@@ -171,10 +177,11 @@ class Admission:
                 )
         return None
 
-    def _allowed(self, decision: Decision) -> None:
+    def _allowed(self, rules: RuleSet, decision: Decision) -> None:
         if decision.rule is not None:
             self.rule = _rule_field(decision)
         self.idle_timeout = decision.idle_timeout
+        self.upstream = rules.route(decision)
 
     def allowed_addresses(
         self, user: str | None, target: Address, infos: list[AddrInfo]
@@ -217,7 +224,7 @@ class Admission:
                 target.host,
                 first_deny.label,
             )
-        self._allowed(first_allow)
+        self._allowed(rules, first_allow)
         return allowed
 
     def peer_decision(self, rules: RuleSet, user: str | None, host: str, port: int) -> Decision:

@@ -48,6 +48,7 @@ from socksd.server.commands.base import CommandSession, Handover
 from socksd.server.commands.bind import bind
 from socksd.server.commands.connect import connect
 from socksd.server.commands.udp import udp_associate
+from socksd.server.commands.upstream import Upstream, UpstreamFailure
 from socksd.server.dataplane.relay import Holding, Relay
 from socksd.server.dataplane.terms import RelayTerms, make_relay, relay_terms
 from socksd.server.handshake.admission import Admission, Refusal, admit
@@ -261,6 +262,13 @@ class Session(asyncio.Protocol):
         if refusal is not None:
             self.refuse(refusal)
             return
+        if self.admission.upstream is not None and request.command != Command.CONNECT:
+            record.upstream = self.admission.upstream
+            self.fail(
+                ReplyCode.COMMAND_NOT_SUPPORTED,
+                f"{request.command.name} through upstream {self.admission.upstream} not supported",
+            )
+            return
         self.task = asyncio.get_running_loop().create_task(handler(self, request.address))
 
     def cancel_handshake_timer(self) -> None:
@@ -342,6 +350,16 @@ class Session(asyncio.Protocol):
     @property
     def codec(self) -> GssapiEncapsulation | None:
         return self.conn.encapsulation
+
+    def upstream(self) -> Upstream | None:
+        name = self.admission.upstream
+        if name is None:
+            return None
+        self.record.upstream = name
+        proxy = self.ctx.upstreams.get(name)
+        if proxy is None:  # a reload dropped it while the request was being decided
+            raise UpstreamFailure(ReplyCode.GENERAL_FAILURE, f"upstream {name} is not configured")
+        return Upstream(name, proxy)
 
     def terms(self) -> RelayTerms:
         """Idle timeout, bandwidth and buffer limits of this session's data (any command)."""

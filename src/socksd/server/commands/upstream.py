@@ -1,0 +1,193 @@
+"""Requests through an upstream SOCKS5 proxy (chaining), with the client library's handshake.
+
+A request whose allow rule (or the global ``upstream``) names an ``[upstreams]`` entry is carried
+out by that proxy: socksd connects to it (its address resolved by socksd's resolver, Happy
+Eyeballs as for any target: ``connect.open_target``), then runs the client library's handshake
+(``socksd.client.handshake.client_handshake``, driven by ``async_io.handshake_over_streams``) on
+that same connection, with the upstream's username/password or GSSAPI. The target goes to the
+upstream as the client gave it: a domain name stays a name, resolved by the upstream.
+
+The connection is an :class:`UpstreamHolding`: the relay's ``Holding`` protocol that also offers
+the ``read``/``write``/``drain`` the handshake loop needs. Once the upstream's reply is in, what
+came after it is held like a target's banner, and the command hands it to the session's one relay
+(``make_relay``): half-close, backpressure, idle timeout, bandwidth and byte counts are those of a
+direct connection. Connecting and the handshake together are bounded by ``connect_timeout``.
+
+Failures (:class:`UpstreamFailure` carries the reply code for the client):
+
+| what failed                                              | REP                     |
+|----------------------------------------------------------|-------------------------|
+| the upstream replied with a failure                      | the upstream's code     |
+| the upstream is unreachable (refused, unreachable, its   | 0x01 (the target was    |
+|   name does not resolve, no TCP connection in time)      |   not tried)            |
+| the upstream refused our login (or offered no method)    | 0x01, and an error log  |
+| the upstream broke the protocol or closed during it      | 0x01                    |
+| no reply in time once connected (the upstream, or its    | 0x06                    |
+|   connection to the target, is slow)                     |                         |
+
+BIND and UDP ASSOCIATE are not relayed through an upstream: such a request that an upstream rule
+matches is answered 0x07 (``COMMAND_NOT_SUPPORTED``), never served directly behind the admin's
+back; a rule with ``upstream = "direct"`` serves them directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from socksd.client.async_io import handshake_over_streams
+from socksd.client.errors import AuthenticationError, ProxyError, ReplyError, proxy_errors
+from socksd.client.handshake import client_handshake
+from socksd.protocol import Address, Command, ReplyCode
+from socksd.server.dataplane.relay import Holding
+
+if TYPE_CHECKING:
+    from socksd.client.proxy import Proxy
+
+log = logging.getLogger("socksd.upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An ``[upstreams]`` entry in force: its name and how to reach and log in to it."""
+
+    name: str
+    proxy: Proxy
+
+    def __str__(self) -> str:
+        return f"upstream {self.name} ({self.proxy.where})"
+
+
+class UpstreamFailure(Exception):
+    """The upstream could not carry the request; ``reply`` is what the client is told."""
+
+    def __init__(self, reply: ReplyCode, message: str) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class UpstreamHolding(Holding):
+    """The connection to an upstream: a byte stream for the handshake, then a ``Holding``."""
+
+    __slots__ = ("_waiter",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        self._wake()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._wake()
+
+    # -- the stream methods the handshake loop uses --------------------------------------------
+
+    async def read(self, n: int = -1) -> bytes:
+        """Everything received so far (waiting for something); b"" at EOF."""
+        while not self.chunks and not self.eof and not self.lost:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if not self.chunks:
+            if self.exc is not None:
+                raise self.exc
+            return b""
+        data = b"".join(self.chunks)
+        paused = self.transport is not None and not self.transport.is_reading()
+        self.chunks.clear()
+        self.size = 0
+        if paused and not self.lost and not self.eof:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        return data
+
+    def write(self, data: bytes) -> None:
+        """Send handshake bytes to the upstream."""
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Handshake messages are small: nothing to wait for, unless the connection is gone."""
+        if self.lost:
+            raise ConnectionResetError("connection to the upstream lost")
+
+    def hold(self, early: bytes) -> None:
+        """After the handshake: ``early`` (target bytes read with the reply) is held first."""
+        if early:
+            self.chunks.insert(0, early)
+            self.size += len(early)
+
+
+Connector = Callable[[Holding], Awaitable[object]]
+"""Opens the TCP connection to the upstream proxy with the given protocol (``connect.py``)."""
+
+
+async def open_upstream(
+    upstream: Upstream, address: Address, timeout: float, connect: Connector
+) -> tuple[UpstreamHolding, Address]:
+    """CONNECT to ``address`` through ``upstream``: the connection (holding what the target sent
+    after the reply) and the upstream's BND address. ``connect`` opens the TCP connection;
+    connecting and the handshake together take at most ``timeout``. Raises
+    :class:`UpstreamFailure`."""
+    held = UpstreamHolding()
+    connected = False
+    try:
+        async with asyncio.timeout(timeout):
+            await connect(held)
+            connected = True
+            hs = client_handshake(upstream.proxy, Command.CONNECT, address)
+            with proxy_errors(f"SOCKS handshake with {upstream}"):
+                early = await handshake_over_streams(held, held, hs)
+    except Exception as e:
+        if held.transport is not None:
+            held.transport.abort()
+        raise _failure(upstream, e, connected=connected, timeout=timeout) from None
+    except BaseException:
+        if held.transport is not None:
+            held.transport.abort()
+        raise
+    held.hold(early)
+    return held, hs.replies[0].address
+
+
+def _failure(
+    upstream: Upstream, e: Exception, *, connected: bool, timeout: float
+) -> UpstreamFailure:
+    """The reply code (and log line) for what went wrong with the upstream."""
+    if isinstance(e, ReplyError):
+        return UpstreamFailure(e.reply, f"{upstream} replied {e.reply.value:#04x}")
+    if isinstance(e, AuthenticationError):
+        log.error("%s refused socksd's login: %s", upstream, e)
+        return UpstreamFailure(ReplyCode.GENERAL_FAILURE, f"{upstream}: login failed: {e}")
+    if isinstance(e, TimeoutError):
+        if connected:
+            return UpstreamFailure(
+                ReplyCode.TTL_EXPIRED, f"{upstream}: no reply within {timeout:g}s"
+            )
+        log.warning("%s unreachable: no connection within %gs", upstream, timeout)
+        return UpstreamFailure(
+            ReplyCode.GENERAL_FAILURE, f"{upstream} unreachable: connect timeout after {timeout:g}s"
+        )
+    if not connected:
+        log.warning("%s unreachable: %s", upstream, e)
+        return UpstreamFailure(ReplyCode.GENERAL_FAILURE, f"{upstream} unreachable: {e}")
+    if isinstance(e, ProxyError):
+        return UpstreamFailure(ReplyCode.GENERAL_FAILURE, str(e))
+    return UpstreamFailure(ReplyCode.GENERAL_FAILURE, f"{upstream}: {e}")

@@ -1,0 +1,487 @@
+"""Upstream proxies (chaining): socksd -> another socksd or Dante -> a loopback target.
+
+The front socksd sends requests through upstreams named in its ``[upstreams]`` table: the global
+``upstream`` (an inner socksd requiring alice's password, read from a password file) and, by rule,
+Dante's ``danted`` (Debian's ``dante-server``, no authentication: its ``socksmethod: username``
+would need a system user), an upstream that is down, one that never answers, one with a wrong
+password. Each route is picked by the destination's loopback address (127.0.0.2 direct, .3 Dante,
+...). Clients: raw SOCKS5 bytes, curl and python-socks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.support import (
+    IO_TIMEOUT,
+    PASSWORD,
+    USER,
+    ReverseHalfCloseServer,
+    SilentServer,
+    access_lines,
+    assert_closed,
+    clean_env,
+    echo_roundtrip,
+    random_bytes,
+    recv_exact,
+    recv_until_eof,
+    socks_open,
+    socks_request,
+    wait_for,
+    wait_for_log,
+)
+from tests.servers import EchoServer, ServerProcess
+
+DANTED = shutil.which("danted") or "/usr/sbin/danted"
+CURL = shutil.which("curl") or "/usr/bin/curl"
+
+DIRECT_IP = "127.0.0.2"
+DANTE_IP = "127.0.0.3"
+DOWN_IP = "127.0.0.4"
+WRONG_PW_IP = "127.0.0.5"
+INNER_DENIED_IP = "127.0.0.6"
+SILENT_IP = "127.0.0.7"
+
+INNER_CONF = """\
+[[rules]]
+action = "deny"
+to = ["{denied}"]
+"""
+
+FRONT_CONF = """\
+access_log = "-"
+connect_timeout = 3
+upstream = "inner"
+
+[upstreams.inner]
+proxy = "socks5://{user}@127.0.0.1:{inner}"
+password_file = "inner.pass"
+
+[upstreams.dante]
+proxy = "socks5://127.0.0.1:{dante}"
+
+[upstreams.down]
+proxy = "socks5://127.0.0.1:{down}"
+
+[upstreams.wrongpw]
+proxy = "socks5://{user}@127.0.0.1:{inner}"
+password_env = "SOCKSD_TEST_WRONG_PASSWORD"
+
+[upstreams.silent]
+proxy = "socks5://127.0.0.1:{silent}"
+
+[[rules]]
+action = "allow"
+to = ["{direct}"]
+upstream = "direct"
+
+[[rules]]
+action = "allow"
+to = ["{dante_ip}"]
+upstream = "dante"
+
+[[rules]]
+action = "allow"
+to = ["{down_ip}"]
+upstream = "down"
+
+[[rules]]
+action = "allow"
+to = ["{wrong_ip}"]
+upstream = "wrongpw"
+
+[[rules]]
+action = "allow"
+to = ["{silent_ip}"]
+upstream = "silent"
+"""
+
+SOCKD_CONF = """\
+logoutput: {log}
+internal: 127.0.0.1 port = {port}
+external: 127.0.0.1
+socksmethod: none
+clientmethod: none
+{users}client pass {{
+  from: 127.0.0.0/8 to: 0.0.0.0/0
+}}
+socks pass {{
+  from: 127.0.0.0/8 to: 0.0.0.0/0
+  command: connect
+  log: connect disconnect error
+}}
+"""
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """Something accepts connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def dante(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """Debian's danted on 127.0.0.1 without authentication; yields (port, log file).
+
+    Dante cannot listen on port 0: a free port is picked, and another one if it was taken."""
+    if not os.path.exists(DANTED):
+        pytest.skip("danted is not installed (Debian dante-server)")
+    tmp = tmp_path_factory.mktemp("danted")
+    users = "user.privileged: root\nuser.unprivileged: nobody\n" if os.geteuid() == 0 else ""
+    for attempt in range(5):
+        port = free_port()
+        log = tmp / f"danted-{attempt}.log"
+        conf = tmp / "danted.conf"
+        conf.write_text(SOCKD_CONF.format(log=log, port=port, users=users))
+        proc = subprocess.Popen(
+            [DANTED, "-f", str(conf), "-N", "1", "-p", str(tmp / "danted.pid")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            settled = partial(lambda p, n: p.poll() is not None or listening(n), proc, port)
+            if wait_for(settled, 15) and proc.poll() is None:
+                yield port, log
+                return
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if "in use" not in text:
+                raise RuntimeError(f"danted did not start:\n{text}")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    raise RuntimeError("danted found its port taken five times")
+
+
+@pytest.fixture(scope="module")
+def inner(
+    module_socksd: Callable[..., ServerProcess],
+    users_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> ServerProcess:
+    """The upstream socksd: alice's password required, 127.0.0.6 denied."""
+    conf = tmp_path_factory.mktemp("inner") / "inner.toml"
+    conf.write_text(INNER_CONF.format(denied=INNER_DENIED_IP))
+    return module_socksd(
+        "--config", str(conf), "--users", str(users_file), "--listen", "127.0.0.1:0"
+    )
+
+
+@pytest.fixture(scope="module")
+def silent() -> Iterator[SilentServer]:
+    """Accepts connections and never answers (an upstream that hangs)."""
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def front(
+    module_socksd: Callable[..., ServerProcess],
+    inner: ServerProcess,
+    dante: tuple[int, Path],
+    silent: SilentServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> ServerProcess:
+    """The socksd clients talk to, chaining to the upstreams above."""
+    tmp = tmp_path_factory.mktemp("front")
+    secret = tmp / "inner.pass"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)
+    conf = tmp / "front.toml"
+    conf.write_text(
+        FRONT_CONF.format(
+            user=USER,
+            inner=inner.port,
+            dante=dante[0],
+            down=free_port(),
+            silent=silent.port,
+            direct=DIRECT_IP,
+            dante_ip=DANTE_IP,
+            down_ip=DOWN_IP,
+            wrong_ip=WRONG_PW_IP,
+            silent_ip=SILENT_IP,
+        )
+    )
+    return module_socksd(
+        "--config",
+        str(conf),
+        "--listen",
+        "127.0.0.1:0",
+        env={"SOCKSD_TEST_WRONG_PASSWORD": "not-" + PASSWORD},
+    )
+
+
+@pytest.fixture(scope="module")
+def echoes() -> Iterator[dict[str, EchoServer]]:
+    """An echo server on each loopback address used for routing."""
+    servers = {ip: EchoServer(ip) for ip in ("127.0.0.1", DIRECT_IP, DANTE_IP, INNER_DENIED_IP)}
+    yield servers
+    for server in servers.values():
+        server.close()
+
+
+def lines_with(server: ServerProcess, needle: str) -> list[str]:
+    return [line for line in access_lines(server) if needle in line]
+
+
+def last_line(server: ServerProcess, needle: str) -> str:
+    """The last access-log line containing ``needle`` (written when the session ends)."""
+    assert wait_for(lambda: bool(lines_with(server, needle)), 10), server.log()
+    return lines_with(server, needle)[-1]
+
+
+# -- data through the chain ----------------------------------------------------------------------
+
+
+def test_connect_through_the_global_upstream(
+    front: ServerProcess, inner: ServerProcess, echoes: dict[str, EchoServer]
+) -> None:
+    echo = echoes["127.0.0.1"]
+    payload = random_bytes(2_000_000, seed=71)
+    with socks_open(front, "127.0.0.1", echo.port) as sock:
+        sock.settimeout(IO_TIMEOUT)
+        echo_roundtrip(sock, payload[:1000])
+        sock.sendall(payload)
+        assert recv_exact(sock, len(payload)) == payload
+    target = f"CONNECT 127.0.0.1:{echo.port}"
+    front_line = last_line(front, target)
+    assert "rep=0x00" in front_line and "upstream=inner" in front_line
+    assert f"-> 127.0.0.1:{inner.port} " in front_line  # remote: the upstream proxy
+    assert f"up={1000 + len(payload)} down={1000 + len(payload)}" in front_line
+    inner_line = last_line(inner, target)
+    assert f"user={USER}" in inner_line and "rep=0x00" in inner_line
+
+
+def test_reply_bnd_is_the_upstreams(front: ServerProcess, echoes: dict[str, EchoServer]) -> None:
+    """BND.ADDR/PORT is the address the upstream connects to the target from."""
+    echo = echoes["127.0.0.1"]
+    sock, raw, host, port = socks_request(front, "127.0.0.1", echo.port)
+    with sock:
+        assert raw[1] == 0
+        sock.settimeout(IO_TIMEOUT)
+        echo_roundtrip(sock, b"who are you")
+        assert wait_for(lambda: (host, port) in echo.peers, 10), (host, port, echo.peers)
+
+
+def test_a_name_is_resolved_by_the_upstream(
+    front: ServerProcess, inner: ServerProcess, echoes: dict[str, EchoServer]
+) -> None:
+    echo = echoes["127.0.0.1"]
+    with socks_open(front, "localhost", echo.port) as sock:
+        sock.settimeout(IO_TIMEOUT)
+        echo_roundtrip(sock, b"by name")
+    # the inner socksd got the name, not an address: the front did not resolve it
+    assert "rep=0x00" in last_line(inner, f"CONNECT localhost:{echo.port}")
+    assert "upstream=inner" in last_line(front, f"CONNECT localhost:{echo.port}")
+
+
+@pytest.mark.parametrize("size", [0, 1, 300_000], ids=["empty", "one-byte", "300k"])
+def test_client_half_close_through_the_chain(front: ServerProcess, size: int) -> None:
+    sink = EchoServer(mode="halfclose")
+    data = random_bytes(size, seed=size + 7)
+    try:
+        with socks_open(front, "127.0.0.1", sink.port) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            answer = recv_until_eof(sock, 30)
+    finally:
+        sink.close()
+    assert answer == hashlib.sha256(data).hexdigest().encode()
+
+
+def test_target_half_close_through_the_chain(front: ServerProcess) -> None:
+    target = ReverseHalfCloseServer()
+    data = random_bytes(400_000, seed=72)
+    try:
+        with socks_open(front, "127.0.0.1", target.port) as sock:
+            greeting = recv_exact(sock, len(ReverseHalfCloseServer.greeting))
+            assert greeting == ReverseHalfCloseServer.greeting
+            assert recv_until_eof(sock, 15) == b""  # the target's EOF; our direction stays open
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            assert target.done.wait(30), "the target never saw the client's EOF"
+        assert target.received_bytes == len(data)
+        assert target.received_digest == hashlib.sha256(data).hexdigest()
+    finally:
+        target.close()
+
+
+# -- routes by rule ------------------------------------------------------------------------------
+
+
+def test_rules_route_one_destination_direct_another_through_dante(
+    front: ServerProcess,
+    inner: ServerProcess,
+    dante: tuple[int, Path],
+    echoes: dict[str, EchoServer],
+) -> None:
+    direct, via_dante = echoes[DIRECT_IP], echoes[DANTE_IP]
+    for echo in (direct, via_dante):
+        with socks_open(front, echo.host, echo.port) as sock:
+            sock.settimeout(IO_TIMEOUT)
+            echo_roundtrip(sock, random_bytes(100_000, seed=echo.port))
+    direct_line = last_line(front, f"CONNECT {DIRECT_IP}:{direct.port}")
+    assert "upstream=" not in direct_line and "rule=1" in direct_line
+    assert f"-> {DIRECT_IP}:{direct.port} " in direct_line
+    dante_line = last_line(front, f"CONNECT {DANTE_IP}:{via_dante.port}")
+    assert "upstream=dante" in dante_line and "rule=2" in dante_line
+    assert f"-> 127.0.0.1:{dante[0]} " in dante_line
+    # Dante saw only the second; the inner socksd saw neither
+    dante_log = dante[1].read_text(errors="replace")
+    assert f"{DANTE_IP}.{via_dante.port}" in dante_log, dante_log
+    assert f"{DIRECT_IP}.{direct.port}" not in dante_log, dante_log
+    assert not lines_with(inner, f":{direct.port} ") and not lines_with(
+        inner, f":{via_dante.port} "
+    )
+    # the direct connection came from the front itself: from a loopback address, not Dante's
+    assert direct.peers and via_dante.peers
+
+
+def test_curl_through_the_chain(front: ServerProcess, inner: ServerProcess, tmp_path: Path) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    body = random_bytes(50_000, seed=73)
+    (tmp_path / "file.bin").write_bytes(body)
+    import http.server
+    import threading
+
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = httpd.server_address[1]
+        for flag, host in (("--socks5", "127.0.0.1"), ("--socks5-hostname", "localhost")):
+            result = subprocess.run(
+                [
+                    CURL,
+                    "--silent",
+                    "--show-error",
+                    "--max-time",
+                    "20",
+                    flag,
+                    f"{front.host}:{front.port}",
+                    f"http://{host}:{port}/file.bin",
+                ],
+                capture_output=True,
+                timeout=40,
+                env=clean_env(),
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == body
+            assert "rep=0x00" in last_line(inner, f"CONNECT {host}:{port}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_python_socks_through_the_chain(
+    front: ServerProcess, echoes: dict[str, EchoServer]
+) -> None:
+    from python_socks.async_.asyncio import Proxy as AsyncioProxy
+
+    echo = echoes["127.0.0.1"]
+
+    async def run() -> bytes:
+        proxy = AsyncioProxy.from_url(f"socks5://{front.host}:{front.port}", rdns=True)
+        sock = await proxy.connect("localhost", echo.port, timeout=IO_TIMEOUT)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"python-socks")
+        await writer.drain()
+        writer.write_eof()
+        data = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+        writer.close()
+        return data
+
+    assert asyncio.run(run()) == b"python-socks"
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+def reply_code(server: ServerProcess, host: str, port: int, cmd: int = 1) -> int:
+    sock, raw, _, _ = socks_request(server, host, port, cmd=cmd)
+    with sock:
+        assert_closed(sock)
+    return raw[1]
+
+
+def test_upstream_down_is_general_failure(front: ServerProcess) -> None:
+    assert reply_code(front, DOWN_IP, 80) == 0x01
+    line = last_line(front, f"CONNECT {DOWN_IP}:80")
+    assert "upstream=down" in line and "unreachable" in line
+
+
+def test_upstream_refused_target_is_passed_on(front: ServerProcess) -> None:
+    closed = free_port()
+    assert reply_code(front, "127.0.0.1", closed) == 0x05
+    assert "replied 0x05" in last_line(front, f"CONNECT 127.0.0.1:{closed}")
+
+
+def test_upstream_rule_denial_is_passed_on(
+    front: ServerProcess, inner: ServerProcess, echoes: dict[str, EchoServer]
+) -> None:
+    port = echoes[INNER_DENIED_IP].port
+    assert reply_code(front, INNER_DENIED_IP, port) == 0x02
+    assert "rule=1" in last_line(inner, f"CONNECT {INNER_DENIED_IP}:{port}")
+
+
+def test_dante_refused_target_is_passed_on(front: ServerProcess) -> None:
+    closed = free_port()  # nothing listens on it at DANTE_IP either
+    assert reply_code(front, DANTE_IP, closed) == 0x05
+    assert "upstream=dante" in last_line(front, f"CONNECT {DANTE_IP}:{closed}")
+
+
+def test_wrong_upstream_password_is_general_failure_and_logged(
+    front: ServerProcess, inner: ServerProcess
+) -> None:
+    assert reply_code(front, WRONG_PW_IP, 80) == 0x01
+    text = wait_for_log(front, "refused socksd's login")
+    assert re.search(r"ERROR.*upstream wrongpw \(127\.0\.0\.1:\d+\) refused socksd's login", text)
+    assert "not-" + PASSWORD not in text and PASSWORD not in text  # never logged
+    assert "authentication failed" in wait_for_log(inner, "authentication failed")
+
+
+def test_upstream_silent_is_ttl_expired(front: ServerProcess) -> None:
+    """Connected but no answer within connect_timeout (3 s here): 0x06, as a slow target."""
+    assert reply_code(front, SILENT_IP, 80) == 0x06
+    assert "no reply within 3s" in last_line(front, f"CONNECT {SILENT_IP}:80")
+
+
+def test_bind_through_an_upstream_is_not_supported(front: ServerProcess) -> None:
+    assert reply_code(front, "127.0.0.1", 0, cmd=2) == 0x07
+    line = last_line(front, "BIND 127.0.0.1:0")
+    assert "upstream=inner" in line
+
+
+def test_front_survives(front: ServerProcess) -> None:
+    assert front.alive()
+    front.proc.send_signal(signal.SIGHUP)  # the same config again: upstreams re-derived
+    assert wait_for(lambda: "reloaded configuration" in front.log(), 10), front.log()
