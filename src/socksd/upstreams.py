@@ -24,7 +24,14 @@ from socksd.client.proxy import Proxy
 DIRECT = "direct"
 """The upstream name that means "no upstream": connect to the target directly."""
 
-UPSTREAM_KEYS = ("proxy", "password_file", "password_env", "gssapi_service", "gssapi_level")
+UPSTREAM_KEYS = (
+    "proxy",
+    "password_file",
+    "password_env",
+    "gssapi_service",
+    "gssapi_hostname",
+    "gssapi_level",
+)
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -45,6 +52,9 @@ class UpstreamSpec:
     password_file: Path | None = None
     password_env: str | None = None
     gssapi_service: str | None = None
+    gssapi_hostname: str | None = None
+    """The host part of the upstream's service name (default: its host as given; an IP
+    literal's reverse DNS name)."""
     gssapi_level: int = 2
 
     @property
@@ -63,7 +73,8 @@ class UpstreamSpec:
             )
             how.append(f"username/password as {self.username!r} ({source})")
         if self.gssapi_service is not None:
-            how.append(f"GSSAPI service {self.gssapi_service}, level {self.gssapi_level}")
+            host = self.gssapi_hostname or self.host
+            how.append(f"GSSAPI as {self.gssapi_service}@{host}, level {self.gssapi_level}")
         return f"upstream {self.name}: socks5 {self.where}, " + (
             "; ".join(how) or "no authentication"
         )
@@ -93,7 +104,9 @@ class UpstreamSpec:
                 )
         gssapi = None
         if self.gssapi_service is not None:
-            gssapi = GssapiOptions(service=self.gssapi_service, level=self.gssapi_level)
+            gssapi = GssapiOptions(
+                service=self.gssapi_service, hostname=self.gssapi_hostname, level=self.gssapi_level
+            )
         return Proxy(self.host, self.port, self.username, password, gssapi)
 
 
@@ -161,11 +174,15 @@ def parse_upstream(name: Any, raw: Any) -> UpstreamSpec:
         raise UpstreamError(
             f"{where}.gssapi_service: {service!r} is not a service name (like rcmd or socks)"
         )
+    hostname = raw.get("gssapi_hostname")
+    if hostname is not None and (not isinstance(hostname, str) or not hostname):
+        raise UpstreamError(f"{where}.gssapi_hostname: expected a host name")
     level = raw.get("gssapi_level", 2)
     if isinstance(level, bool) or level not in (1, 2):
         raise UpstreamError(f"{where}.gssapi_level: expected 1 (integrity) or 2 (confidentiality)")
-    if "gssapi_level" in raw and service is None:
-        raise UpstreamError(f"{where}.gssapi_level: set gssapi_service to use GSSAPI")
+    for key in ("gssapi_level", "gssapi_hostname"):
+        if key in raw and service is None:
+            raise UpstreamError(f"{where}.{key}: set gssapi_service to use GSSAPI")
     return UpstreamSpec(
         name,
         parsed.host,
@@ -174,6 +191,7 @@ def parse_upstream(name: Any, raw: Any) -> UpstreamSpec:
         Path(password_file) if password_file is not None else None,
         password_env,
         service,
+        hostname,
         level,
     )
 

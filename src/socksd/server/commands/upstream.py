@@ -13,6 +13,11 @@ came after it is held like a target's banner, and the command hands it to the se
 (``make_relay``): half-close, backpressure, idle timeout, bandwidth and byte counts are those of a
 direct connection. Connecting and the handshake together are bounded by ``connect_timeout``.
 
+After a GSSAPI login to the upstream, its connection carries RFC 1961 frames: ``encapsulate``
+puts the client library's ``EncapsulatingTransport`` (plain writes out as frames) in front of it
+and an unwrapping protocol under it, so the holding and then the relay see plain bytes (counted
+as such), whatever the client's own method (a GSSAPI client's frames are unwrapped on its side).
+
 Failures (:class:`UpstreamFailure` carries the reply code for the client):
 
 | what failed                                              | REP                     |
@@ -40,8 +45,9 @@ from typing import TYPE_CHECKING
 
 from socksd.client.async_io import handshake_over_streams
 from socksd.client.errors import AuthenticationError, ProxyError, ReplyError, proxy_errors
+from socksd.client.gssapi import EncapsulatingTransport
 from socksd.client.handshake import client_handshake
-from socksd.protocol import Address, Command, ReplyCode
+from socksd.protocol import Address, Command, GssapiEncapsulation, GssapiError, ReplyCode
 from socksd.server.dataplane.relay import Holding
 
 if TYPE_CHECKING:
@@ -163,8 +169,84 @@ async def open_upstream(
         if held.transport is not None:
             held.transport.abort()
         raise
-    held.hold(early)
+    codec = hs.encapsulation
+    if codec is None:
+        held.hold(early)
+    else:
+        encapsulate(held, codec, early)
     return held, hs.replies[0].address
+
+
+class _Unwrapping(asyncio.Protocol):
+    """On an upstream connection after GSSAPI: RFC 1961 frames in, plain bytes to ``inner``
+    (the holding, then the relay's endpoint). A frame failing its check ends the connection."""
+
+    def __init__(
+        self, codec: GssapiEncapsulation, inner: asyncio.Protocol, transport: asyncio.Transport
+    ) -> None:
+        self.codec = codec
+        self.inner = inner
+        self.transport = transport
+        self.error: Exception | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.codec.receive_data(data)
+        self.decode()
+
+    def decode(self) -> None:
+        """Pass on the plain bytes of every complete frame."""
+        try:
+            plain = self.codec.read()
+        except GssapiError as e:
+            log.warning("GSSAPI frame from an upstream failed: %s", e)
+            self.error = ConnectionError(f"GSSAPI from the upstream: {e}")
+            self.transport.abort()
+            return
+        if plain:
+            self.inner.data_received(plain)
+
+    def eof_received(self) -> bool | None:
+        if self.codec.buffered:
+            self.error = ConnectionError("the upstream closed in the middle of a GSSAPI message")
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc or self.error)
+
+
+class _EncapsulatedTransport(EncapsulatingTransport):
+    """The upstream connection as the relay sees it: writes wrapped, reads unwrapped; setting
+    the protocol sets what the unwrapped bytes go to."""
+
+    def __init__(self, transport: asyncio.Transport, unwrapping: _Unwrapping) -> None:
+        super().__init__(transport, unwrapping.codec)
+        self._unwrapping = unwrapping
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._unwrapping.inner = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._unwrapping.inner
+
+
+def encapsulate(held: UpstreamHolding, codec: GssapiEncapsulation, early: bytes) -> None:
+    """After a GSSAPI handshake with the upstream: ``held`` (and later the relay) reads and
+    writes plain bytes, RFC 1961 frames on the wire. ``early``: plain bytes decoded with the
+    reply."""
+    raw = held.transport
+    assert raw is not None
+    unwrapping = _Unwrapping(codec, held, raw)
+    raw.set_protocol(unwrapping)
+    held.transport = _EncapsulatedTransport(raw, unwrapping)
+    held.hold(early)
+    if codec.buffered:
+        unwrapping.decode()
 
 
 def _failure(
