@@ -481,7 +481,41 @@ def test_bind_through_an_upstream_is_not_supported(front: ServerProcess) -> None
     assert "upstream=inner" in line
 
 
-def test_front_survives(front: ServerProcess) -> None:
-    assert front.alive()
-    front.proc.send_signal(signal.SIGHUP)  # the same config again: upstreams re-derived
-    assert wait_for(lambda: "reloaded configuration" in front.log(), 10), front.log()
+# -- reload --------------------------------------------------------------------------------------
+
+
+def test_reload_reads_the_password_file_again(
+    socksd: Callable[..., ServerProcess],
+    inner: ServerProcess,
+    echoes: dict[str, EchoServer],
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "inner.pass"
+    secret.write_text("wrong\n")
+    conf = tmp_path / "front.toml"
+    conf.write_text(
+        f'upstream = "inner"\n[upstreams.inner]\nproxy = "socks5://{USER}@127.0.0.1:{inner.port}"\n'
+        'password_file = "inner.pass"\n'
+    )
+    front = socksd("--config", str(conf), "--listen", "127.0.0.1:0")
+    echo = echoes["127.0.0.1"]
+    assert reply_code(front, "127.0.0.1", echo.port) == 0x01
+
+    def reloads(outcome: str) -> int:
+        return front.log().count(outcome)
+
+    secret.write_text(PASSWORD + "\n")
+    front.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: reloads("reloaded configuration") == 1, 10), front.log()
+    with socks_open(front, "127.0.0.1", echo.port) as sock:
+        sock.settimeout(IO_TIMEOUT)
+        echo_roundtrip(sock, b"after the reload")
+
+    secret.unlink()  # a reload that cannot read the password keeps the running configuration
+    front.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: reloads("reload failed") == 1, 10), front.log()
+    assert "upstreams.inner.password_file: cannot read" in front.log()
+    with socks_open(front, "127.0.0.1", echo.port) as sock:
+        sock.settimeout(IO_TIMEOUT)
+        echo_roundtrip(sock, b"still the old password")
+    assert PASSWORD not in front.log()
