@@ -236,3 +236,27 @@ def test_describe_shows_the_routes() -> None:
     lines = ruleset.describe()
     assert lines[0] == "rule 1: allow ports=22 upstream=direct"
     assert lines[-1].startswith("upstream: corp")
+
+
+def test_requests_without_a_destination_take_the_route_of_a_rule_without_one() -> None:
+    """UDP ASSOCIATE and a BIND for any peer: a rule with `to` may let them through, but their
+    route is that of the first allow rule for the command that names no destination."""
+    ruleset = parse_ruleset(
+        [
+            {"action": "allow", "to": ["10.0.0.0/8"], "upstream": "corp"},
+            {"action": "allow", "commands": ["udp"], "upstream": "direct"},
+            {"action": "allow", "commands": ["bind"], "upstream": "lab"},
+        ],
+        upstreams=("corp", "lab"),
+        upstream="corp",
+    )
+    decision = ruleset.check_open_request(CLIENT, None, Command.UDP_ASSOCIATE)
+    assert decision.allowed and decision.label == "rule 1"
+    assert ruleset.open_route(CLIENT, None, Command.UDP_ASSOCIATE) is None
+    assert ruleset.open_route(CLIENT, None, Command.BIND) == "lab"
+    only_to = parse_ruleset(
+        [{"action": "allow", "to": ["10.0.0.0/8"], "upstream": "direct"}],
+        upstreams=("corp",),
+        upstream="corp",
+    )
+    assert only_to.open_route(CLIENT, None, Command.BIND) == "corp"  # the global one

@@ -35,6 +35,7 @@ from tests.e2e.support import (
     clean_env,
     echo_roundtrip,
     random_bytes,
+    read_reply,
     recv_exact,
     recv_until_eof,
     socks_open,
@@ -53,6 +54,7 @@ DOWN_IP = "127.0.0.4"
 WRONG_PW_IP = "127.0.0.5"
 INNER_DENIED_IP = "127.0.0.6"
 SILENT_IP = "127.0.0.7"
+DENIED_PEER_IP = "127.0.0.8"
 
 INNER_CONF = """\
 [[rules]]
@@ -63,6 +65,7 @@ to = ["{denied}"]
 FRONT_CONF = """\
 access_log = "-"
 connect_timeout = 3
+bind_timeout = 3
 upstream = "inner"
 
 [upstreams.inner]
@@ -81,6 +84,22 @@ password_env = "SOCKSD_TEST_WRONG_PASSWORD"
 
 [upstreams.silent]
 proxy = "socks5://127.0.0.1:{silent}"
+
+[[rules]]
+action = "deny"
+commands = ["bind"]
+to = ["{denied_peer}"]
+
+[[rules]]
+action = "allow"
+commands = ["bind"]
+to = ["{dante_ip}"]
+upstream = "dante"
+
+[[rules]]
+action = "allow"
+commands = ["bind", "udp"]
+upstream = "inner"
 
 [[rules]]
 action = "allow"
@@ -119,7 +138,12 @@ clientmethod: none
 }}
 socks pass {{
   from: 127.0.0.0/8 to: 0.0.0.0/0
-  command: connect
+  command: connect bind
+  log: connect disconnect error
+}}
+socks pass {{
+  from: 127.0.0.0/8 to: 0.0.0.0/0
+  command: bindreply
   log: connect disconnect error
 }}
 """
@@ -226,6 +250,7 @@ def front(
             down_ip=DOWN_IP,
             wrong_ip=WRONG_PW_IP,
             silent_ip=SILENT_IP,
+            denied_peer=DENIED_PEER_IP,
         )
     )
     return module_socksd(
@@ -347,10 +372,10 @@ def test_rules_route_one_destination_direct_another_through_dante(
             sock.settimeout(IO_TIMEOUT)
             echo_roundtrip(sock, random_bytes(100_000, seed=echo.port))
     direct_line = last_line(front, f"CONNECT {DIRECT_IP}:{direct.port}")
-    assert "upstream=" not in direct_line and "rule=1" in direct_line
+    assert "upstream=" not in direct_line and "rule=4" in direct_line
     assert f"-> {DIRECT_IP}:{direct.port} " in direct_line
     dante_line = last_line(front, f"CONNECT {DANTE_IP}:{via_dante.port}")
-    assert "upstream=dante" in dante_line and "rule=2" in dante_line
+    assert "upstream=dante" in dante_line and "rule=5" in dante_line
     assert f"-> 127.0.0.1:{dante[0]} " in dante_line
     # Dante saw only the second; the inner socksd saw neither
     dante_log = dante[1].read_text(errors="replace")
@@ -475,10 +500,80 @@ def test_upstream_silent_is_ttl_expired(front: ServerProcess) -> None:
     assert "no reply within 3s" in last_line(front, f"CONNECT {SILENT_IP}:80")
 
 
-def test_bind_through_an_upstream_is_not_supported(front: ServerProcess) -> None:
-    assert reply_code(front, "127.0.0.1", 0, cmd=2) == 0x07
-    line = last_line(front, "BIND 127.0.0.1:0")
-    assert "upstream=inner" in line
+def test_udp_through_an_upstream_is_not_supported(front: ServerProcess) -> None:
+    assert reply_code(front, "0.0.0.0", 0, cmd=3) == 0x07
+    assert "upstream=inner" in last_line(front, "UDP_ASSOCIATE 0.0.0.0:0")
+
+
+# -- BIND through an upstream --------------------------------------------------------------------
+
+
+def bind_through(
+    front: ServerProcess, dst: str, source: str = "127.0.0.1"
+) -> tuple[socket.socket, str, int, socket.socket]:
+    """A BIND through ``front`` for ``dst`` and a peer (from ``source``) connecting to the
+    first reply's address: (control socket, first reply's host, port, peer socket)."""
+    sock, raw, host, port = socks_request(front, dst, 0, cmd=2)
+    assert raw[1] == 0, raw
+    peer = socket.create_connection((host, port), timeout=IO_TIMEOUT, source_address=(source, 0))
+    return sock, host, port, peer
+
+
+def test_bind_through_the_upstream(front: ServerProcess, inner: ServerProcess) -> None:
+    sock, host, port, peer = bind_through(front, "0.0.0.0")
+    with sock, peer:
+        assert host == "127.0.0.1" and port not in (front.port, inner.port)  # inner's listener
+        raw, peer_host, peer_port = read_reply(sock)  # the second reply: the peer
+        assert raw[1] == 0 and (peer_host, peer_port) == peer.getsockname()[:2]
+        data = random_bytes(200_000, seed=74)
+        peer.sendall(data)
+        peer.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock, 30) == data  # the peer's half-close reaches the client
+        sock.sendall(b"answer after the peer's EOF")
+        sock.shutdown(socket.SHUT_WR)
+        peer.settimeout(IO_TIMEOUT)
+        assert recv_until_eof(peer, 30) == b"answer after the peer's EOF"
+    line = last_line(front, "BIND 0.0.0.0:0")
+    assert "rep=0x00" in line and "upstream=inner" in line  # rule 3's (rule 2 names a `to`)
+    assert f"-> 127.0.0.1:{peer_port} " in line
+    assert "rep=0x00" in last_line(inner, "BIND 0.0.0.0:0")
+
+
+def test_bind_through_dante(front: ServerProcess, dante: tuple[int, Path]) -> None:
+    """A BIND for a peer at 127.0.0.3 goes to Dante (rule 4); Dante's replies are passed on."""
+    sock, host, port, peer = bind_through(front, DANTE_IP, source=DANTE_IP)
+    with sock, peer:
+        assert port != dante[0]
+        raw, peer_host, peer_port = read_reply(sock)
+        assert raw[1] == 0 and (peer_host, peer_port) == peer.getsockname()[:2]
+        peer.sendall(b"from the peer")
+        assert recv_exact(sock, 13) == b"from the peer"
+        sock.sendall(b"to the peer")
+        peer.settimeout(IO_TIMEOUT)
+        assert recv_exact(peer, 11) == b"to the peer"
+    line = last_line(front, f"BIND {DANTE_IP}:0")
+    assert "rep=0x00" in line and "upstream=dante" in line
+    assert host == "127.0.0.1"  # Dante's external address
+
+
+def test_bind_peer_denied_by_the_front(front: ServerProcess) -> None:
+    sock, _, _, peer = bind_through(front, "0.0.0.0", source=DENIED_PEER_IP)
+    with sock, peer:
+        raw, _, _ = read_reply(sock)
+        assert raw[1] == 0x02
+        assert_closed(sock)
+    assert "denied by rule 1" in last_line(front, f"-> {DENIED_PEER_IP}:")
+
+
+def test_bind_through_the_upstream_times_out(front: ServerProcess) -> None:
+    """No peer within the front's bind_timeout (3 s): second reply 0x06."""
+    sock, raw, _, _ = socks_request(front, "127.0.0.1", 0, cmd=2)
+    with sock:
+        assert raw[1] == 0
+        raw2, _, _ = read_reply(sock)
+        assert raw2[1] == 0x06
+        assert_closed(sock)
+    assert "no peer connected within 3s" in last_line(front, "BIND 127.0.0.1:0")
 
 
 # -- reload --------------------------------------------------------------------------------------

@@ -270,6 +270,23 @@ class RuleSet:
         """The requests ``rule`` allows go through an upstream proxy."""
         return rule.upstream != DIRECT and (rule.upstream or self.upstream) is not None
 
+    def open_route(self, client: IP, user: str | None, command: int) -> str | None:
+        """The route of an allowed request with no destination yet (UDP ASSOCIATE, BIND for any
+        peer): that of the first allow rule for its user and command naming no destination
+        (neither ``to`` nor ``ports``), else the global ``upstream``. A rule with ``to`` may let
+        such a request through (``check_open_request``) but says nothing of where it goes."""
+        for rule in self.rules_for(client):
+            if (
+                rule.has_to
+                or rule.ports is not None
+                or not rule.matches_request(user, command, None)
+            ):
+                continue
+            if rule.deny:
+                break
+            return self.route(rule.decision)
+        return self.upstream
+
     def route(self, decision: Decision) -> str | None:
         """The ``[upstreams]`` name an allowed request goes through; None: direct."""
         rule = decision.rule

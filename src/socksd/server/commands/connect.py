@@ -26,7 +26,7 @@ import aiohappyeyeballs
 from socksd.protocol import Address, AddressType, ReplyCode, format_hostport
 from socksd.resolver import AddrInfo
 from socksd.server.commands.replycodes import reply_for_error
-from socksd.server.commands.upstream import UpstreamFailure, open_upstream
+from socksd.server.commands.upstream import UpstreamFailure, connect_upstream
 from socksd.server.dataplane.relay import Holding
 from socksd.server.handshake.admission import Refusal
 
@@ -96,8 +96,10 @@ async def connect(session: CommandSession, address: Address) -> None:
         if upstream is None:
             held = await open_target(infos, config.connect_timeout, session.record)
         else:
-            connector = partial(_open_upstream, session, upstream.proxy)
-            held, bound = await open_upstream(upstream, address, config.connect_timeout, connector)
+            connector = partial(open_to_upstream, session, upstream.proxy)
+            held, bound = await connect_upstream(
+                upstream, address, config.connect_timeout, connector
+            )
     except asyncio.CancelledError:
         raise
     except UpstreamFailure as e:
@@ -119,7 +121,7 @@ async def connect(session: CommandSession, address: Address) -> None:
     session.start_relay(held)
 
 
-async def _open_upstream(session: CommandSession, proxy: Proxy, held: Holding) -> None:
+async def open_to_upstream(session: CommandSession, proxy: Proxy, held: Holding) -> None:
     """The TCP connection to an upstream proxy (its name through socksd's resolver)."""
     where = Address.of(proxy.host, proxy.port)
     if where.atyp == AddressType.DOMAIN:

@@ -30,9 +30,10 @@ Failures (:class:`UpstreamFailure` carries the reply code for the client):
 | no reply in time once connected (the upstream, or its    | 0x06                    |
 |   connection to the target, is slow)                     |                         |
 
-BIND and UDP ASSOCIATE are not relayed through an upstream: such a request that an upstream rule
-matches is answered 0x07 (``COMMAND_NOT_SUPPORTED``), never served directly behind the admin's
-back; a rule with ``upstream = "direct"`` serves them directly.
+BIND goes through an upstream too (``socksd.server.commands.bind.bind_through``: the upstream's
+two replies passed on, :func:`second_reply` waits for the second). UDP ASSOCIATE does not: such a
+request that an upstream rule matches is answered 0x07 (``COMMAND_NOT_SUPPORTED``) by the session,
+never served directly behind the admin's back; a rule with ``upstream = "direct"`` serves it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING
 from socksd.client.async_io import handshake_over_streams
 from socksd.client.errors import AuthenticationError, ProxyError, ReplyError, proxy_errors
 from socksd.client.gssapi import EncapsulatingTransport
-from socksd.client.handshake import client_handshake
+from socksd.client.handshake import ClientHandshake, client_handshake
 from socksd.protocol import Address, Command, GssapiEncapsulation, GssapiError, ReplyCode
 from socksd.server.dataplane.relay import Holding
 
@@ -134,6 +135,11 @@ class UpstreamHolding(Holding):
         if self.lost:
             raise ConnectionResetError("connection to the upstream lost")
 
+    def close(self) -> None:
+        """Drop the connection at once (a failed or abandoned request)."""
+        if self.transport is not None:
+            self.transport.abort()
+
     def hold(self, early: bytes) -> None:
         """After the handshake: ``early`` (target bytes read with the reply) is held first."""
         if early:
@@ -146,35 +152,72 @@ Connector = Callable[[Holding], Awaitable[object]]
 
 
 async def open_upstream(
-    upstream: Upstream, address: Address, timeout: float, connect: Connector
-) -> tuple[UpstreamHolding, Address]:
-    """CONNECT to ``address`` through ``upstream``: the connection (holding what the target sent
-    after the reply) and the upstream's BND address. ``connect`` opens the TCP connection;
-    connecting and the handshake together take at most ``timeout``. Raises
-    :class:`UpstreamFailure`."""
+    upstream: Upstream, command: Command, address: Address, timeout: float, connect: Connector
+) -> tuple[UpstreamHolding, ClientHandshake, bytes]:
+    """Connect to ``upstream`` (``connect`` opens the TCP connection) and run the handshake of
+    ``command`` to ``address`` up to its (first) reply, in at most ``timeout``: the connection,
+    the handshake and the bytes read after the reply. Raises :class:`UpstreamFailure`."""
     held = UpstreamHolding()
     connected = False
     try:
         async with asyncio.timeout(timeout):
             await connect(held)
             connected = True
-            hs = client_handshake(upstream.proxy, Command.CONNECT, address)
+            hs = client_handshake(upstream.proxy, command, address)
             with proxy_errors(f"SOCKS handshake with {upstream}"):
                 early = await handshake_over_streams(held, held, hs)
     except Exception as e:
-        if held.transport is not None:
-            held.transport.abort()
+        held.close()
         raise _failure(upstream, e, connected=connected, timeout=timeout) from None
     except BaseException:
-        if held.transport is not None:
-            held.transport.abort()
+        held.close()
         raise
+    return held, hs, early
+
+
+async def connect_upstream(
+    upstream: Upstream, address: Address, timeout: float, connect: Connector
+) -> tuple[UpstreamHolding, Address]:
+    """CONNECT to ``address`` through ``upstream``: the connection, holding what the target sent
+    after the reply, and the upstream's BND address."""
+    held, hs, early = await open_upstream(upstream, Command.CONNECT, address, timeout, connect)
+    relay_ready(held, hs, early)
+    return held, hs.replies[0].address
+
+
+async def second_reply(
+    upstream: Upstream, held: UpstreamHolding, hs: ClientHandshake, timeout: float
+) -> Address:
+    """BIND: wait at most ``timeout`` for the upstream's second reply (its peer connected); the
+    peer's address. Then ``held`` holds what the peer sent after it. Raises UpstreamFailure."""
+    hs.expect_second_reply()
+    try:
+        async with asyncio.timeout(timeout):
+            with proxy_errors(f"BIND through {upstream}"):
+                early = await handshake_over_streams(held, held, hs)
+    except TimeoutError:
+        held.close()
+        raise UpstreamFailure(
+            ReplyCode.TTL_EXPIRED, f"BIND: no peer connected within {timeout:g}s ({upstream})"
+        ) from None
+    except Exception as e:
+        held.close()
+        raise _failure(upstream, e, connected=True, timeout=timeout) from None
+    except BaseException:
+        held.close()
+        raise
+    relay_ready(held, hs, early)
+    return hs.replies[1].address
+
+
+def relay_ready(held: UpstreamHolding, hs: ClientHandshake, early: bytes) -> None:
+    """The handshake is over: ``early`` is held first; after GSSAPI, the frames are unwrapped
+    and wrapped from now on (``encapsulate``)."""
     codec = hs.encapsulation
     if codec is None:
         held.hold(early)
     else:
         encapsulate(held, codec, early)
-    return held, hs.replies[0].address
 
 
 class _Unwrapping(asyncio.Protocol):

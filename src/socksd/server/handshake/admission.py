@@ -147,9 +147,10 @@ class Admission:
         if not rules.allow_all:
             address = request.address
             decision: Decision | NeedAddresses
-            if command == Command.UDP_ASSOCIATE or (
+            open_request = command == Command.UDP_ASSOCIATE or (
                 command == Command.BIND and is_unspecified(address)
-            ):  # destinations not known yet: checked per datagram, or when the peer connects
+            )
+            if open_request:  # destinations not known yet: checked per datagram, or the peer
                 decision = rules.check_open_request(self.ip, user, command)
             else:
                 decision = rules.check_request(self.ip, user, command, address.host, address.port)
@@ -160,6 +161,8 @@ class Admission:
                 return _denied(decision)
             else:
                 self._allowed(rules, decision)
+                if open_request:
+                    self.upstream = rules.open_route(self.ip, user, command)
         if user is not None:
             limits = self.limits
             count = limits.per_user.add(user)

@@ -262,7 +262,7 @@ class Session(asyncio.Protocol):
         if refusal is not None:
             self.refuse(refusal)
             return
-        if self.admission.upstream is not None and request.command != Command.CONNECT:
+        if self.admission.upstream is not None and request.command == Command.UDP_ASSOCIATE:
             record.upstream = self.admission.upstream
             self.fail(
                 ReplyCode.COMMAND_NOT_SUPPORTED,
