@@ -40,6 +40,7 @@ from tests.e2e.support import (
     recv_until_eof,
     socks_open,
     socks_request,
+    socksd_cli,
     wait_for,
     wait_for_log,
 )
@@ -574,6 +575,29 @@ def test_bind_through_the_upstream_times_out(front: ServerProcess) -> None:
         assert raw2[1] == 0x06
         assert_closed(sock)
     assert "no peer connected within 3s" in last_line(front, "BIND 127.0.0.1:0")
+
+
+def test_check_config_shows_upstreams_and_routes(tmp_path: Path) -> None:
+    (tmp_path / "corp.pass").write_text("never-shown\n")
+    conf = tmp_path / "socksd.toml"
+    conf.write_text(
+        'upstream = "corp"\n'
+        '[upstreams.corp]\nproxy = "socks5://bob@10.0.0.1:1080"\npassword_file = "corp.pass"\n'
+        '[[rules]]\naction = "allow"\nports = [22]\nupstream = "direct"\n'
+    )
+    result = socksd_cli("check-config", str(conf))
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"upstream corp: socks5 10.0.0.1:1080, username/password as 'bob' "
+        f"(password from {tmp_path / 'corp.pass'})" in result.stdout
+    )
+    assert "rule 1: allow ports=22 upstream=direct" in result.stdout
+    assert "upstream: corp (for allowed requests whose rule names none)" in result.stdout
+    assert "never-shown" not in result.stdout
+    conf.write_text(conf.read_text().replace('upstream = "direct"', 'upstream = "crop"'))
+    result = socksd_cli("check-config", str(conf))
+    assert result.returncode != 0
+    assert "rule 1.upstream: 'crop' is not in [upstreams] (known: corp, direct)" in result.stderr
 
 
 # -- reload --------------------------------------------------------------------------------------
