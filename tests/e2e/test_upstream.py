@@ -30,6 +30,7 @@ from tests.e2e.support import (
     USER,
     ReverseHalfCloseServer,
     SilentServer,
+    UdpEchoServer,
     access_lines,
     assert_closed,
     clean_env,
@@ -88,7 +89,7 @@ proxy = "socks5://127.0.0.1:{silent}"
 
 [[rules]]
 action = "deny"
-commands = ["bind"]
+commands = ["bind", "udp"]
 to = ["{denied_peer}"]
 
 [[rules]]
@@ -274,6 +275,12 @@ def echoes() -> Iterator[dict[str, EchoServer]]:
 
 def lines_with(server: ServerProcess, needle: str) -> list[str]:
     return [line for line in access_lines(server) if needle in line]
+
+
+def next_line(server: ServerProcess, needle: str, before: int) -> str:
+    """The first access-log line containing ``needle`` after the first ``before`` of them."""
+    assert wait_for(lambda: len(lines_with(server, needle)) > before, 10), server.log()
+    return lines_with(server, needle)[before]
 
 
 def last_line(server: ServerProcess, needle: str) -> str:
@@ -501,9 +508,69 @@ def test_upstream_silent_is_ttl_expired(front: ServerProcess) -> None:
     assert "no reply within 3s" in last_line(front, f"CONNECT {SILENT_IP}:80")
 
 
-def test_udp_through_an_upstream_is_not_supported(front: ServerProcess) -> None:
-    assert reply_code(front, "0.0.0.0", 0, cmd=3) == 0x07
-    assert "upstream=inner" in last_line(front, "UDP_ASSOCIATE 0.0.0.0:0")
+# -- UDP ASSOCIATE through an upstream ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def udp_echo() -> Iterator[UdpEchoServer]:
+    server = UdpEchoServer()
+    yield server
+    server.close()
+
+
+def test_udp_through_the_upstream(
+    front: ServerProcess, inner: ServerProcess, udp_echo: UdpEchoServer
+) -> None:
+    from socksd.client import udp_associate
+
+    payloads = [random_bytes(n, seed=n) for n in (1, 100, 1200, 8000)]
+
+    async def run() -> list[tuple[bytes, tuple[str, int]]]:
+        got = []
+        async with udp_associate(f"socks5://{front.host}:{front.port}") as assoc:
+            for i, payload in enumerate(payloads):
+                host = "localhost" if i % 2 else "127.0.0.1"  # a name goes on as a name
+                await assoc.sendto(payload, (host, udp_echo.port))
+                got.append(await assoc.recvfrom(IO_TIMEOUT))
+        return got
+
+    logged = len(lines_with(front, "UDP_ASSOCIATE")), len(lines_with(inner, "UDP_ASSOCIATE"))
+    got = asyncio.run(run())
+    assert [data for data, _ in got] == payloads
+    assert all(source == ("127.0.0.1", udp_echo.port) for _, source in got)
+    # the echo server saw the inner socksd's relay, never the client or the front
+    line = next_line(front, "UDP_ASSOCIATE", logged[0])
+    total = sum(map(len, payloads))
+    assert "upstream=inner" in line and "dgrams_up=4 dgrams_down=4 dropped=0" in line
+    assert f"up={total} down={total}" in line
+    inner_line = next_line(inner, "UDP_ASSOCIATE", logged[1])
+    assert f"user={USER}" in inner_line and "dgrams_up=4 dgrams_down=4" in inner_line
+
+
+def test_udp_destinations_are_checked_by_the_front(
+    front: ServerProcess, inner: ServerProcess, udp_echo: UdpEchoServer
+) -> None:
+    """A datagram to a destination the front's rules deny (rule 1) or with a malformed header
+    is dropped by the front and counted; it never reaches the upstream."""
+    from socksd.client import udp_associate
+
+    async def run() -> bytes:
+        async with udp_associate(f"socks5://{front.host}:{front.port}") as assoc:
+            transport = assoc._transport
+            assert transport is not None
+            transport.sendto(b"\x00\x00\x00\x09garbage")  # ATYP 9: dropped as "header"
+            await assoc.sendto(b"denied", (DENIED_PEER_IP, udp_echo.port))
+            await assoc.sendto(b"after", ("127.0.0.1", udp_echo.port))
+            data, _ = await assoc.recvfrom(IO_TIMEOUT)
+            return data
+
+    before = udp_echo.received
+    logged = len(lines_with(front, "UDP_ASSOCIATE")), len(lines_with(inner, "UDP_ASSOCIATE"))
+    assert asyncio.run(run()) == b"after"
+    assert udp_echo.received == before + 1
+    line = next_line(front, "UDP_ASSOCIATE", logged[0])
+    assert "dgrams_up=1 dgrams_down=1 dropped=2(denied=1,header=1)" in line
+    assert "dgrams_up=1 dgrams_down=1 dropped=0" in next_line(inner, "UDP_ASSOCIATE", logged[1])
 
 
 # -- BIND through an upstream --------------------------------------------------------------------
@@ -521,6 +588,7 @@ def bind_through(
 
 
 def test_bind_through_the_upstream(front: ServerProcess, inner: ServerProcess) -> None:
+    logged = len(lines_with(front, "BIND 0.0.0.0:0")), len(lines_with(inner, "BIND 0.0.0.0:0"))
     sock, host, port, peer = bind_through(front, "0.0.0.0")
     with sock, peer:
         assert host == "127.0.0.1" and port not in (front.port, inner.port)  # inner's listener
@@ -534,10 +602,10 @@ def test_bind_through_the_upstream(front: ServerProcess, inner: ServerProcess) -
         sock.shutdown(socket.SHUT_WR)
         peer.settimeout(IO_TIMEOUT)
         assert recv_until_eof(peer, 30) == b"answer after the peer's EOF"
-    line = last_line(front, "BIND 0.0.0.0:0")
+    line = next_line(front, "BIND 0.0.0.0:0", logged[0])
     assert "rep=0x00" in line and "upstream=inner" in line  # rule 3's (rule 2 names a `to`)
     assert f"-> 127.0.0.1:{peer_port} " in line
-    assert "rep=0x00" in last_line(inner, "BIND 0.0.0.0:0")
+    assert "rep=0x00" in next_line(inner, "BIND 0.0.0.0:0", logged[1])
 
 
 def test_bind_through_dante(front: ServerProcess, dante: tuple[int, Path]) -> None:

@@ -8,6 +8,7 @@ key for fails with 0x01 and an error log line naming the upstream.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import pytest
 from socksd.client import GssapiOptions, Proxy, create_gssapi_connection
 from tests.e2e.support import (
     IO_TIMEOUT,
+    UdpEchoServer,
     access_lines,
     assert_closed,
     random_bytes,
@@ -54,6 +56,11 @@ gssapi_hostname = "{host}"
 proxy = "socks5://127.0.0.1:{inner}"
 gssapi_service = "nokey"
 gssapi_hostname = "{host}"
+
+[[rules]]
+action = "allow"
+commands = ["udp"]
+upstream = "level2"
 
 [[rules]]
 action = "allow"
@@ -141,6 +148,7 @@ def test_gssapi_to_the_upstream(
     assert wait_for(lambda: any(needle in line for line in access_lines(front)), 10)
     line = next(line for line in access_lines(front) if needle in line)
     assert f"upstream={name}" in line and f"up={len(data)} down=64" in line
+    assert wait_for(lambda: any(needle in line for line in access_lines(inner)), 10)
     inner_line = next(line for line in access_lines(inner) if needle in line)
     assert "user=user@KRBTEST.COM" in inner_line
 
@@ -185,3 +193,40 @@ def test_upstream_refusing_the_gssapi_login(
         ok.sendall(b"x")
         ok.shutdown(socket.SHUT_WR)
         assert recv_exact(ok, 64) == hashlib.sha256(b"x").hexdigest().encode()
+
+
+def test_udp_through_a_gssapi_upstream(
+    module_socksd: Callable[..., ServerProcess],
+    realm: TestRealm,
+    inner: ServerProcess,
+    targets: dict[str, EchoServer],
+    tmp_path: Path,
+) -> None:
+    """Each datagram is one RFC 1961 frame on the hop to the upstream (which takes GSSAPI
+    sessions only, and drops a datagram that is not a good frame), plain to the client."""
+    from socksd.client import udp_associate
+
+    udp_echo = UdpEchoServer()
+    try:
+        front = start_front(module_socksd, realm, inner, targets, tmp_path, {})
+        payloads = [random_bytes(n, seed=n) for n in (1, 500, 5000)]
+
+        async def run() -> list[bytes]:
+            got = []
+            async with udp_associate(f"socks5://{front.host}:{front.port}") as assoc:
+                for payload in payloads:
+                    await assoc.sendto(payload, ("127.0.0.1", udp_echo.port))
+                    got.append((await assoc.recvfrom(IO_TIMEOUT))[0])
+            return got
+
+        assert asyncio.run(run()) == payloads
+        needle = "UDP_ASSOCIATE"
+        assert wait_for(lambda: any(needle in line for line in access_lines(inner)), 10)
+        inner_line = next(line for line in access_lines(inner) if needle in line)
+        assert "user=user@KRBTEST.COM" in inner_line
+        assert "dgrams_up=3 dgrams_down=3 dropped=0" in inner_line
+        assert wait_for(lambda: any(needle in line for line in access_lines(front)), 10)
+        front_line = next(line for line in access_lines(front) if needle in line)
+        assert "upstream=level2" in front_line and "dropped=0" in front_line
+    finally:
+        udp_echo.close()

@@ -320,6 +320,12 @@ class UdpAssociation:
 
     async def open(self, local_ip: str) -> Address:
         """Create the client side on ``local_ip`` and the target sides; return the bound address."""
+        bound = await self.open_client_side(local_ip)
+        await self.open_target_sides()
+        return bound
+
+    async def open_client_side(self, local_ip: str) -> Address:
+        """The socket the client sends to, on ``local_ip``; its address."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in local_ip else socket.AF_INET
         transport, _ = await loop.create_datagram_endpoint(
@@ -327,6 +333,12 @@ class UdpAssociation:
         )
         self.client_transport = transport
         _tune(transport)
+        host, port = transport.get_extra_info("sockname")[:2]
+        return Address.of(host, port)
+
+    async def open_target_sides(self) -> None:
+        """The sockets datagrams to targets leave from, one per address family."""
+        loop = asyncio.get_running_loop()
         for fam in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock = _wildcard_socket(fam)
@@ -341,8 +353,6 @@ class UdpAssociation:
                 raise
             _tune(side_transport)
             self.target_sides[fam] = side
-        host, port = transport.get_extra_info("sockname")[:2]
-        return Address.of(host, port)
 
     def start(self, control: asyncio.Transport, client_eof: bool) -> None:
         """Relay from now on; the association lives as long as ``control`` (and its idle timer)."""

@@ -30,10 +30,9 @@ Failures (:class:`UpstreamFailure` carries the reply code for the client):
 | no reply in time once connected (the upstream, or its    | 0x06                    |
 |   connection to the target, is slow)                     |                         |
 
-BIND goes through an upstream too (``socksd.server.commands.bind.bind_through``: the upstream's
-two replies passed on, :func:`second_reply` waits for the second). UDP ASSOCIATE does not: such a
-request that an upstream rule matches is answered 0x07 (``COMMAND_NOT_SUPPORTED``) by the session,
-never served directly behind the admin's back; a rule with ``upstream = "direct"`` serves it.
+BIND and UDP ASSOCIATE go through an upstream too: ``socksd.server.commands.bind.bind_through``
+(the upstream's two replies passed on; :func:`second_reply` waits for the second) and
+``socksd.server.commands.udp_upstream`` (datagrams relayed through the upstream's association).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from socksd.protocol import (
 from socksd.server.commands.base import CommandSession, Handover
 from socksd.server.commands.bind import bind
 from socksd.server.commands.connect import connect
-from socksd.server.commands.udp import udp_associate
+from socksd.server.commands.udp_upstream import udp_command
 from socksd.server.commands.upstream import Upstream, UpstreamFailure
 from socksd.server.dataplane.relay import Holding, Relay
 from socksd.server.dataplane.terms import RelayTerms, make_relay, relay_terms
@@ -69,7 +69,7 @@ CommandHandler = Callable[[CommandSession, Address], Coroutine[Any, Any, None]]
 COMMANDS: dict[Command, CommandHandler] = {
     Command.CONNECT: connect,
     Command.BIND: bind,
-    Command.UDP_ASSOCIATE: udp_associate,
+    Command.UDP_ASSOCIATE: udp_command,
 }
 """The handler coroutine of each command (a command missing here, or not in the ``commands``
 setting, is answered with 0x07)."""
@@ -261,13 +261,6 @@ class Session(asyncio.Protocol):
         refusal = self.admission.authorize(self.ctx.rules, record.user, request)
         if refusal is not None:
             self.refuse(refusal)
-            return
-        if self.admission.upstream is not None and request.command == Command.UDP_ASSOCIATE:
-            record.upstream = self.admission.upstream
-            self.fail(
-                ReplyCode.COMMAND_NOT_SUPPORTED,
-                f"{request.command.name} through upstream {self.admission.upstream} not supported",
-            )
             return
         self.task = asyncio.get_running_loop().create_task(handler(self, request.address))
 
