@@ -140,12 +140,12 @@ clientmethod: none
 }}
 socks pass {{
   from: 127.0.0.0/8 to: 0.0.0.0/0
-  command: connect bind
+  command: connect bind udpassociate
   log: connect disconnect error
 }}
 socks pass {{
-  from: 127.0.0.0/8 to: 0.0.0.0/0
-  command: bindreply
+  from: 0.0.0.0/0 to: 127.0.0.0/8
+  command: bindreply udpreply
   log: connect disconnect error
 }}
 """
@@ -545,6 +545,35 @@ def test_udp_through_the_upstream(
     assert f"up={total} down={total}" in line
     inner_line = next_line(inner, "UDP_ASSOCIATE", logged[1])
     assert f"user={USER}" in inner_line and "dgrams_up=4 dgrams_down=4" in inner_line
+
+
+def test_udp_through_dante(
+    socksd: Callable[..., ServerProcess],
+    dante: tuple[int, Path],
+    udp_echo: UdpEchoServer,
+    tmp_path: Path,
+) -> None:
+    from socksd.client import udp_associate
+
+    conf = tmp_path / "front.toml"
+    conf.write_text(
+        f'upstream = "dante"\n[upstreams.dante]\nproxy = "socks5://127.0.0.1:{dante[0]}"\n'
+    )
+    front = socksd("--config", str(conf), "--listen", "127.0.0.1:0")
+    payloads = [random_bytes(n, seed=n + 5) for n in (10, 1000, 4000)]
+
+    async def run() -> list[bytes]:
+        got = []
+        async with udp_associate(f"socks5://{front.host}:{front.port}") as assoc:
+            for payload in payloads:
+                await assoc.sendto(payload, ("127.0.0.1", udp_echo.port))
+                got.append((await assoc.recvfrom(IO_TIMEOUT))[0])
+        return got
+
+    assert asyncio.run(run()) == payloads
+    line = last_line(front, "UDP_ASSOCIATE")
+    assert "upstream=dante" in line and "dgrams_up=3 dgrams_down=3 dropped=0" in line
+    assert "udpassociate" in dante[1].read_text(errors="replace")
 
 
 def test_udp_destinations_are_checked_by_the_front(
