@@ -3,7 +3,8 @@ Kerberos (a real KDC on loopback, tests/krb5.py) at protection levels 1 and 2.
 
 A tap between the two proves what the hop carries (the marker in clear at level 1, never at
 level 2); a GSSAPI client of the front makes both hops encapsulated; a service the upstream has no
-key for fails with 0x01 and an error log line naming the upstream.
+key for fails with 0x01 and an error log line naming the upstream; UDP through the GSSAPI
+upstream; and Dante's sockd (its GSSAPI build, fixtures from test_dante_gssapi.py) as the upstream.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from socksd.client import GssapiOptions, Proxy, create_gssapi_connection
+from tests.e2e import test_dante_gssapi
 from tests.e2e.support import (
     IO_TIMEOUT,
     UdpEchoServer,
@@ -35,6 +37,10 @@ from tests.krb5 import HOST, TestRealm
 from tests.servers import EchoServer, ServerProcess
 
 MARKER = b"<<upstream gssapi plain text marker 0123456789>>"
+
+dante = test_dante_gssapi.dante
+sockd = test_dante_gssapi.sockd
+"""Fixtures: Dante's GSSAPI build (skips when not built) and its server requiring GSSAPI."""
 
 FRONT_CONF = """\
 methods = ["gssapi", "none"]
@@ -230,3 +236,38 @@ def test_udp_through_a_gssapi_upstream(
         assert "upstream=level2" in front_line and "dropped=0" in front_line
     finally:
         udp_echo.close()
+
+
+# -- socksd -> Dante's sockd with GSSAPI -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_gssapi_upstream_dante(
+    socksd: Callable[..., ServerProcess],
+    realm: TestRealm,
+    sockd: int,
+    tmp_path: Path,
+    level: int,
+) -> None:
+    """Dante's server (the GSSAPI build, test_dante_gssapi.py) as the upstream."""
+    target = EchoServer(mode="halfclose")
+    tap = Tap(sockd)
+    try:
+        conf = tmp_path / "front.toml"
+        conf.write_text(
+            'upstream = "dante"\n[upstreams.dante]\n'
+            f'proxy = "socks5://127.0.0.1:{tap.port}"\ngssapi_service = "rcmd"\n'
+            f'gssapi_hostname = "{HOST}"\ngssapi_level = {level}\n'
+        )
+        front = socksd("--config", str(conf), "--listen", "127.0.0.1:0", env=realm.env)
+        data = random_bytes(200_000, seed=60 + level) + MARKER
+        with socks_open(front, "127.0.0.1", target.port) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            answer = recv_until_eof(sock, 30)
+        assert answer == hashlib.sha256(data).hexdigest().encode()
+        tap.close()
+        assert (MARKER in tap.up) is (level == 1)
+    finally:
+        target.close()
+        tap.close()
