@@ -39,6 +39,7 @@ from tests.e2e.support import (
     read_reply,
     recv_exact,
     recv_until_eof,
+    request,
     socks_open,
     socks_request,
     socksd_cli,
@@ -332,6 +333,25 @@ def test_a_name_is_resolved_by_the_upstream(
     # the inner socksd got the name, not an address: the front did not resolve it
     assert "rep=0x00" in last_line(inner, f"CONNECT localhost:{echo.port}")
     assert "upstream=inner" in last_line(front, f"CONNECT localhost:{echo.port}")
+
+
+def test_banner_and_pipelined_data_through_the_chain(front: ServerProcess) -> None:
+    """A target that speaks first: its banner comes after the reply (the upstream may send
+    both in one segment: what follows the reply is held for the relay), once, then the echo.
+    The client's request and first data go in one write (pipelined)."""
+    banner = b"220 banner from the target\r\n"
+    target = EchoServer(banner=banner)
+    try:
+        sock = socket.create_connection((front.host, front.port), timeout=IO_TIMEOUT)
+        with sock:
+            sock.sendall(b"\x05\x01\x00" + request("127.0.0.1", target.port) + b"early bytes")
+            assert recv_exact(sock, 2) == b"\x05\x00"
+            raw, _, _ = read_reply(sock)
+            assert raw[1] == 0
+            assert recv_exact(sock, len(banner) + 11) == banner + b"early bytes"
+            echo_roundtrip(sock, b"then the echo")
+    finally:
+        target.close()
 
 
 @pytest.mark.parametrize("size", [0, 1, 300_000], ids=["empty", "one-byte", "300k"])

@@ -48,7 +48,7 @@ from socksd.client.errors import AuthenticationError, ProxyError, ReplyError, pr
 from socksd.client.gssapi import EncapsulatingTransport
 from socksd.client.handshake import ClientHandshake, client_handshake
 from socksd.protocol import Address, Command, GssapiEncapsulation, GssapiError, ReplyCode
-from socksd.server.dataplane.relay import Holding
+from socksd.server.dataplane.relay import HOLD_LIMIT, Holding
 
 if TYPE_CHECKING:
     from socksd.client.proxy import Proxy
@@ -117,11 +117,11 @@ class UpstreamHolding(Holding):
                 raise self.exc
             return b""
         data = b"".join(self.chunks)
-        paused = self.transport is not None and not self.transport.is_reading()
+        paused = self.size >= HOLD_LIMIT  # Holding paused reading
         self.chunks.clear()
         self.size = 0
-        if paused and not self.lost and not self.eof:
-            self.transport.resume_reading()  # type: ignore[union-attr]
+        if paused and self.transport is not None and not self.eof:
+            self.transport.resume_reading()
         return data
 
     def write(self, data: bytes) -> None:
