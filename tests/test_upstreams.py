@@ -35,6 +35,22 @@ def test_flag_overrides_the_global_upstream() -> None:
     assert config.upstream is None and config.rules.upstream is None
 
 
+def test_upstream_flag() -> None:
+    from socksd.cli import config_from_args, make_parser
+
+    args = make_parser().parse_args(["serve", "--upstream", "direct"])
+    assert config_from_args(args).upstream is None
+    args = make_parser().parse_args(["serve", "--upstream", "corp"])
+    with pytest.raises(ConfigError, match=r"upstream: 'corp' is not in \[upstreams\]"):
+        config_from_args(args)
+
+
+def test_ipv6_and_default_port() -> None:
+    config = build_config({"upstreams": {"v6": {"proxy": "socks5://[2001:db8::1]"}}}, {})
+    spec = config.upstreams["v6"]
+    assert (spec.host, spec.port, spec.where) == ("2001:db8::1", 1080, "[2001:db8::1]:1080")
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,7 @@ from tests.e2e.support import (
     USER,
     ReverseHalfCloseServer,
     SilentServer,
+    SourceServer,
     UdpEchoServer,
     access_lines,
     assert_closed,
@@ -715,6 +717,48 @@ def test_check_config_shows_upstreams_and_routes(tmp_path: Path) -> None:
     result = socksd_cli("check-config", str(conf))
     assert result.returncode != 0
     assert "rule 1.upstream: 'crop' is not in [upstreams] (known: corp, direct)" in result.stderr
+
+
+# -- the session's limits hold through an upstream ---------------------------------------------
+
+
+def test_rule_idle_timeout_and_bandwidth_hold_through_the_upstream(
+    socksd: Callable[..., ServerProcess],
+    inner: ServerProcess,
+    users_file: Path,
+    tmp_path: Path,
+) -> None:
+    """The relay is the one every session gets: a rule's idle_timeout closes an idle session
+    and the user's [bandwidth] paces a transfer (checked from below only: 3x the rate takes at
+    least 2 s), through the upstream as directly."""
+    rate = 200_000
+    data = random_bytes(3 * rate, seed=75)
+    source = SourceServer(data)
+    idle = EchoServer()
+    (tmp_path / "inner.pass").write_text(PASSWORD + "\n")
+    conf = tmp_path / "front.toml"
+    conf.write_text(
+        f'users = "{users_file}"\nupstream = "inner"\n'
+        f'[upstreams.inner]\nproxy = "socks5://{USER}@127.0.0.1:{inner.port}"\n'
+        'password_file = "inner.pass"\n'
+        f"[bandwidth]\n{USER} = {rate}\n"
+        f'[[rules]]\naction = "allow"\nports = [{idle.port}]\nidle_timeout = 1\n'
+    )
+    front = socksd("--config", str(conf), "--listen", "127.0.0.1:0")
+    try:
+        with socks_open(front, "127.0.0.1", source.port, user=USER, password=PASSWORD) as sock:
+            start = time.monotonic()
+            assert recv_until_eof(sock, 30) == data
+            assert time.monotonic() - start >= 2.0
+        with socks_open(front, "127.0.0.1", idle.port, user=USER, password=PASSWORD) as sock:
+            echo_roundtrip(sock, b"then nothing")
+            assert recv_until_eof(sock, 10) == b""  # closed by the front, not by the test
+        line = last_line(front, f"CONNECT 127.0.0.1:{idle.port}")
+        assert "upstream=inner" in line and "idle for 1s" in line
+        assert "upstream=inner" in last_line(front, f"CONNECT 127.0.0.1:{source.port}")
+    finally:
+        source.close()
+        idle.close()
 
 
 # -- reload --------------------------------------------------------------------------------------
