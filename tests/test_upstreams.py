@@ -121,6 +121,22 @@ def test_errors_name_the_key(values: dict[str, Any], message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("listen", "proxy"),
+    [
+        ("127.0.0.1:1080", "socks5://127.0.0.1:1080"),
+        ("0.0.0.0:1080", "socks5://localhost:1080"),
+        ("[::]:1080", "socks5://[::1]:1080"),
+    ],
+)
+def test_an_upstream_that_is_this_server_is_refused(listen: str, proxy: str) -> None:
+    values = {"listen": [listen], "allow_open": True, "upstreams": {"me": {"proxy": proxy}}}
+    with pytest.raises(ConfigError, match=r"upstreams\.me\.proxy: .* this server's own listen"):
+        build_config(values, {})
+    values["upstreams"] = {"me": {"proxy": proxy.replace("1080", "1081")}}
+    build_config(values, {})
+
+
 def test_password_from_a_file_relative_to_the_config(tmp_path: Path) -> None:
     (tmp_path / "corp.pass").write_text("pa ss\nignored second line\n")
     conf = tmp_path / "socksd.toml"

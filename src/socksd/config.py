@@ -25,7 +25,7 @@ from socksd.rules import (
     parse_groups,
     parse_ruleset,
 )
-from socksd.upstreams import UpstreamError, UpstreamSpec, parse_upstreams
+from socksd.upstreams import UpstreamError, UpstreamSpec, check_not_self, parse_upstreams
 
 DEFAULT_LISTEN = "127.0.0.1:1080"
 
@@ -451,6 +451,10 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
     check_methods(config)
     check_safety(config)
     check_auth_delay(config)
+    try:
+        check_not_self(config.upstreams, ((a.host, a.port) for a in config.listen))
+    except UpstreamError as e:
+        raise ConfigError(str(e)) from None
     return config
 
 

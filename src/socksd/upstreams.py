@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,14 +196,20 @@ def parse_upstream(name: Any, raw: Any) -> UpstreamSpec:
     )
 
 
-def check_name(value: Any, known: Mapping[str, object], where: str) -> str | None:
-    """An upstream name used by ``where`` (``upstream``, ``rule 3.upstream``): the name, or None
-    for ``"direct"``; UpstreamError for a name not in ``[upstreams]``."""
-    if not isinstance(value, str) or not value:
-        raise UpstreamError(f'{where}: expected the name of an [upstreams] entry or "{DIRECT}"')
-    if value == DIRECT:
-        return None
-    if value not in known:
-        names = ", ".join([*known, DIRECT])
-        raise UpstreamError(f"{where}: {value!r} is not in [upstreams] (known: {names})")
-    return value
+_WILDCARDS = ("0.0.0.0", "::")
+_LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def check_not_self(
+    upstreams: Mapping[str, UpstreamSpec], listen: Iterable[tuple[str, int]]
+) -> None:
+    """An upstream must not be this server's own listen address: every request through it would
+    come back as a new request, and again (UpstreamError naming the entry)."""
+    for spec in upstreams.values():
+        for host, port in listen:
+            same_host = spec.host == host or (host in _WILDCARDS and spec.host in _LOCAL_NAMES)
+            if port and spec.port == port and same_host:
+                raise UpstreamError(
+                    f"upstreams.{spec.name}.proxy: {spec.where} is this server's own listen "
+                    "address; requests through it would loop back into socksd"
+                )
