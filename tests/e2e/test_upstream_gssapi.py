@@ -25,6 +25,7 @@ from tests.e2e.support import (
     access_lines,
     assert_closed,
     random_bytes,
+    read_reply,
     recv_exact,
     recv_until_eof,
     socks_open,
@@ -65,7 +66,7 @@ gssapi_hostname = "{host}"
 
 [[rules]]
 action = "allow"
-commands = ["udp"]
+commands = ["bind", "udp"]
 upstream = "level2"
 
 [[rules]]
@@ -236,6 +237,33 @@ def test_udp_through_a_gssapi_upstream(
         assert "upstream=level2" in front_line and "dropped=0" in front_line
     finally:
         udp_echo.close()
+
+
+def test_bind_through_a_gssapi_upstream(
+    module_socksd: Callable[..., ServerProcess],
+    realm: TestRealm,
+    inner: ServerProcess,
+    targets: dict[str, EchoServer],
+    tmp_path: Path,
+) -> None:
+    """Both BIND replies come encapsulated from the upstream; then the relay unwraps."""
+    front = start_front(module_socksd, realm, inner, targets, tmp_path, {})
+    sock, raw, host, port = socks_request(front, "0.0.0.0", 0, cmd=2)
+    with sock, socket.create_connection((host, port), timeout=IO_TIMEOUT) as peer:
+        assert raw[1] == 0
+        raw2, peer_host, peer_port = read_reply(sock)
+        assert raw2[1] == 0 and (peer_host, peer_port) == peer.getsockname()[:2]
+        data = random_bytes(100_000, seed=91)
+        peer.sendall(data)
+        peer.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock, 30) == data
+        sock.sendall(b"back to the peer")
+        sock.shutdown(socket.SHUT_WR)
+        peer.settimeout(IO_TIMEOUT)
+        assert recv_until_eof(peer, 30) == b"back to the peer"
+    assert wait_for(lambda: any(" BIND " in line for line in access_lines(front)), 10)
+    line = next(line for line in access_lines(front) if " BIND " in line)
+    assert "upstream=level2" in line and "rep=0x00" in line
 
 
 # -- socksd -> Dante's sockd with GSSAPI -----------------------------------------------------------
