@@ -26,7 +26,6 @@ association; ``remote`` in the access log is the upstream's relay address.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import time
 from functools import partial
@@ -61,8 +60,6 @@ if TYPE_CHECKING:
     from socksd.server.commands.base import CommandSession
     from socksd.server.commands.upstream import Upstream, UpstreamHolding
 
-log = logging.getLogger("socksd.udp")
-
 
 async def udp_command(session: CommandSession, address: Address) -> None:
     """Carry out one UDP ASSOCIATE request: here, or through the upstream its rule names."""
@@ -85,6 +82,7 @@ class UpstreamSide(TargetSide):
     ) -> None:
         super().__init__(association)
         self.codec = codec
+        self.to_client = association.to_client
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         a = self.association
@@ -111,8 +109,7 @@ class UpstreamSide(TargetSide):
         ):
             a.drop("bandwidth")
             return
-        assert isinstance(a, UpstreamUdpAssociation)
-        a.to_client.deliver(a, data[:end], payload)
+        self.to_client.deliver(a, data[:end], payload)
 
 
 class _UpstreamControl(UdpControl):
