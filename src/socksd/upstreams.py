@@ -104,6 +104,13 @@ class UpstreamSpec:
                 )
         gssapi = None
         if self.gssapi_service is not None:
+            try:
+                import socksd.auth.gssapi  # noqa: F401 (here, not at each request)
+            except ImportError as e:
+                raise UpstreamError(
+                    f"upstreams.{self.name}.gssapi_service: GSSAPI needs the Python package "
+                    f"'gssapi' ({e}): pip install 'socksd[gssapi]'"
+                ) from None
             gssapi = GssapiOptions(
                 service=self.gssapi_service, hostname=self.gssapi_hostname, level=self.gssapi_level
             )

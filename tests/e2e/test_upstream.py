@@ -518,8 +518,10 @@ def test_wrong_upstream_password_is_general_failure_and_logged(
     front: ServerProcess, inner: ServerProcess
 ) -> None:
     assert reply_code(front, WRONG_PW_IP, 80) == 0x01
-    text = wait_for_log(front, "refused socksd's login")
-    assert re.search(r"ERROR.*upstream wrongpw \(127\.0\.0\.1:\d+\) refused socksd's login", text)
+    text = wait_for_log(front, "login to upstream")
+    assert re.search(
+        r"ERROR.*login to upstream wrongpw \(127\.0\.0\.1:\d+\) failed: proxy rejected", text
+    )
     assert "not-" + PASSWORD not in text and PASSWORD not in text  # never logged
     assert "authentication failed" in wait_for_log(inner, "authentication failed")
 

@@ -298,7 +298,7 @@ def _failure(
     if isinstance(e, ReplyError):
         return UpstreamFailure(e.reply, f"{upstream} replied {e.reply.value:#04x}")
     if isinstance(e, AuthenticationError):
-        log.error("%s refused socksd's login: %s", upstream, e)
+        log.error("login to %s failed: %s", upstream, e)
         return UpstreamFailure(ReplyCode.GENERAL_FAILURE, f"{upstream}: login failed: {e}")
     if isinstance(e, TimeoutError):
         if connected:
