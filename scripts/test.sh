@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs, then run lint, types and the tests.
-# System packages: curl, iproute2 (ip, for the network-namespace tests), ncat, htpasswd
+# System packages: curl, iproute2 (ip, for the network-namespace tests), HAProxy (the PROXY
+# protocol tests put socksd nodes behind it), ncat, htpasswd
 # (apache2-utils), Dante (server and socksify client), gcc
 # (it builds the small C programs socksify runs), and MIT Kerberos for the GSSAPI tests (a KDC and
 # its admin tools for k5test's throwaway realm, kinit, and libkrb5-dev with a C compiler, which the
@@ -13,6 +14,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v curl >/dev/null || need+=(curl)
 command -v ip >/dev/null || need+=(iproute2)  # network namespaces for the remote-client tests
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)  # PROXY protocol tests
 command -v ncat >/dev/null || need+=(ncat)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v socksify >/dev/null || need+=(dante-client)

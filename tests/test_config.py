@@ -119,7 +119,7 @@ def test_bind_udp_defaults() -> None:
     assert config.commands == (Command.CONNECT, Command.BIND, Command.UDP_ASSOCIATE)
     assert config.bind_timeout == 60.0
     assert config.udp_idle_timeout == 300.0
-    assert config.external_address is None
+    assert config.advertise is None
 
 
 @pytest.mark.parametrize(
@@ -160,8 +160,8 @@ def test_bind_udp_errors_name_the_key(values: dict[str, object], message: str) -
 
 
 def test_external_address_normalized() -> None:
-    assert build_config({"external_address": "[2001:DB8::1]"}, {}).external_address == "2001:db8::1"
-    assert build_config({"external_address": ""}, {}).external_address is None
+    assert build_config({"external_address": "[2001:DB8::1]"}, {}).advertise == "2001:db8::1"
+    assert build_config({"external_address": ""}, {}).advertise is None
 
 
 def test_bind_udp_flags_mirror_keys() -> None:
@@ -184,7 +184,7 @@ def test_bind_udp_flags_mirror_keys() -> None:
     assert config.commands == (1, 3)
     assert config.bind_timeout == 5.0
     assert config.udp_idle_timeout == 0.0
-    assert config.external_address == "192.0.2.1"
+    assert config.advertise == "192.0.2.1"
 
 
 # -- authentication methods and GSSAPI keys ----------------------------------------------------

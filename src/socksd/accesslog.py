@@ -61,6 +61,8 @@ class SessionRecord:
     rule: str | None = None
     """What decided an access rule check: a rule number, ``default`` or ``protect_local``."""
     udp: UdpStats | None = None
+    via: str | None = None
+    """The load balancer's HOST:PORT when the client came through one (PROXY protocol)."""
     upstream: str | None = None
     """The ``[upstreams]`` name the request went through (``remote`` is then that proxy)."""
 
@@ -81,6 +83,8 @@ class SessionRecord:
         }
         if self.udp is not None:
             fields["udp"] = self.udp.as_dict()
+        if self.via is not None:
+            fields["via"] = self.via
         if self.upstream is not None:
             fields["upstream"] = self.upstream
         return fields
@@ -113,7 +117,7 @@ def _iso(t: float) -> str:
 
 
 def format_text(record: SessionRecord, ended: float) -> str:
-    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [UDP] [rule=R]
+    """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [UDP] [rule=R] [via=LB]
     [upstream=NAME] [error=E]``.
 
     ``UDP`` (UDP associations only) is ``dgrams_up=N dgrams_down=N dropped=N[(reason=N,...)]``.
@@ -132,6 +136,8 @@ def format_text(record: SessionRecord, ended: float) -> str:
         line += " " + record.udp.format_text()
     if record.rule:
         line += f" rule={record.rule}"
+    if record.via:
+        line += f" via={record.via}"
     if record.upstream is not None:
         line += f" upstream={_field(record.upstream)}"
     if record.error:

@@ -153,10 +153,18 @@ def _serve_parser(sub: Any) -> None:
         "(default 300; 0: never)",
     )
     p.add_argument(
-        "--external-address",
+        "--advertise",
         metavar="IP",
-        help="address advertised in BIND and UDP ASSOCIATE replies (behind NAT); "
-        "default: the local address used",
+        help="this node's address clients reach, put in BIND and UDP ASSOCIATE replies (behind "
+        "NAT or a load balancer); default: the local address used",
+    )
+    p.add_argument("--external-address", metavar="IP", help="old name of --advertise")
+    p.add_argument(
+        "--proxy-protocol-from",
+        action="append",
+        metavar="CIDR",
+        help="load balancers whose connections start with a PROXY protocol header (v1 or v2), "
+        "required from them and refused from others; repeatable",
     )
     p.add_argument(
         "--loop",
@@ -329,7 +337,9 @@ _SERVE_KEYS = (
     "commands",
     "bind_timeout",
     "udp_idle_timeout",
+    "advertise",
     "external_address",
+    "proxy_protocol_from",
     "upstream",
 )
 
@@ -410,6 +420,13 @@ def check_config_command(args: argparse.Namespace) -> int:
         f"idle_timeout={config.idle_timeout:g}s" if config.idle_timeout else "idle_timeout=none",
     ]
     print(f"limits: {' '.join(limits)}")
+    if config.proxy_protocol_from:
+        print(
+            f"proxy_protocol_from: {', '.join(config.proxy_protocol_from)} (a PROXY protocol "
+            "header required from these, refused from others)"
+        )
+    if config.advertise:
+        print(f"advertise: {config.advertise} (BND.ADDR of BIND and UDP ASSOCIATE replies)")
     for user, rate in config.bandwidth.items():
         print(f"bandwidth: {user} {rate} bytes/s each way" if rate else f"bandwidth: {user} none")
     for name, members in config.groups.items():

@@ -122,7 +122,11 @@ class Config:
     commands: tuple[Command, ...] = tuple(COMMAND_NAMES.values())
     bind_timeout: float = 60.0
     udp_idle_timeout: float = 300.0
-    external_address: str | None = None
+    advertise: str | None = None
+    """The address put in BND.ADDR of BIND and UDP ASSOCIATE replies (``external_address`` is
+    its old name, still accepted)."""
+    proxy_protocol_from: tuple[str, ...] = ()
+    """Networks (CIDR) whose connections must start with a PROXY protocol header."""
     methods: tuple[str, ...] = ()
     gssapi_keytab: Path | None = None
     gssapi_service: str | None = None
@@ -166,6 +170,9 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+ALIASES = {"external_address": "advertise"}
+"""Old key names still accepted, and the key each now is."""
+
 
 def _number(key: str, value: Any, *, minimum: float = 0.0, integer: bool = False) -> float:
     kind = "a whole number" if integer else "a number"
@@ -182,8 +189,10 @@ def _convert(key: str, value: Any) -> Any:
     """Check one key's value and turn it into the Config field's type."""
     if key == "commands":
         return _commands(value)
-    if key == "external_address":
-        return _external_address(value)
+    if key == "advertise":
+        return _advertise(value)
+    if key == "proxy_protocol_from":
+        return _proxy_protocol_from(value)
     converter = _CONVERTERS.get(key)
     if converter is not None:
         return converter(value)
@@ -348,10 +357,10 @@ def _commands(value: Any) -> tuple[Command, ...]:
     return tuple(commands)
 
 
-def _external_address(value: Any) -> str | None:
+def _advertise(value: Any) -> str | None:
     if value is None or value == "":
         return None
-    hint = "external_address: expected the IP address clients should use to reach this server"
+    hint = "advertise: expected the IP address clients should use to reach this server"
     if not isinstance(value, str):
         raise ConfigError(hint)
     try:
@@ -361,6 +370,31 @@ def _external_address(value: Any) -> str | None:
     if ip.is_unspecified or ip.is_multicast:
         raise ConfigError(f"{hint}, got {value!r}, which no client can reach")
     return str(ip)
+
+
+def _proxy_protocol_from(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(
+            'proxy_protocol_from: expected a list of networks, e.g. ["10.0.0.0/24", "127.0.0.1"]'
+        )
+    networks: list[str] = []
+    for item in items:
+        try:
+            network = ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"proxy_protocol_from: {item!r} is not an address or network (CIDR such as "
+                "10.0.0.0/24): give the load balancers' addresses"
+            ) from None
+        if network.prefixlen == 0:
+            raise ConfigError(
+                f"proxy_protocol_from: {item!r} is every address: anyone could claim any client "
+                "address; list the load balancers"
+            )
+        if str(network) not in networks:
+            networks.append(str(network))
+    return tuple(networks)
 
 
 def _methods(value: Any) -> tuple[str, ...]:
@@ -432,14 +466,28 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
     """Merge the file's values with command-line overrides (which win) and validate them all."""
     merged: dict[str, Any] = {}
     for source in (file_values, overrides):
+        renamed: set[str] = set()
         for key, value in source.items():
             if value is None and source is overrides:
                 continue
-            name = key.replace("-", "_")
+            name = ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+            if name in renamed:
+                old = next(k for k, v in ALIASES.items() if v == name)
+                raise ConfigError(f"{name}: given twice (as {name} and {old}); keep {name} only")
+            renamed.add(name)
             if name not in _FIELDS:
                 known = ", ".join(sorted(_FIELDS))
                 raise ConfigError(f"unknown key {key!r}; known keys: {known}")
-            merged[name] = _convert(name, value)
+            try:
+                merged[name] = _convert(name, value)
+            except ConfigError as e:
+                given = key.replace("-", "_")
+                if given == name:
+                    raise
+                reason = str(e).removeprefix(f"{name}: ")
+                raise ConfigError(
+                    f"{given}: {reason} ({given} is the old name of {name})"
+                ) from None
     _compile_access(merged)
     config = Config(**merged)
     if "max_sessions" not in merged:  # the default, lowered to what the open-files limit holds

@@ -12,6 +12,7 @@ object that does.
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -55,6 +56,11 @@ class CommandSession(Protocol):
     @property
     def client(self) -> asyncio.Transport:
         """The client's connection; reading is paused while the command runs."""
+
+    @property
+    def client_host(self) -> str:
+        """The client's IP address: the connection's peer, or behind a load balancer the
+        source its PROXY protocol header named (UDP datagrams come from there)."""
 
     @property
     def config(self) -> Config:
@@ -111,3 +117,22 @@ class CommandSession(Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The client's connection is gone (forwarded by a command's own protocol)."""
+
+
+def bind_address(advertise: str | None, local_ip: str) -> str:
+    """Where a BIND listener or a UDP ASSOCIATE client socket is bound: the advertised address
+    when it is this host's own (a fleet node whose public address is not the one its load
+    balancer connects to), else ``local_ip`` (``advertise`` behind NAT: the port is forwarded).
+
+    Whether it is this host's is asked of the kernel each time (a bind on port 0), so an
+    address added or removed later counts at once.
+    """
+    if advertise is None or advertise == local_ip:
+        return local_ip
+    family = socket.AF_INET6 if ":" in advertise else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((advertise, 0))
+    except OSError:
+        return local_ip
+    return advertise

@@ -5,8 +5,9 @@
    address of a UDP socket connected to it (``connect`` on a UDP socket sends nothing, it only asks
    the kernel for the route); for an unspecified DST, the address the control connection arrived
    on. A listening socket is bound there on a free port.
-2. First reply: BND.ADDR/BND.PORT of that listener (``external_address`` instead of the local
-   address when set: a server behind NAT with the port forwarded).
+2. First reply: BND.ADDR/BND.PORT of that listener. With ``advertise`` set, that address
+   instead; the listener is then bound on it when it is this host's own (a node behind a load
+   balancer), else on the local address (NAT, the port forwarded).
 3. Wait, at most ``bind_timeout`` seconds, for a connection from the expected peer. A connection
    from another host is closed and logged, and the wait goes on until the deadline. Timeout:
    reply 0x06 and close.
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from socksd.protocol import Address, AddressType, BindPeerFilter, Command, ReplyCode
 from socksd.protocol.udp import is_unspecified
+from socksd.server.commands.base import bind_address
 from socksd.server.commands.connect import open_to_upstream
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.commands.upstream import UpstreamFailure, open_upstream, second_reply
@@ -164,7 +166,7 @@ async def bind_here(session: CommandSession, address: Address) -> None:
             if route_ip is not None
             else str(transport.get_extra_info("sockname")[0])
         )
-        listener = open_listener(local_ip)
+        listener = open_listener(bind_address(config.advertise, local_ip))
     except asyncio.CancelledError:
         raise
     except Exception as e:  # every failure is a reply code, never a crash
@@ -173,7 +175,7 @@ async def bind_here(session: CommandSession, address: Address) -> None:
     accepted: socket.socket | None = None
     try:
         port = listener.getsockname()[1]
-        advertised = Address.of(config.external_address or local_ip, port)
+        advertised = Address.of(config.advertise or local_ip, port)
         session.reply(ReplyCode.SUCCEEDED, advertised)
         BindControl(session).watch(transport)
         try:

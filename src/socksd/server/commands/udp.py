@@ -4,7 +4,9 @@ Sockets of one association (:class:`UdpAssociation`), none shared with another a
 
 * the client side: bound on the local address the TCP control connection arrived on (never the
   wildcard, so BND.ADDR is an address the client can send to) and a free port; its address is the
-  reply's BND.ADDR/BND.PORT (``external_address`` instead of the local address when set);
+  reply's BND.ADDR/BND.PORT. With ``advertise`` set, that address is in the reply instead, and
+  the socket is bound on it when it is this host's own (a node behind a load balancer: the
+  client sends its datagrams to the node directly), else on the local address (NAT);
 * one target side per address family (IPv4, and IPv6 when the host has it), bound to the
   wildcard address: what targets send back arrives there, apart from the client's traffic, so a
   datagram on the client side is either the client's or dropped.
@@ -68,6 +70,7 @@ from socksd.protocol import (
     udp_header_length,
     udp_reply_header,
 )
+from socksd.server.commands.base import bind_address
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.dataplane.idle import IdleWatch
 
@@ -582,12 +585,11 @@ async def udp_associate(session: CommandSession, address: Address) -> None:
     config = session.config
     control = session.client
     local_ip = str(control.get_extra_info("sockname")[0])
-    client_ip = str(control.get_extra_info("peername")[0])
     association = UdpAssociation(
-        session, UdpClientFilter(client_ip, address), session.terms(), session.codec
+        session, UdpClientFilter(session.client_host, address), session.terms(), session.codec
     )
     try:
-        bound = await association.open(local_ip)
+        bound = await association.open(bind_address(config.advertise, local_ip))
     except asyncio.CancelledError:
         association.close_sockets()
         raise
@@ -598,9 +600,7 @@ async def udp_associate(session: CommandSession, address: Address) -> None:
     if session.closed:
         association.close_sockets()
         return
-    advertised = (
-        Address.of(config.external_address, bound.port) if config.external_address else bound
-    )
+    advertised = Address.of(config.advertise, bound.port) if config.advertise else bound
     session.record.remote = str(bound)
     session.reply(ReplyCode.SUCCEEDED, advertised)
     session.hand_over(association)

@@ -45,6 +45,7 @@ from socksd.protocol import (
     parse_address,
     udp_header_length,
 )
+from socksd.server.commands.base import bind_address
 from socksd.server.commands.connect import open_to_upstream
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.commands.udp import (
@@ -215,13 +216,12 @@ async def udp_through(session: CommandSession, upstream: Upstream, address: Addr
     config = session.config
     control = session.client
     local_ip = str(control.get_extra_info("sockname")[0])
-    client_ip = str(control.get_extra_info("peername")[0])
     association = UpstreamUdpAssociation(
-        session, UdpClientFilter(client_ip, address), session.codec
+        session, UdpClientFilter(session.client_host, address), session.codec
     )
     held: UpstreamHolding | None = None
     try:
-        bound = await association.open_client_side(local_ip)
+        bound = await association.open_client_side(bind_address(config.advertise, local_ip))
         connector = partial(open_to_upstream, session, upstream.proxy)
         held, hs, _ = await open_upstream(
             upstream,
@@ -255,9 +255,7 @@ async def udp_through(session: CommandSession, upstream: Upstream, address: Addr
         if not session.closed:
             session.fail(ReplyCode.GENERAL_FAILURE, f"{upstream} ended the UDP association")
         return
-    advertised_bound = (
-        Address.of(config.external_address, bound.port) if config.external_address else bound
-    )
+    advertised_bound = Address.of(config.advertise, bound.port) if config.advertise else bound
     session.record.remote = format_hostport(relay_host, relay_port)
     session.reply(ReplyCode.SUCCEEDED, advertised_bound)
     session.hand_over(association)

@@ -1,9 +1,11 @@
 """One client connection, from accept to the access-log line.
 
-accept (``admission.admit``) -> greeting -> method selection -> sub-negotiation (username/password
-here, GSSAPI in ``socksd.server.handshake.gssapi``) -> request (``Admission.authorize``) ->
-command (``socksd.server.commands``: ``connect``, ``bind``, ``udp``) -> relay
-(``socksd.server.dataplane``) or UDP association -> access log.
+accept -> PROXY header (only from a load balancer in ``proxy_protocol_from``:
+``socksd.server.handshake.proxied``) -> admission (``admission.admit``, with the real client) ->
+greeting -> method selection -> sub-negotiation (username/password here, GSSAPI in
+``socksd.server.handshake.gssapi``) -> request (``Admission.authorize``) -> command
+(``socksd.server.commands``: ``connect``, ``bind``, ``udp``) -> relay (``socksd.server.dataplane``)
+or UDP association -> access log.
 
 :class:`Session` is the ``asyncio.Protocol`` of the client's connection during the handshake. It
 feeds the bytes to the sans-I/O :class:`~socksd.protocol.ServerConnection` and acts on its events
@@ -44,6 +46,12 @@ from socksd.protocol import (
     UserPassRequest,
     format_hostport,
 )
+from socksd.protocol.proxy_header import (
+    ProxyHeader,
+    ProxyHeaderError,
+    ProxyHeaderReader,
+    looks_like_header,
+)
 from socksd.server.commands.base import CommandSession, Handover
 from socksd.server.commands.bind import bind
 from socksd.server.commands.connect import connect
@@ -53,6 +61,7 @@ from socksd.server.dataplane.relay import Holding, Relay
 from socksd.server.dataplane.terms import RelayTerms, make_relay, relay_terms
 from socksd.server.handshake.admission import Admission, Refusal, admit
 from socksd.server.handshake.gssapi import GssapiHandshake
+from socksd.server.handshake.proxied import client_of
 
 if TYPE_CHECKING:
     from socksd.config import Config
@@ -95,7 +104,8 @@ class Session(asyncio.Protocol):
     transport: asyncio.Transport
     record: SessionRecord
     admission: Admission
-    """Set in ``connection_made`` (a refused connection never gets further)."""
+    """Set at admission (a refused connection never gets further): in ``connection_made``, or
+    after the PROXY header of a connection from a load balancer."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -107,6 +117,15 @@ class Session(asyncio.Protocol):
         self.gssapi: GssapiHandshake | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._finished = False
+        self._admitted = False
+        self.header: ProxyHeaderReader | None = None
+        """Reads the PROXY header of a connection from a load balancer, until it is whole."""
+        self._header_from_untrusted = False
+        self._balancer: tuple[str, int] = ("", 0)
+        self._quiet = False
+        """A connection of the balancer's own (no header yet, or PROXY LOCAL) that has not sent a
+        SOCKS byte: its end is logged at debug level, not in the access log (health checks,
+        several a second)."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -124,21 +143,84 @@ class Session(asyncio.Protocol):
             transport.abort()
             return
         host = str(peer[0]) if isinstance(peer, tuple) else ""
+        if ctx.proxy_from and not host:
+            # Reset before it was accepted (HAProxy ends its health checks with a reset): who
+            # it came from, and so whether a header is due, is not known. Nothing to serve.
+            log.debug("connection reset before it was accepted")
+            self.closed = self._finished = True
+            transport.abort()
+            return
+        if ctx.proxy_from and ctx.proxy_from.trusts(host):
+            # A load balancer: its PROXY header names the client, admitted once it is read.
+            self._balancer = (host, int(peer[1]))
+            self.header = ProxyHeaderReader()
+            self._quiet = True
+            record.via = record.client
+            ctx.sessions.add(self)
+            self._start_timer()
+            return
+        self._admit(host)
+
+    def _admit(self, host: str) -> None:
+        """The accept checkpoint, for the client at ``host`` (``record.client``)."""
+        ctx, record = self.ctx, self.record
         outcome = admit(ctx.rules, ctx.limits, host=host, client=record.client)
         if isinstance(outcome, Refusal):
             self.closed = self._finished = True
-            transport.close()
+            ctx.sessions.discard(self)
+            self.cancel_handshake_timer()
+            self.transport.close()
             if outcome.log_now:
                 record.rule, record.error = outcome.rule, outcome.error
                 ctx.access_log.write(record)
             return
         self.admission = outcome
+        self._admitted = True
         ctx.sessions.add(self)  # (asyncio and uvloop both set TCP_NODELAY on accepted sockets)
+        if self._timer is None:
+            self._start_timer()
+
+    def _start_timer(self) -> None:
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(ctx.config.handshake_timeout, self._handshake_timeout)
+        self._timer = loop.call_later(self.ctx.config.handshake_timeout, self._handshake_timeout)
+
+    def _header_received(self, reader: ProxyHeaderReader, data: bytes) -> None:
+        """Bytes from a load balancer before its PROXY header is whole."""
+        reader.receive_data(data)
+        try:
+            header = reader.next_event()
+        except ProxyHeaderError as e:
+            self._bad_header(str(e))
+            return
+        if not isinstance(header, ProxyHeader):
+            return  # NEED_DATA
+        self.header = None
+        host, port = client_of(header, self._balancer)
+        self.record.client = format_hostport(host, port)
+        # The balancer's own connection (a health check), so far: no client address, or (v1
+        # checks) the connection's own addresses, as the specification asks of checks.
+        self._quiet = header.source is None or (host, port) == self._balancer
+        self._admit(host)
+        rest = reader.trailing_data()
+        if rest and not self.closed:
+            self.data_received(rest)
+
+    def _bad_header(self, error: str) -> None:
+        """A load balancer's connection without a valid PROXY header: counted, logged, closed."""
+        self.ctx.proxy_header_errors += 1
+        self._quiet = False
+        log.warning("closing the connection from %s: %s", self.record.client, error)
+        self.close(f"PROXY protocol: {error}")
 
     def data_received(self, data: bytes) -> None:
+        reader = self.header
+        if reader is not None:
+            self._header_received(reader, data)
+            return
         conn = self.conn
+        if conn.state is State.GREETING and not conn.buffered:
+            self._header_from_untrusted = looks_like_header(data[:12])
+            self._quiet = False
         conn.receive_data(data)
         if conn.state is State.REPLY:
             # The command is running; what the client sends meanwhile is kept for the target.
@@ -150,6 +232,12 @@ class Session(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
+        if self.header is not None:
+            if self.header.buffered:
+                self._bad_header("closed before a complete PROXY header")
+            else:  # a connect-only health check (AWS NLB, HAProxy with no-check-send-proxy)
+                self.close("closed before sending anything")
+            return True
         if self.conn.state is State.ESTABLISHED or self.conn.state is State.REPLY:
             return True  # the request is in: keep the write side for the reply and relay
         self.conn.receive_data(b"")
@@ -176,7 +264,11 @@ class Session(asyncio.Protocol):
                 transport.write(conn.refusal(e))
                 if conn.refused_reply is not None:
                     self.record.reply = conn.refused_reply  # what was sent, not what was raised
-                self.close(f"protocol error: {e}")
+                error = f"protocol error: {e}"
+                if self._header_from_untrusted:
+                    error += " (a PROXY protocol header from an address not in proxy_protocol_from)"
+                    log.warning("refusing %s: %s", self.record.client, error)
+                self.close(error)
                 return
             if event is NEED_DATA:
                 return
@@ -272,8 +364,11 @@ class Session(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         self._timer = None
-        if not self.closed and self.relay is None:
-            self.close(f"handshake not done within {self.ctx.config.handshake_timeout:g}s")
+        timeout = self.ctx.config.handshake_timeout
+        if self.header is not None:
+            self._bad_header(f"no complete PROXY header within {timeout:g}s")
+        elif not self.closed and self.relay is None:
+            self.close(f"handshake not done within {timeout:g}s")
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -331,6 +426,10 @@ class Session(asyncio.Protocol):
     @property
     def client(self) -> asyncio.Transport:
         return self.transport
+
+    @property
+    def client_host(self) -> str:
+        return self.admission.host
 
     @property
     def config(self) -> Config:
@@ -402,11 +501,20 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.ctx.sessions.discard(self)
-        self.admission.release()
         record = self.record
+        if self._admitted:
+            self.admission.release()
+            if record.rule is None and self.admission.rule is not None:
+                record.rule = self.admission.rule
         record.bytes_up, record.bytes_down = up, down
         if error and record.error is None:
             record.error = error
-        if record.rule is None and self.admission.rule is not None:
-            record.rule = self.admission.rule
+        if self._quiet:
+            log.debug(
+                "%s via %s (the balancer's own connection) ended: %s",
+                record.client,
+                record.via,
+                error,
+            )
+            return
         self.ctx.access_log.write(record)

@@ -2,8 +2,9 @@
 
 :func:`derive` turns a :class:`~socksd.config.Config` into everything a server runs with: the
 authentication methods in order, the user file, the GSSAPI acceptor (the keytab read afresh), the
-rules guarding this host's current addresses, the resolver, the access log and the upstream
-proxies (their passwords read afresh). It is the only
+rules guarding this host's current addresses, the resolver, the access log, the load balancers
+trusted to send a PROXY protocol header and the upstream proxies (their passwords read afresh). It
+is the only
 place that does so: :meth:`ServerContext.create` calls it at start-up, the reload
 (``socksd.server.process.reload``) calls it on SIGHUP, and the supervisor of ``--workers N`` calls it to
 check a new config before it signals the workers. So a reload yields the server a fresh start
@@ -33,6 +34,7 @@ from socksd.limits import Limits
 from socksd.protocol import AuthMethod
 from socksd.resolver import Resolver, make_resolver
 from socksd.rules import RuleSet
+from socksd.server.handshake.proxied import TrustedProxies
 from socksd.server.process.hostaddrs import effective_rules
 from socksd.upstreams import UpstreamError
 
@@ -61,6 +63,8 @@ class Derived:
     """``config.rules`` guarding this host's addresses too (``protect_local``)."""
     resolver: Resolver
     access_log: AccessLog
+    proxy_from: TrustedProxies
+    """The load balancers whose connections start with a PROXY header."""
     upstreams: dict[str, Proxy] = field(default_factory=dict)
     """``[upstreams]`` by name, their passwords read (from the file or the environment)."""
 
@@ -108,6 +112,7 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
         rules=effective_rules(config),
         resolver=resolver,
         access_log=access_log,
+        proxy_from=TrustedProxies(config.proxy_protocol_from),
         upstreams=upstreams,
     )
 
@@ -148,6 +153,9 @@ class ServerContext:
     sessions: set[Session] = field(default_factory=set)
     refused_sessions: int = 0
     limits: Limits = field(default_factory=Limits)
+    proxy_from: TrustedProxies = field(default_factory=TrustedProxies)
+    proxy_header_errors: int = 0
+    """Connections from a balancer closed for a missing or invalid PROXY header."""
     upstreams: dict[str, Proxy] = field(default_factory=dict)
     """``[upstreams]`` by name (``Derived.upstreams``)."""
 
@@ -192,6 +200,7 @@ class ServerContext:
         self.resolver = parts.resolver
         self.rules = parts.rules
         self.methods = parts.methods
+        self.proxy_from = parts.proxy_from
         self.upstreams = parts.upstreams
         self.limits.configure(parts.config, time.monotonic())
         self.config = parts.config
