@@ -233,7 +233,8 @@ async def udp_through(session: CommandSession, upstream: Upstream, address: Addr
         assert held.transport is not None
         proxy_ip = str(held.transport.get_extra_info("peername")[0])
         relay_host, relay_port = advertised(hs.replies[0], proxy_ip)
-        await association.open_upstream_side(relay_host, relay_port, hs.encapsulation)
+        async with asyncio.timeout(config.connect_timeout):  # BND may be a name to look up
+            await association.open_upstream_side(relay_host, relay_port, hs.encapsulation)
     except asyncio.CancelledError:
         association.close_sockets()
         if held is not None:
