@@ -37,6 +37,7 @@ from tests.e2e.support import (
     assert_closed,
     clean_env,
     echo_roundtrip,
+    full_backlog_target,
     random_bytes,
     read_reply,
     recv_exact,
@@ -492,6 +493,23 @@ def test_upstream_down_is_general_failure(front: ServerProcess) -> None:
     assert reply_code(front, DOWN_IP, 80) == 0x01
     line = last_line(front, f"CONNECT {DOWN_IP}:80")
     assert "upstream=down" in line and "unreachable" in line
+
+
+def test_upstream_connect_timeout_is_general_failure(
+    socksd: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """No TCP connection to the upstream within connect_timeout: 0x01 (the target was not
+    tried), not the 0x06 of a target that did not answer."""
+    with full_backlog_target() as (host, port):
+        conf = tmp_path / "front.toml"
+        conf.write_text(
+            f'connect_timeout = 1\nupstream = "hung"\n[upstreams.hung]\nproxy = "socks5://{host}:{port}"\n'
+        )
+        front = socksd("--config", str(conf), "--listen", "127.0.0.1:0")
+        assert reply_code(front, "127.0.0.1", 80) == 0x01
+        line = last_line(front, "CONNECT 127.0.0.1:80")
+        assert "unreachable: connect timeout after 1s" in line and "upstream=hung" in line
+        assert "upstream hung (127.0.0.1:" in wait_for_log(front, "unreachable")
 
 
 def test_upstream_refused_target_is_passed_on(front: ServerProcess) -> None:

@@ -25,7 +25,7 @@ Failures (:class:`UpstreamFailure` carries the reply code for the client):
 | the upstream replied with a failure                      | the upstream's code     |
 | the upstream is unreachable (refused, unreachable, its   | 0x01 (the target was    |
 |   name does not resolve, no TCP connection in time)      |   not tried)            |
-| the upstream refused our login (or offered no method)    | 0x01, and an error log  |
+| the login to the upstream failed (or no common method)   | 0x01, and an error log  |
 | the upstream broke the protocol or closed during it      | 0x01                    |
 | no reply in time once connected (the upstream, or its    | 0x06                    |
 |   connection to the target, is slow)                     |                         |
