@@ -2,7 +2,8 @@
 
 Fields: client address, user, command, target as the client asked for it (a domain stays a domain),
 the address actually used, reply code, bytes each way, duration, and, when an access rule
-decided, which one (``rule``: a rule number, ``default`` or ``protect_local``); for a UDP
+decided, which one (``rule``: a rule number, ``default`` or ``protect_local``); when the request
+went through an upstream proxy, its name (``upstream``; ``remote`` is then that proxy); for a UDP
 association also the datagrams each way and the datagrams dropped, by reason. ``text`` is one
 readable line; ``json`` is one JSON object a line (JSON Lines). Passwords never reach this module.
 """
@@ -66,6 +67,8 @@ class SessionRecord:
     udp: UdpStats | None = None
     via: str | None = None
     """The load balancer's HOST:PORT when the client came through one (PROXY protocol)."""
+    upstream: str | None = None
+    """The ``[upstreams]`` name the request went through (``remote`` is then that proxy)."""
 
     def as_dict(self, ended: float) -> dict[str, object]:
         fields: dict[str, object] = {
@@ -86,6 +89,8 @@ class SessionRecord:
             fields["udp"] = self.udp.as_dict()
         if self.via is not None:
             fields["via"] = self.via
+        if self.upstream is not None:
+            fields["upstream"] = self.upstream
         return fields
 
 
@@ -118,7 +123,7 @@ def iso_time(t: float) -> str:
 
 def format_text(record: SessionRecord, ended: float) -> str:
     """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [UDP] [rule=R] [via=LB]
-    [error=E]``.
+    [upstream=NAME] [error=E]``.
 
     ``UDP`` (UDP associations only) is ``dgrams_up=N dgrams_down=N dropped=N[(reason=N,...)]``.
 
@@ -138,6 +143,8 @@ def format_text(record: SessionRecord, ended: float) -> str:
         line += f" rule={record.rule}"
     if record.via:
         line += f" via={record.via}"
+    if record.upstream is not None:
+        line += f" upstream={quote_field(record.upstream)}"
     if record.error:
         line += f" error={json.dumps(record.error)}"
     return line

@@ -205,6 +205,12 @@ def _serve_parser(sub: Any) -> None:
         help="action when no rule matches (default allow)",
     )
     access.add_argument(
+        "--upstream",
+        metavar="NAME",
+        help="send every allowed request through the [upstreams] entry NAME unless its rule "
+        'names another ("direct": none; default: none)',
+    )
+    access.add_argument(
         "--protect-local",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -466,6 +472,7 @@ _SERVE_KEYS = (
     "proxy_protocol_from",
     "control_socket",
     "control_group",
+    "upstream",
 )
 
 
@@ -570,6 +577,8 @@ def check_config_command(args: argparse.Namespace) -> int:
         print(f"bandwidth: {user} {rate} bytes/s each way" if rate else f"bandwidth: {user} none")
     for name, members in config.groups.items():
         print(f"group @{name}: {', '.join(members)}")
+    for spec in config.upstreams.values():
+        print(spec.describe())
     print("rules (first match wins):")
     for line in parts.rules.describe():
         print(f"  {line}")

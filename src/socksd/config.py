@@ -25,6 +25,7 @@ from socksd.rules import (
     parse_groups,
     parse_ruleset,
 )
+from socksd.upstreams import UpstreamError, UpstreamSpec, check_not_self, parse_upstreams
 
 DEFAULT_LISTEN = "127.0.0.1:1080"
 
@@ -135,6 +136,10 @@ class Config:
     """The control socket's path, ``off``, or None: ``$RUNTIME_DIRECTORY/socksd.sock`` if set."""
     control_group: str | None = None
     """A group (name or id) that may use the control socket too (mode 0660)."""
+    upstreams: Mapping[str, UpstreamSpec] = field(default_factory=dict)
+    """``[upstreams]`` (file only): the proxies requests may be sent through."""
+    upstream: str | None = None
+    """The upstream every allowed request goes through unless its rule says (None: direct)."""
 
     @property
     def auth_methods(self) -> tuple[str, ...]:
@@ -187,14 +192,6 @@ def _number(key: str, value: Any, *, minimum: float = 0.0, integer: bool = False
 
 def _convert(key: str, value: Any) -> Any:
     """Check one key's value and turn it into the Config field's type."""
-    if key == "commands":
-        return _commands(value)
-    if key == "advertise":
-        return _advertise(value)
-    if key == "proxy_protocol_from":
-        return _proxy_protocol_from(value)
-    if key in ("control_socket", "control_group"):
-        return _control(key, value)
     converter = _CONVERTERS.get(key)
     if converter is not None:
         return converter(value)
@@ -255,6 +252,17 @@ def _convert(key: str, value: Any) -> Any:
         return _hosts(value)
     if key in ("rules", "groups", "default", "protect_local", "bandwidth"):
         return _convert_access(key, value)
+    if key == "upstreams":
+        try:
+            return parse_upstreams(value)
+        except UpstreamError as e:
+            raise ConfigError(str(e)) from None
+    if key == "upstream":
+        if value is None or value in {"", "direct"}:
+            return None
+        if not isinstance(value, str):
+            raise ConfigError('upstream: expected the name of an [upstreams] entry or "direct"')
+        return value  # checked against [upstreams] with the rules
     if key in ("max_sessions_per_ip", "max_sessions_per_user", "max_auth_failures"):
         return int(_number(key, value, minimum=0, integer=True))
     if key == "auth_block_time":
@@ -390,6 +398,8 @@ def _proxy_protocol_from(value: Any) -> tuple[str, ...]:
         if str(network) not in networks:
             networks.append(str(network))
     return tuple(networks)
+
+
 def _control(key: str, value: Any) -> str | None:
     if key == "control_group":
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -446,6 +456,11 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "methods": _methods,
     "gssapi_service": _service,
     "gssapi_levels": _levels,
+    "commands": _commands,
+    "advertise": _advertise,
+    "proxy_protocol_from": _proxy_protocol_from,
+    "control_socket": lambda value: _control("control_socket", value),
+    "control_group": lambda value: _control("control_group", value),
 }
 
 
@@ -505,6 +520,10 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
     check_methods(config)
     check_safety(config)
     check_auth_delay(config)
+    try:
+        check_not_self(config.upstreams, ((a.host, a.port) for a in config.listen))
+    except UpstreamError as e:
+        raise ConfigError(str(e)) from None
     return config
 
 
@@ -526,6 +545,8 @@ def _compile_access(merged: dict[str, Any]) -> None:
             groups,
             merged.get("default", "allow"),
             merged.get("protect_local", True),
+            upstreams=tuple(merged.get("upstreams", {})),
+            upstream=merged.get("upstream"),
         )
     except RuleError as e:
         raise ConfigError(str(e)) from None
@@ -564,4 +585,10 @@ def load_file(path: Path) -> dict[str, Any]:
         value = data.get(key)
         if isinstance(value, str) and value not in ("", "off") and not Path(value).is_absolute():
             data[key] = str(path.parent / value)
+    upstreams = data.get("upstreams")
+    if isinstance(upstreams, dict):
+        for entry in upstreams.values():
+            value = entry.get("password_file") if isinstance(entry, dict) else None
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                entry["password_file"] = str(path.parent / value)
     return data

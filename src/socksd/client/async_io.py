@@ -4,7 +4,8 @@
 :func:`~socksd.client.handshake.client_handshake` builds; :func:`handshake_over_streams` is the
 loop itself (BIND's second reply goes through it again); :func:`target_streams` hands the caller
 the streams to the target or peer, RFC 1961-encapsulating ones after GSSAPI. Failures come out as
-the client's errors (``proxy_errors``) and the connection is closed on any failure.
+the client's errors (``proxy_errors``) and the connection is closed on any failure. The loop takes
+any object with ``read``/``write``/``drain`` (``ByteReader``, ``ByteWriter``).
 
 GSS-API mechanism steps may ask the KDC for a ticket (blocking), so they run on a thread.
 Each read takes everything the reader holds (``_READ_ALL``): what arrived after the reply is then
@@ -25,6 +26,20 @@ from socksd.client.proxy import Proxy
 from socksd.protocol import Address, Command
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class ByteReader(Protocol):
+    """What the handshake loop reads from: an ``asyncio.StreamReader`` or any such object."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class ByteWriter(Protocol):
+    """What the handshake loop writes to: an ``asyncio.StreamWriter`` or any such object."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
 
 
 class _Closable(Protocol):
@@ -100,9 +115,12 @@ async def wait_second_reply(
 
 
 async def handshake_over_streams(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hs: ClientHandshake
+    reader: ByteReader, writer: ByteWriter, hs: ClientHandshake
 ) -> bytes:
-    """Run ``hs`` to completion over a stream pair; return plain bytes read past the reply."""
+    """Run ``hs`` to completion over a stream pair; return plain bytes read past the reply.
+
+    Any reader and writer with the stream methods will do (the server's upstream connection is
+    an ``asyncio.Protocol`` that offers them: ``socksd.server.commands.upstream``)."""
     while True:
         out = hs.data_to_send()
         if out:

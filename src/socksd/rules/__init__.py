@@ -32,6 +32,7 @@ from socksd.rules.load import (
     parse_ruleset,
 )
 from socksd.rules.match import (
+    DIRECT,
     IP,
     Action,
     Decision,
@@ -47,6 +48,7 @@ from socksd.rules.match import (
 __all__ = [
     "CLIENT_CACHE_SIZE",
     "COMMAND_NAMES",
+    "DIRECT",
     "IP",
     "LOCAL_NETWORKS",
     "LOOPBACK_NETWORKS",

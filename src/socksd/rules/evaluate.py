@@ -23,6 +23,13 @@ and a default of allow pass over such an address, and the request ends denied by
 ``protect_local`` if no later rule allows it. A rule without ``to`` therefore never opens the
 proxy host to other machines by accident, and no DNS answer can point an allowed name at it.
 
+Upstreams: a rule's ``upstream`` (else the rule set's global ``upstream``) names the proxy the
+requests it allows go through (:meth:`RuleSet.route`). A name sent to an upstream is resolved by
+the upstream, so for a rule that matched it by name (or has no ``to``) and sends it upstream no
+addresses are asked for: ``protect_local`` cannot check a name it never resolves (the upstream
+connects from its own host). A rule with ``to`` networks still needs the addresses to match, and
+an IP literal is checked as usual.
+
 Cost: a few set and bisect look-ups per rule (``socksd.rules.match``). The rules that can apply to
 a client address (its ``clients`` match, or the rule has none) are remembered per address, so the
 checkpoints of a session walk only those. A config without rules decides in a few attribute
@@ -37,6 +44,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from socksd.rules.match import (
+    DIRECT,
     IP,
     Action,
     Decision,
@@ -92,6 +100,8 @@ class RuleSet:
     protect_local: bool = True
     host_addresses: tuple[Network, ...] = ()
     """The server host's own addresses (networks), guarded by ``protect_local``."""
+    upstream: str | None = None
+    """The global ``upstream``: where allowed requests go unless their rule says (None: direct)."""
     protected: NetworkSet = field(init=False, compare=False, repr=False)
     accept_all: bool = field(init=False, compare=False, repr=False)
     """No client can be refused at accept."""
@@ -191,8 +201,10 @@ class RuleSet:
                 continue
             if rule.deny:
                 return rule.decision
-            return NeedAddresses(i) if guard else rule.decision
-        if guard and self.default is Action.ALLOW:
+            # protect_local guards the addresses this host connects to; through an upstream the
+            # name is resolved and connected to by the upstream, so it is not looked up here.
+            return NeedAddresses(i) if guard and not self.via_upstream(rule) else rule.decision
+        if guard and self.default is Action.ALLOW and self.upstream is None:
             return NeedAddresses(len(rules))
         return self._default
 
@@ -252,6 +264,35 @@ class RuleSet:
             return self._guard
         return self._default
 
+    # -- upstreams ----------------------------------------------------------------------------
+
+    def via_upstream(self, rule: Rule) -> bool:
+        """The requests ``rule`` allows go through an upstream proxy."""
+        return rule.upstream != DIRECT and (rule.upstream or self.upstream) is not None
+
+    def open_route(self, client: IP, user: str | None, command: int) -> str | None:
+        """The route of an allowed request with no destination yet (UDP ASSOCIATE, BIND for any
+        peer): that of the first allow rule for its user and command naming no destination
+        (neither ``to`` nor ``ports``), else the global ``upstream``. A rule with ``to`` may let
+        such a request through (``check_open_request``) but says nothing of where it goes."""
+        for rule in self.rules_for(client):
+            if (
+                rule.has_to
+                or rule.ports is not None
+                or not rule.matches_request(user, command, None)
+            ):
+                continue
+            if rule.deny:
+                break
+            return self.route(rule.decision)
+        return self.upstream
+
+    def route(self, decision: Decision) -> str | None:
+        """The ``[upstreams]`` name an allowed request goes through; None: direct."""
+        rule = decision.rule
+        name = rule.upstream if rule is not None and rule.upstream is not None else self.upstream
+        return None if name == DIRECT else name
+
     # -- description --------------------------------------------------------------------------
 
     def describe(self) -> list[str]:
@@ -265,6 +306,8 @@ class RuleSet:
                 "allow rule lists the address in `to` (as a network)"
             )
         lines.append(f"default: {self.default.value}")
+        if self.upstream is not None:
+            lines.append(f"upstream: {self.upstream} (for allowed requests whose rule names none)")
         return lines
 
 

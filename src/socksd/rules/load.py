@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from socksd.protocol import Command
 from socksd.rules.evaluate import RuleSet
 from socksd.rules.match import (
+    DIRECT,
     Action,
     DomainSet,
     Network,
@@ -40,7 +41,7 @@ COMMAND_NAMES: dict[str, Command] = {
 ``--commands``."""
 _COMMAND_TEXT = {command: name for name, command in COMMAND_NAMES.items()}
 
-RULE_KEYS = ("action", "clients", "users", "commands", "to", "ports", "idle_timeout")
+RULE_KEYS = ("action", "clients", "users", "commands", "to", "ports", "idle_timeout", "upstream")
 
 
 class RuleError(ValueError):
@@ -227,8 +228,14 @@ _FIELDS = {
 }
 
 
-def parse_rule(raw: Any, number: int, groups: Mapping[str, Sequence[str]]) -> Rule:
-    """One ``[[rules]]`` table; ``number`` is its 1-based position."""
+def parse_rule(
+    raw: Any,
+    number: int,
+    groups: Mapping[str, Sequence[str]],
+    upstreams: Collection[str] = (),
+) -> Rule:
+    """One ``[[rules]]`` table; ``number`` is its 1-based position; ``upstreams`` the names of
+    ``[upstreams]`` its ``upstream`` may use."""
     where = f"rule {number}"
     if not isinstance(raw, Mapping):
         raise RuleError(f"{where}: expected a table ([[rules]] with action = ...)")
@@ -252,7 +259,23 @@ def parse_rule(raw: Any, number: int, groups: Mapping[str, Sequence[str]]) -> Ru
         if action is Action.DENY:
             raise RuleError(f"{where}.idle_timeout: only allow rules have sessions to time out")
         fields["idle_timeout"] = float(value)
+    if "upstream" in raw:
+        name = parse_upstream_name(raw["upstream"], upstreams, f"{where}.upstream")
+        if action is Action.DENY:
+            raise RuleError(f"{where}.upstream: only allow rules send requests anywhere")
+        fields["upstream"] = name
+        spec.append(("upstream", (name,)))
     return Rule(number, action, spec=tuple(spec), **fields)
+
+
+def parse_upstream_name(value: Any, upstreams: Collection[str], where: str) -> str:
+    """An upstream name (a key of ``[upstreams]``) or ``"direct"``."""
+    if not isinstance(value, str) or not value:
+        raise RuleError(f'{where}: expected the name of an [upstreams] entry or "{DIRECT}"')
+    if value != DIRECT and value not in upstreams:
+        names = ", ".join([*upstreams, DIRECT])
+        raise RuleError(f"{where}: {value!r} is not in [upstreams] (known: {names})")
+    return value
 
 
 def parse_ruleset(
@@ -260,11 +283,26 @@ def parse_ruleset(
     groups: Mapping[str, Sequence[str]] | None = None,
     default: Any = "allow",
     protect_local: Any = True,
+    *,
+    upstreams: Collection[str] = (),
+    upstream: str | None = None,
 ) -> RuleSet:
-    """Compile ``[[rules]]``, ``default`` and ``protect_local``; RuleError names what is wrong."""
+    """Compile ``[[rules]]``, ``default`` and ``protect_local``; RuleError names what is wrong.
+
+    ``upstreams``: the names rules may send requests to; ``upstream``: the global one (None or
+    ``"direct"``: none)."""
     if not isinstance(raw_rules, list | tuple):
         raise RuleError("rules: expected [[rules]] tables (an array of tables)")
     if not isinstance(protect_local, bool):
         raise RuleError("protect_local: expected true or false")
-    rules = tuple(parse_rule(raw, i, groups or {}) for i, raw in enumerate(raw_rules, start=1))
-    return RuleSet(rules, parse_action(default, "default"), protect_local)
+    rules = tuple(
+        parse_rule(raw, i, groups or {}, upstreams) for i, raw in enumerate(raw_rules, start=1)
+    )
+    if upstream is not None:
+        upstream = parse_upstream_name(upstream, upstreams, "upstream")
+    return RuleSet(
+        rules,
+        parse_action(default, "default"),
+        protect_local,
+        upstream=None if upstream == DIRECT else upstream,
+    )

@@ -164,6 +164,10 @@ class DomainSet:
         return False
 
 
+DIRECT = "direct"
+"""The ``upstream`` of a rule that connects directly, whatever the global ``upstream`` says."""
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome of a checkpoint: allowed or not, and which rule said so."""
@@ -193,6 +197,9 @@ class Rule:
     to_domains: DomainSet | None = None
     ports: PortSet | None = None
     idle_timeout: float | None = None
+    upstream: str | None = None
+    """The ``[upstreams]`` name the requests it allows go through, ``"direct"``, or None: the
+    global ``upstream`` (``RuleSet.route``)."""
     spec: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """The fields as written (``users`` with groups unexpanded), for printing."""
     decision: Decision = field(init=False, compare=False, repr=False)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from socksd.protocol import Address, GssapiEncapsulation, ReplyCode, ServerConnection
     from socksd.resolver import AddrInfo, Resolver
     from socksd.rules import Decision
+    from socksd.server.commands.upstream import Upstream
     from socksd.server.dataplane.relay import Holding
     from socksd.server.dataplane.terms import RelayTerms
     from socksd.server.handshake.admission import Refusal
@@ -72,6 +73,11 @@ class CommandSession(Protocol):
     @property
     def codec(self) -> GssapiEncapsulation | None:
         """RFC 1961 encapsulation after GSSAPI, else None."""
+
+    def upstream(self) -> Upstream | None:
+        """The upstream proxy the allowed request goes through; None: direct (or not decided
+        yet: a name whose addresses the rules need, until ``allowed_addresses``). Raises
+        ``UpstreamFailure`` when the upstream named is no longer configured."""
 
     def terms(self) -> RelayTerms:
         """Idle timeout, bandwidth and buffer limits of this session's data."""

@@ -16,6 +16,10 @@
    connection is relayed with the same :class:`~socksd.server.dataplane.relay.Relay` as CONNECT (after
    GSSAPI: a :class:`~socksd.server.dataplane.gssapi.GssapiRelay`; both replies are wrapped too).
 
+Through an upstream proxy (:func:`bind_through`) the upstream listens: its first reply (its
+listener's address) and its second (the peer's) are passed on, the peer of a BIND for any peer is
+checked against the rules, and the upstream's connection is relayed like a peer's.
+
 While it waits, the control connection is watched by :class:`BindControl`. An EOF with nothing
 sent is a client that gave up: the BIND ends and its listener is closed at once. (TCP cannot tell
 that from a half-close without writing, and nothing may be written before the second reply; but a
@@ -30,16 +34,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from socksd.protocol import Address, AddressType, BindPeerFilter, ReplyCode
+from socksd.protocol import Address, AddressType, BindPeerFilter, Command, ReplyCode
 from socksd.protocol.udp import is_unspecified
 from socksd.server.commands.base import bind_address
+from socksd.server.commands.connect import open_to_upstream
 from socksd.server.commands.replycodes import reply_for_error
+from socksd.server.commands.upstream import UpstreamFailure, open_upstream, second_reply
 from socksd.server.dataplane.relay import Holding
 
 if TYPE_CHECKING:
     from socksd.server.commands.base import CommandSession
+    from socksd.server.commands.upstream import Upstream
 
 log = logging.getLogger("socksd.bind")
 
@@ -134,7 +142,20 @@ def _refusal(session: CommandSession, peers: BindPeerFilter, peer: tuple[Any, ..
 
 
 async def bind(session: CommandSession, address: Address) -> None:
-    """Carry out one BIND request."""
+    """Carry out one BIND request: here, or at the upstream proxy its rule names."""
+    try:
+        upstream = session.upstream()
+    except UpstreamFailure as e:
+        session.fail(e.reply, f"BIND: {e}")
+        return
+    if upstream is None:
+        await bind_here(session, address)
+    else:
+        await bind_through(session, upstream, address)
+
+
+async def bind_here(session: CommandSession, address: Address) -> None:
+    """BIND with a listener of this host."""
     config = session.config
     transport = session.client
     loop = asyncio.get_running_loop()
@@ -194,4 +215,42 @@ async def bind(session: CommandSession, address: Address) -> None:
     peer_address = Address.of(*peer[:2])
     session.record.remote = str(peer_address)
     session.reply(ReplyCode.SUCCEEDED, peer_address)  # the second reply: the peer is connected
+    session.start_relay(held)
+
+
+async def bind_through(session: CommandSession, upstream: Upstream, address: Address) -> None:
+    """BIND at ``upstream``: its first reply (where the peer is to connect: the upstream's
+    listener) and its second (the peer) are passed on, then the connection is relayed. The
+    peer of a BIND for any peer is checked against the rules here too."""
+    config = session.config
+    connector = partial(open_to_upstream, session, upstream.proxy)
+    try:
+        held, hs, _ = await open_upstream(
+            upstream, Command.BIND, address, config.connect_timeout, connector
+        )
+    except UpstreamFailure as e:
+        session.fail(e.reply, f"BIND: {e}")
+        return
+    try:
+        session.reply(ReplyCode.SUCCEEDED, hs.replies[0].address)
+        BindControl(session).watch(session.client)
+        peer = await second_reply(upstream, held, hs, config.bind_timeout)
+    except UpstreamFailure as e:
+        session.fail(e.reply, str(e))
+        return
+    if session.closed:  # the client left meanwhile
+        held.close()
+        return
+    session.record.remote = str(peer)
+    if is_unspecified(address):  # any peer: the rules see the one that came
+        why = "its address is a name" if peer.atyp == AddressType.DOMAIN else None
+        if why is None:
+            decision = session.peer_decision(peer.host, peer.port)
+            why = None if decision.allowed else f"denied by {decision.label}"
+        if why is not None:
+            log.warning("BIND for %s: refused the peer %s (%s)", session.record.client, peer, why)
+            held.close()
+            session.fail(ReplyCode.NOT_ALLOWED, f"BIND: peer {peer} {why}")
+            return
+    session.reply(ReplyCode.SUCCEEDED, peer)  # the second reply: the peer is connected
     session.start_relay(held)

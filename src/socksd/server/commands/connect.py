@@ -8,12 +8,17 @@ overtake the reply. Domain names are resolved by the server's resolver, and the 
 each address (``CommandSession.allowed_addresses``); with several allowed addresses the attempts
 follow RFC 8305 (``aiohappyeyeballs``, 250 ms stagger, address families interleaved). Failures
 become reply codes through ``replycodes``; then the client connection is closed at once.
+
+Through an upstream proxy (``upstream``: the request's rule or the global ``upstream`` names one)
+the target is not resolved or connected here: the upstream is, then the client library's
+handshake asks it for the target, and its reply's BND is passed on; the relay is the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from functools import partial
 from typing import TYPE_CHECKING
 
 import aiohappyeyeballs
@@ -21,11 +26,13 @@ import aiohappyeyeballs
 from socksd.protocol import Address, AddressType, ReplyCode, format_hostport
 from socksd.resolver import AddrInfo
 from socksd.server.commands.replycodes import reply_for_error
+from socksd.server.commands.upstream import UpstreamFailure, connect_upstream
 from socksd.server.dataplane.relay import Holding
 from socksd.server.handshake.admission import Refusal
 
 if TYPE_CHECKING:
     from socksd.accesslog import SessionRecord
+    from socksd.client.proxy import Proxy
     from socksd.server.commands.base import CommandSession
 
 HAPPY_EYEBALLS_DELAY = 0.25
@@ -48,10 +55,13 @@ def literal_addrinfo(address: Address) -> list[AddrInfo]:
     ]
 
 
-async def open_target(infos: list[AddrInfo], timeout: float, record: SessionRecord) -> Holding:
-    """The connection to the first reachable of ``infos``, holding what it delivers."""
+async def open_target(
+    infos: list[AddrInfo], timeout: float, record: SessionRecord, held: Holding | None = None
+) -> Holding:
+    """The connection to the first reachable of ``infos``, holding what it delivers (in
+    ``held``, when given: an upstream's connection)."""
     loop = asyncio.get_running_loop()
-    held = Holding()
+    held = held or Holding()
     async with asyncio.timeout(timeout):
         if len(infos) == 1:
             family, _, _, _, sockaddr = infos[0]
@@ -68,19 +78,33 @@ async def open_target(infos: list[AddrInfo], timeout: float, record: SessionReco
 async def connect(session: CommandSession, address: Address) -> None:
     """Carry out one CONNECT request."""
     config = session.config
+    bound: Address | None = None  # the upstream's BND
+    infos: list[AddrInfo] = []
     try:
-        if address.atyp == AddressType.DOMAIN:
-            infos = await session.resolver.resolve(address.host, address.port)
-            allowed = session.allowed_addresses(address, infos)  # the rules, by address
-            if isinstance(allowed, Refusal):
-                session.refuse(allowed)
-                return
-            infos = allowed
+        upstream = session.upstream()
+        if upstream is None:
+            if address.atyp == AddressType.DOMAIN:
+                infos = await session.resolver.resolve(address.host, address.port)
+                allowed = session.allowed_addresses(address, infos)  # the rules, by address
+                if isinstance(allowed, Refusal):
+                    session.refuse(allowed)
+                    return
+                infos = allowed
+                upstream = session.upstream()  # the rule the addresses matched may name one
+            else:
+                infos = literal_addrinfo(address)
+        if upstream is None:
+            held = await open_target(infos, config.connect_timeout, session.record)
         else:
-            infos = literal_addrinfo(address)
-        held = await open_target(infos, config.connect_timeout, session.record)
+            connector = partial(open_to_upstream, session, upstream.proxy)
+            held, bound = await connect_upstream(
+                upstream, address, config.connect_timeout, connector
+            )
     except asyncio.CancelledError:
         raise
+    except UpstreamFailure as e:
+        session.fail(e.reply, str(e))
+        return
     except Exception as e:  # every failure is a reply code, never a crash
         session.fail(reply_for_error(e), _describe(e, config.connect_timeout))
         return
@@ -89,11 +113,22 @@ async def connect(session: CommandSession, address: Address) -> None:
     if session.closed:  # the client left while the connection was being made
         target.close()
         return
-    if session.record.remote is None or len(infos) > 1:
+    if session.record.remote is None or len(infos) > 1 or bound is not None:
         session.record.remote = _peer(target)
-    local = target.get_extra_info("sockname")
-    session.reply(ReplyCode.SUCCEEDED, Address.of(*local[:2]))
+    if bound is None:
+        bound = Address.of(*target.get_extra_info("sockname")[:2])
+    session.reply(ReplyCode.SUCCEEDED, bound)
     session.start_relay(held)
+
+
+async def open_to_upstream(session: CommandSession, proxy: Proxy, held: Holding) -> None:
+    """The TCP connection to an upstream proxy (its name through socksd's resolver)."""
+    where = Address.of(proxy.host, proxy.port)
+    if where.atyp == AddressType.DOMAIN:
+        infos = await session.resolver.resolve(where.host, where.port)
+    else:
+        infos = literal_addrinfo(where)
+    await open_target(infos, session.config.connect_timeout, session.record, held)
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

@@ -108,7 +108,7 @@ PENDING_PER_NAME = 32
 SockAddr = tuple[Any, ...]
 
 
-def _tune(transport: asyncio.BaseTransport) -> None:
+def tune_udp_socket(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is None:
         return
@@ -325,13 +325,25 @@ class UdpAssociation:
 
     async def open(self, local_ip: str) -> Address:
         """Create the client side on ``local_ip`` and the target sides; return the bound address."""
+        bound = await self.open_client_side(local_ip)
+        await self.open_target_sides()
+        return bound
+
+    async def open_client_side(self, local_ip: str) -> Address:
+        """The socket the client sends to, on ``local_ip``; its address."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in local_ip else socket.AF_INET
         transport, _ = await loop.create_datagram_endpoint(
             lambda: self.client_side, local_addr=(local_ip, 0), family=family
         )
         self.client_transport = transport
-        _tune(transport)
+        tune_udp_socket(transport)
+        host, port = transport.get_extra_info("sockname")[:2]
+        return Address.of(host, port)
+
+    async def open_target_sides(self) -> None:
+        """The sockets datagrams to targets leave from, one per address family."""
+        loop = asyncio.get_running_loop()
         for fam in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock = _wildcard_socket(fam)
@@ -344,10 +356,8 @@ class UdpAssociation:
             except BaseException:
                 sock.close()
                 raise
-            _tune(side_transport)
+            tune_udp_socket(side_transport)
             self.target_sides[fam] = side
-        host, port = transport.get_extra_info("sockname")[:2]
-        return Address.of(host, port)
 
     def start(self, control: asyncio.Transport, client_eof: bool) -> None:
         """Relay from now on; the association lives as long as ``control`` (and its idle timer)."""

@@ -16,7 +16,8 @@ the reason for the log.
   reply waits (``socksd.limits.LoginThrottle``);
 - request (:meth:`Admission.authorize`): the rules see the command, user and target (a UDP
   ASSOCIATE or a BIND for any peer has no destination yet: ``RuleSet.check_open_request``); a
-  denied request gets REP 0x02 and its access-log line names the rule; then
+  denied request gets REP 0x02 and its access-log line names the rule; an allowed one notes the
+  upstream proxy its rule (or the global ``upstream``) sends it through; then
   ``max_sessions_per_user`` (REP 0x01 beyond it);
 - resolved addresses (:meth:`Admission.allowed_addresses`, from a command after it resolved a
   domain target): when the rules said the outcome depends on the addresses, each is checked;
@@ -113,6 +114,7 @@ class Admission:
         "pending",
         "pending_rules",
         "rule",
+        "upstream",
         "user",
     )
 
@@ -133,27 +135,34 @@ class Admission:
         """The access-log ``rule`` field of the allow rule that decided, if one did."""
         self.checking = False
         """A login check is counted for the address (``login_start``)."""
+        self.upstream: str | None = None
+        """The ``[upstreams]`` name the allowed request goes through (None: direct)."""
 
     # -- request ------------------------------------------------------------------------------
 
     def authorize(self, rules: RuleSet, user: str | None, request: Request) -> Refusal | None:
         """Request checkpoint; None: go on (maybe with addresses to check later)."""
         self.command = command = request.command
+        self.upstream = rules.upstream  # no rule to check: the global one
         if not rules.allow_all:
             address = request.address
             decision: Decision | NeedAddresses
-            if command == Command.UDP_ASSOCIATE or (
+            open_request = command == Command.UDP_ASSOCIATE or (
                 command == Command.BIND and is_unspecified(address)
-            ):  # destinations not known yet: checked per datagram, or when the peer connects
+            )
+            if open_request:  # destinations not known yet: checked per datagram, or the peer
                 decision = rules.check_open_request(self.ip, user, command)
             else:
                 decision = rules.check_request(self.ip, user, command, address.host, address.port)
             if isinstance(decision, NeedAddresses):
                 self.pending_rules, self.pending = rules, decision
+                self.upstream = None  # decided with the addresses (allowed_addresses)
             elif not decision.allowed:
                 return _denied(decision)
             else:
-                self._allowed(decision)
+                self._allowed(rules, decision)
+                if open_request:
+                    self.upstream = rules.open_route(self.ip, user, command)
         if user is not None:
             limits = self.limits
             count = limits.per_user.add(user)
@@ -171,10 +180,11 @@ class Admission:
                 )
         return None
 
-    def _allowed(self, decision: Decision) -> None:
+    def _allowed(self, rules: RuleSet, decision: Decision) -> None:
         if decision.rule is not None:
             self.rule = _rule_field(decision)
         self.idle_timeout = decision.idle_timeout
+        self.upstream = rules.route(decision)
 
     def allowed_addresses(
         self, user: str | None, target: Address, infos: list[AddrInfo]
@@ -217,7 +227,7 @@ class Admission:
                 target.host,
                 first_deny.label,
             )
-        self._allowed(first_allow)
+        self._allowed(rules, first_allow)
         return allowed
 
     def peer_decision(self, rules: RuleSet, user: str | None, host: str, port: int) -> Decision:

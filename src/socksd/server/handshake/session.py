@@ -55,7 +55,9 @@ from socksd.protocol.proxy_header import (
 from socksd.server.commands.base import CommandSession, Handover
 from socksd.server.commands.bind import bind
 from socksd.server.commands.connect import connect
-from socksd.server.commands.udp import UdpAssociation, udp_associate
+from socksd.server.commands.udp import UdpAssociation
+from socksd.server.commands.udp_upstream import udp_command
+from socksd.server.commands.upstream import Upstream, UpstreamFailure
 from socksd.server.dataplane.idle import tcp_quiet_for
 from socksd.server.dataplane.relay import Holding, Relay
 from socksd.server.dataplane.terms import RelayTerms, make_relay, relay_terms
@@ -79,7 +81,7 @@ CommandHandler = Callable[[CommandSession, Address], Coroutine[Any, Any, None]]
 COMMANDS: dict[Command, CommandHandler] = {
     Command.CONNECT: connect,
     Command.BIND: bind,
-    Command.UDP_ASSOCIATE: udp_associate,
+    Command.UDP_ASSOCIATE: udp_command,
 }
 """The handler coroutine of each command (a command missing here, or not in the ``commands``
 setting, is answered with 0x07)."""
@@ -497,6 +499,16 @@ class Session(asyncio.Protocol):
     @property
     def codec(self) -> GssapiEncapsulation | None:
         return self.conn.encapsulation
+
+    def upstream(self) -> Upstream | None:
+        name = self.admission.upstream
+        if name is None:
+            return None
+        self.record.upstream = name
+        proxy = self.ctx.upstreams.get(name)
+        if proxy is None:  # a reload dropped it while the request was being decided
+            raise UpstreamFailure(ReplyCode.GENERAL_FAILURE, f"upstream {name} is not configured")
+        return Upstream(name, proxy)
 
     def terms(self) -> RelayTerms:
         """Idle timeout, bandwidth and buffer limits of this session's data (any command)."""

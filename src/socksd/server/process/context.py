@@ -2,8 +2,9 @@
 
 :func:`derive` turns a :class:`~socksd.config.Config` into everything a server runs with: the
 authentication methods in order, the user file, the GSSAPI acceptor (the keytab read afresh), the
-rules guarding this host's current addresses, the resolver, the access log and the load balancers
-trusted to send a PROXY protocol header. It is the only
+rules guarding this host's current addresses, the resolver, the access log, the load balancers
+trusted to send a PROXY protocol header and the upstream proxies (their passwords read afresh). It
+is the only
 place that does so: :meth:`ServerContext.create` calls it at start-up, the reload
 (``socksd.server.process.reload``) calls it on SIGHUP, and the supervisor of ``--workers N`` calls it to
 check a new config before it signals the workers. So a reload yields the server a fresh start
@@ -36,9 +37,11 @@ from socksd.rules import RuleSet
 from socksd.server.handshake.proxied import TrustedProxies
 from socksd.server.process.hostaddrs import effective_rules
 from socksd.server.process.serverlog import check_log_file
+from socksd.upstreams import UpstreamError
 
 if TYPE_CHECKING:
     from socksd.auth.gssapi import GssapiAcceptor
+    from socksd.client.proxy import Proxy
     from socksd.server.handshake.session import Session
 
 METHOD_CODES = {
@@ -63,6 +66,8 @@ class Derived:
     access_log: AccessLog
     proxy_from: TrustedProxies
     """The load balancers whose connections start with a PROXY header."""
+    upstreams: dict[str, Proxy] = field(default_factory=dict)
+    """``[upstreams]`` by name, their passwords read (from the file or the environment)."""
 
     def close(self) -> None:
         """Release what was opened (a check that is not installed)."""
@@ -88,6 +93,10 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
         resolver = previous.resolver
     else:
         resolver = make_resolver(config.hosts or None, config.dns or None, config.resolve_timeout)
+    try:
+        upstreams = {name: spec.proxy() for name, spec in config.upstreams.items()}
+    except UpstreamError as e:
+        raise ConfigError(str(e)) from None
     gssapi = gssapi_acceptor(config) if "gssapi" in config.auth_methods else None
     try:
         access_log = AccessLog(config.access_log, config.log_format)
@@ -106,6 +115,7 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
         resolver=resolver,
         access_log=access_log,
         proxy_from=TrustedProxies(config.proxy_protocol_from),
+        upstreams=upstreams,
     )
 
 
@@ -154,6 +164,8 @@ class ServerContext:
     """The ``W`` of session ids ``W-N``: the worker index, ``index.G`` after its G-th start."""
     opened: int = 0
     """Sessions admitted so far: the ``N`` of the last session id."""
+    upstreams: dict[str, Proxy] = field(default_factory=dict)
+    """``[upstreams]`` by name (``Derived.upstreams``)."""
 
     @classmethod
     def create(cls, config: Config) -> ServerContext:
@@ -197,6 +209,7 @@ class ServerContext:
         self.rules = parts.rules
         self.methods = parts.methods
         self.proxy_from = parts.proxy_from
+        self.upstreams = parts.upstreams
         self.limits.configure(parts.config, time.monotonic())
         self.config = parts.config
         for session in list(self.sessions):
