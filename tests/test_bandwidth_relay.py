@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -313,5 +314,33 @@ def test_relay_forwards_all_the_bucket_allows(loop_name: str) -> None:
         rig.client_app.close()
         rig.target_app.close()
         await asyncio.wait_for(rig.owner.finished, 10)
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_data_waiting_for_its_bucket_is_not_idle(loop_name: str) -> None:
+    """One read held for longer than the idle timeout (the bucket lets it out slowly) keeps the
+    session alive: the idle timeout counts bytes passed on, not only bytes read."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        client_app, client_srv = tcp_pair()
+        target_srv, target_app = tcp_pair()
+        first = bytes(range(256)) * 600  # ~150 kB, held at once: 1.5 s at 100 kB/s
+        owner = Owner(first, client_eof=True)
+        buckets = (TokenBucket(100_000, time.monotonic()), TokenBucket(100_000, time.monotonic()))
+        endpoints = (ThrottledEndpoint(buckets[0]), ThrottledEndpoint(buckets[1]))
+        relay = Relay(owner, idle_timeout=0.4, endpoints=endpoints)
+        transport, _ = await loop.connect_accepted_socket(Idle, client_srv)
+        held = Holding()
+        await loop.connect_accepted_socket(lambda: held, target_srv)
+        relay.start(transport, held, first, True)
+        assert await read_all(target_app) == first  # all of it, then the client's EOF
+        target_app.shutdown(socket.SHUT_WR)
+        assert await read_all(client_app) == b""
+        assert await asyncio.wait_for(owner.finished, 10) is None  # not "idle for 0.4s"
+        client_app.close()
+        target_app.close()
 
     run(loop_name, main)

@@ -62,6 +62,11 @@ class ThrottledEndpoint(RelayEndpoint):
         self.received += len(data)
         self.forward(data)
 
+    def moved(self) -> int:
+        """Bytes passed on: held bytes count once they go out, so a session whose data waits
+        for its bucket is not idle while that data trickles out."""
+        return self.received - len(self.held)
+
     def forward(self, data: bytes) -> None:
         if self.peer.lost:  # gone while its own held data still goes out: nothing to write to
             return

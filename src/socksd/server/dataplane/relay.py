@@ -68,6 +68,10 @@ class RelayEndpoint(asyncio.Protocol):
         self.received += len(data)
         self.peer.transport.write(data)  # type: ignore[union-attr]
 
+    def moved(self) -> int:
+        """Bytes from this side passed on so far: what the idle timeout watches."""
+        return self.received
+
     def forward(self, data: bytes) -> None:
         """Pass bytes read from this side on (a throttled endpoint may hold some back)."""
         self.emit(data)
@@ -261,4 +265,4 @@ class Relay:
         self.owner.relay_finished(self, self._error)
 
     def _traffic(self) -> int:
-        return self.client.received + self.target.received
+        return self.client.moved() + self.target.moved()
