@@ -163,6 +163,19 @@ def _serve_parser(sub: Any) -> None:
         choices=("auto", "uvloop", "asyncio"),
         help="event loop (default auto: uvloop when installed)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; port 0: any "
+        "free port, shown in the log)",
+    )
+    p.add_argument(
+        "--metrics-allow-remote",
+        action="store_const",
+        const=True,
+        default=None,
+        help="allow a metrics address other machines can reach (the endpoint has no auth)",
+    )
     access = p.add_argument_group(
         "access rules and limits ([[rules]], [groups], [bandwidth]: TOML)"
     )
@@ -324,6 +337,8 @@ _SERVE_KEYS = (
     "bind_timeout",
     "udp_idle_timeout",
     "external_address",
+    "metrics",
+    "metrics_allow_remote",
 )
 
 

@@ -12,11 +12,14 @@ object that does.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from socksd.accesslog import SessionRecord
     from socksd.config import Config
+    from socksd.metrics import SessionMetrics
     from socksd.protocol import Address, GssapiEncapsulation, ReplyCode, ServerConnection
     from socksd.resolver import AddrInfo, Resolver
     from socksd.rules import Decision
@@ -67,6 +70,10 @@ class CommandSession(Protocol):
     def codec(self) -> GssapiEncapsulation | None:
         """RFC 1961 encapsulation after GSSAPI, else None."""
 
+    @property
+    def metrics(self) -> SessionMetrics | None:
+        """The metrics to report latencies to (``timed``); None when metrics are off."""
+
     def terms(self) -> RelayTerms:
         """Idle timeout, bandwidth and buffer limits of this session's data."""
 
@@ -105,3 +112,25 @@ class CommandSession(Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The client's connection is gone (forwarded by a command's own protocol)."""
+
+
+T = TypeVar("T")
+
+
+async def timed(step: Awaitable[T], observe: Callable[[float, bool], None]) -> T:
+    """Await ``step`` and report how long it took and whether it succeeded (a cancel is not
+    reported). Callers wrap a step only when metrics are on, so it costs nothing otherwise::
+
+        resolving = session.resolver.resolve(host, port)
+        infos = await (resolving if metrics is None else timed(resolving, metrics.resolved))
+    """
+    start = time.monotonic()
+    try:
+        result = await step
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        observe(time.monotonic() - start, False)
+        raise
+    observe(time.monotonic() - start, True)
+    return result

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from socksd.protocol import Address, AddressType, BindPeerFilter, ReplyCode
 from socksd.protocol.udp import is_unspecified
+from socksd.server.commands.base import timed
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.dataplane.relay import Holding
 
@@ -111,7 +112,9 @@ async def expected_peer(
 ) -> tuple[BindPeerFilter, str | None]:
     """The peer filter of a BIND request and the IP to route towards (None: unspecified)."""
     if address.atyp == AddressType.DOMAIN:
-        infos = await session.resolver.resolve(address.host, address.port)
+        metrics = session.metrics
+        resolving = session.resolver.resolve(address.host, address.port)
+        infos = await (resolving if metrics is None else timed(resolving, metrics.resolved))
         ips = [str(info[4][0]) for info in infos]
         return BindPeerFilter.for_request(address, ips), ips[0]
     if is_unspecified(address):

@@ -20,6 +20,7 @@ import aiohappyeyeballs
 
 from socksd.protocol import Address, AddressType, ReplyCode, format_hostport
 from socksd.resolver import AddrInfo
+from socksd.server.commands.base import timed
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.dataplane.relay import Holding
 from socksd.server.handshake.admission import Refusal
@@ -67,10 +68,11 @@ async def open_target(infos: list[AddrInfo], timeout: float, record: SessionReco
 
 async def connect(session: CommandSession, address: Address) -> None:
     """Carry out one CONNECT request."""
-    config = session.config
+    config, metrics = session.config, session.metrics
     try:
         if address.atyp == AddressType.DOMAIN:
-            infos = await session.resolver.resolve(address.host, address.port)
+            resolving = session.resolver.resolve(address.host, address.port)
+            infos = await (resolving if metrics is None else timed(resolving, metrics.resolved))
             allowed = session.allowed_addresses(address, infos)  # the rules, by address
             if isinstance(allowed, Refusal):
                 session.refuse(allowed)
@@ -78,7 +80,8 @@ async def connect(session: CommandSession, address: Address) -> None:
             infos = allowed
         else:
             infos = literal_addrinfo(address)
-        held = await open_target(infos, config.connect_timeout, session.record)
+        opening = open_target(infos, config.connect_timeout, session.record)
+        held = await (opening if metrics is None else timed(opening, metrics.connected))
     except asyncio.CancelledError:
         raise
     except Exception as e:  # every failure is a reply code, never a crash

@@ -68,6 +68,7 @@ from socksd.protocol import (
     udp_header_length,
     udp_reply_header,
 )
+from socksd.server.commands.base import timed
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.dataplane.idle import IdleWatch
 
@@ -451,7 +452,9 @@ class UdpAssociation:
     async def _resolve(self, name: str, port: int) -> None:
         ip: str | None = None
         try:
-            infos = await self.session.resolver.resolve(name, port)
+            metrics = self.session.metrics
+            resolving = self.session.resolver.resolve(name, port)
+            infos = await (resolving if metrics is None else timed(resolving, metrics.resolved))
             families = [info for info in infos if info[0] in self.target_sides]
             if families:
                 ip = str(families[0][4][0])

@@ -50,11 +50,12 @@ from socksd.server.commands.connect import connect
 from socksd.server.commands.udp import udp_associate
 from socksd.server.dataplane.relay import Holding, Relay
 from socksd.server.dataplane.terms import RelayTerms, make_relay, relay_terms
-from socksd.server.handshake.admission import Admission, Refusal, admit
+from socksd.server.handshake.admission import Admission, LoginRefusal, Refusal, admit, rule_field
 from socksd.server.handshake.gssapi import GssapiHandshake
 
 if TYPE_CHECKING:
     from socksd.config import Config
+    from socksd.metrics import SessionMetrics
     from socksd.resolver import AddrInfo, Resolver
     from socksd.rules import Decision
     from socksd.server.process.context import ServerContext
@@ -95,6 +96,8 @@ class Session(asyncio.Protocol):
     record: SessionRecord
     admission: Admission
     """Set in ``connection_made`` (a refused connection never gets further)."""
+    accepted: float
+    """``time.monotonic()`` at admission; set only with metrics on (handshake latency)."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -114,8 +117,11 @@ class Session(asyncio.Protocol):
         ctx = self.ctx
         peer = transport.get_extra_info("peername")
         self.record = record = SessionRecord(_format_peer(peer), time.time())
+        metrics = ctx.metrics
         if len(ctx.sessions) >= ctx.config.max_sessions:
             ctx.refused_sessions += 1
+            if metrics is not None:
+                metrics.refused("max_sessions")
             log.warning(
                 "refusing %s: %d sessions open (max_sessions)", record.client, len(ctx.sessions)
             )
@@ -127,12 +133,17 @@ class Session(asyncio.Protocol):
         if isinstance(outcome, Refusal):
             self.closed = self._finished = True
             transport.close()
+            if metrics is not None:
+                metrics.refusal(outcome)
             if outcome.log_now:
                 record.rule, record.error = outcome.rule, outcome.error
                 ctx.access_log.write(record)
             return
         self.admission = outcome
         ctx.sessions.add(self)  # (asyncio and uvloop both set TCP_NODELAY on accepted sockets)
+        if metrics is not None:
+            metrics.opened()
+            self.accepted = time.monotonic()
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(ctx.config.handshake_timeout, self._handshake_timeout)
 
@@ -211,7 +222,7 @@ class Session(asyncio.Protocol):
         ok = auth is not None and auth.cached(creds.username, creds.password)
         if not ok:
             shared = auth is not None and auth.checking(creds.username, creds.password)
-            refusal = None if shared else admission.login_start()
+            refusal = None if shared else self.login_start()
             if refusal is not None:
                 log.warning("refusing the login of %r from %s: %s", user, record.client, refusal)
                 transport.write(self.conn.send(UserPassReply(1)))
@@ -219,7 +230,7 @@ class Session(asyncio.Protocol):
                 return
             ok = auth is not None and await auth.verify(creds.username, creds.password)
             if not ok:
-                failure = admission.login_failed(user)
+                failure = self.login_failed("userpass", user)
                 delay = failure.delay
                 log.warning(
                     "authentication failed for user %r from %s%s",
@@ -238,6 +249,24 @@ class Session(asyncio.Protocol):
         transport.resume_reading()
         self._process()
 
+    def login_start(self) -> LoginRefusal | None:
+        """Admission's login checkpoint (``Admission.login_start``), a refusal counted."""
+        refusal = self.admission.login_start()
+        if refusal is not None and self.ctx.metrics is not None:
+            self.ctx.metrics.throttled(refusal.limit)
+        return refusal
+
+    def login_failed(self, method: str, user: str | None) -> LoginFailure:
+        """Count a failed login of ``method`` (``Admission.login_failed``: the throttle; the
+        metrics); the answer says how long its reply waits."""
+        failure = self.admission.login_failed(user)
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.auth_failed(method)
+            if failure.delay > 0:
+                metrics.throttled("auth_delay")
+        return failure
+
     async def _gssapi_message(self, message: GssapiMessage) -> None:
         if self.gssapi is None:
             if self.ctx.gssapi is None:  # selected, then switched off by a reload
@@ -251,6 +280,8 @@ class Session(asyncio.Protocol):
     def _request(self, request: Request) -> None:
         record = self.record
         self.cancel_handshake_timer()
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.handshake_done(time.monotonic() - self.accepted)
         record.command = request.command.name
         record.target = str(request.address)
         handler = COMMANDS.get(request.command)
@@ -290,6 +321,8 @@ class Session(asyncio.Protocol):
 
     def refuse(self, refusal: Refusal) -> None:
         """Answer a checkpoint's refusal (its reply code, its rule in the access log), close."""
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.refusal(refusal)
         if refusal.rule is not None:
             self.record.rule = refusal.rule
         if refusal.reply is None:
@@ -343,6 +376,10 @@ class Session(asyncio.Protocol):
     def codec(self) -> GssapiEncapsulation | None:
         return self.conn.encapsulation
 
+    @property
+    def metrics(self) -> SessionMetrics | None:
+        return self.ctx.metrics
+
     def terms(self) -> RelayTerms:
         """Idle timeout, bandwidth and buffer limits of this session's data (any command)."""
         admission = self.admission
@@ -352,7 +389,10 @@ class Session(asyncio.Protocol):
         return self.admission.allowed_addresses(self.record.user, target, infos)
 
     def peer_decision(self, host: str, port: int) -> Decision:
-        return self.admission.peer_decision(self.ctx.rules, self.record.user, host, port)
+        decision = self.admission.peer_decision(self.ctx.rules, self.record.user, host, port)
+        if not decision.allowed and self.ctx.metrics is not None:
+            self.ctx.metrics.denied(rule_field(decision))
+        return decision
 
     def destination_allowed(self, name: str | None, ip: str, port: int) -> bool:
         decision = self.admission.destination_allowed(
@@ -362,6 +402,8 @@ class Session(asyncio.Protocol):
             log.debug(
                 "UDP datagram to %s (%s) port %d denied by %s", name, ip, port, decision.label
             )
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.denied(rule_field(decision))
         return decision.allowed
 
     def start_relay(self, held: Holding) -> None:
@@ -399,3 +441,5 @@ class Session(asyncio.Protocol):
         if record.rule is None and self.admission.rule is not None:
             record.rule = self.admission.rule
         self.ctx.access_log.write(record)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.finished(record)

@@ -36,6 +36,7 @@ from socksd.server.process.hostaddrs import effective_rules
 
 if TYPE_CHECKING:
     from socksd.auth.gssapi import GssapiAcceptor
+    from socksd.metrics import SessionMetrics
     from socksd.server.handshake.session import Session
 
 METHOD_CODES = {
@@ -138,6 +139,9 @@ class ServerContext:
     sessions: set[Session] = field(default_factory=set)
     refused_sessions: int = 0
     limits: Limits = field(default_factory=Limits)
+    metrics: SessionMetrics | None = None
+    """Prometheus metrics the sessions update (``socksd.metrics``); None: metrics are off. Set by
+    what runs the server (``run``, or a worker), which also serves or exports them."""
 
     @classmethod
     def create(cls, config: Config) -> ServerContext:

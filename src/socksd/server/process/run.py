@@ -94,6 +94,8 @@ async def serve(
 def _reload(ctx: ServerContext, source: ConfigSource) -> None:
     log.info("SIGHUP received: reloading the configuration")
     old = reload(ctx, source)
+    if ctx.metrics is not None:
+        ctx.metrics.reloaded(old is not None)
     if old is not None and (old.log_format, old.log_level) != (
         ctx.config.log_format,
         ctx.config.log_level,
@@ -142,7 +144,18 @@ def run(
         if ctx is not None:
             ctx.access_log.close()
         return Supervisor(config, source).run()
+    endpoint = None
+    if config.metrics is not None:
+        from socksd.metrics import Endpoint, single_process
+
+        ctx = ctx or ServerContext.create(config)
+        ctx.metrics, registry = single_process()
+        endpoint = Endpoint(config.metrics, registry)
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
-    with asyncio.Runner(**kwargs) as runner:
-        runner.run(serve(config, ctx, source=source))
+    try:
+        with asyncio.Runner(**kwargs) as runner:
+            runner.run(serve(config, ctx, source=source))
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     return 0

@@ -29,6 +29,7 @@ from types import FrameType
 from typing import Any
 
 from socksd.config import Config
+from socksd.metrics import MultiprocessExport, worker_metrics
 from socksd.protocol import format_hostport
 from socksd.server.process.listener import bind_for_workers, ready_log
 from socksd.server.process.reload import ConfigSource, ReloadError, prepare
@@ -59,6 +60,7 @@ class Supervisor:
         self.announced = False
         self.stopping = False
         self.restarts: list[float] = []
+        self.metrics: MultiprocessExport | None = None
 
     def for_worker(self, config: Config) -> Config:
         """``config`` with each worker's share of ``max_sessions``, and the running listen."""
@@ -74,6 +76,9 @@ class Supervisor:
         }
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload)
         try:
+            if self.config.metrics is not None:  # before the first fork: workers inherit the mode
+                self.metrics = MultiprocessExport(self.config.metrics, self.count)
+                self.metrics.start()
             for index in range(self.count):
                 self._spawn(index)
             self._wait_ready()
@@ -90,6 +95,8 @@ class Supervisor:
             for socks in self.sockets:
                 for sock in socks:
                     sock.close()
+            if self.metrics is not None:
+                self.metrics.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
@@ -106,7 +113,11 @@ class Supervisor:
             parts, changes = prepare(self.source, self.config)
         except ReloadError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
+            if self.metrics is not None:
+                self.metrics.server.reloaded(False)
             return
+        if self.metrics is not None:
+            self.metrics.server.reloaded(True)
         parts.close()  # checked only: each worker derives its own parts
         for change in changes:
             log.warning("reload: %s needs a restart; keeping the running value", change)
@@ -182,6 +193,8 @@ class Supervisor:
             index = self.children.pop(pid, None)
             if index is None:
                 continue
+            if self.metrics is not None:
+                self.metrics.worker_exited(pid)
             code = os.waitstatus_to_exitcode(wstatus)
             if self.stopping:
                 status = status or (code if code > 0 else 0)
@@ -199,6 +212,8 @@ class Supervisor:
                 status = 1
                 continue
             time.sleep(0.5)
+            if self.metrics is not None:
+                self.metrics.server.worker_restarted()
             self._spawn(index)
         return status
 
@@ -213,6 +228,8 @@ def _worker_main(
     from socksd.server.process.run import loop_factory, serve
 
     ctx = ServerContext.create(config)
+    if config.metrics is not None:
+        ctx.metrics = worker_metrics()  # values in the supervisor's directory: it serves them
     factory = loop_factory(config.loop)
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
