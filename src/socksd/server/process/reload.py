@@ -9,9 +9,10 @@ in one line. On success the parts are installed in one step of the event loop: s
 established keep their connections, relays and counters; later checkpoints read the new parts,
 and open UDP associations check their next datagrams against the new rules.
 
-``listen``, ``workers``, ``loop`` and ``metrics`` cannot change in a running process: a change is logged as
-needing a restart and the running values stay. With ``--workers N`` the supervisor checks the new
-config with the same function, then forwards SIGHUP to each worker, which reloads itself.
+``listen``, ``workers``, ``loop`` and ``metrics`` cannot change in a running process: a change is
+logged as needing a restart and the running values stay. With ``--workers N`` the supervisor
+checks the new config with the same function, then forwards SIGHUP to each worker, which reloads
+itself.
 """
 
 from __future__ import annotations

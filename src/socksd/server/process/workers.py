@@ -9,8 +9,10 @@ that dies unexpectedly (giving up when workers keep dying). On SIGHUP it checks 
 first (a broken one is logged once and no worker is disturbed), then forwards SIGHUP to every
 worker, which reloads itself; workers started later get the new config.
 
-Forking happens before any event loop or thread exists in the supervisor, so each worker starts
-clean; it builds its own resolver, authenticator (with its bcrypt threads) and access log.
+Forking happens before any event loop exists in the supervisor, so each worker starts clean; it
+builds its own resolver, authenticator (with its bcrypt threads) and access log. The one thread
+the supervisor may have is the metrics endpoint's (``socksd.metrics``), started before the first
+fork and written so that a worker forked beside it (a restart) inherits no lock it holds.
 """
 
 from __future__ import annotations
