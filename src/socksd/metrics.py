@@ -32,6 +32,7 @@ imported only when metrics are on.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -404,6 +405,10 @@ class Endpoint:
 
             def log_message(self, format: str, *args: Any) -> None:
                 """Nothing: a scrape is not news, and this thread must not log (fork safety)."""
+
+            def get_stderr(self) -> io.StringIO:
+                """Not stderr: a failed scrape is answered 500 and written nowhere."""
+                return io.StringIO()
 
         try:
             family, _, _, _, sockaddr = socket.getaddrinfo(
