@@ -97,6 +97,14 @@ def test_a_finished_session_is_counted_from_its_record(
         value(registry, "socksd_relayed_bytes_total", command="CONNECT", direction="down") == 2000
     )
     m.opened()
+    partly = SessionRecord("192.0.2.1:8", time.time(), command="CONNECT", reply=0)
+    partly.bytes_up, partly.bytes_down = 100, 50
+    m.finished(partly, 60, 50)  # 60 and 50 counted while it ran: only the rest now
+    assert value(registry, "socksd_relayed_bytes_total", command="CONNECT", direction="up") == 50
+    assert (
+        value(registry, "socksd_relayed_bytes_total", command="CONNECT", direction="down") == 2000
+    )
+    m.opened()
     udp = SessionRecord("192.0.2.1:6", time.time(), command="UDP_ASSOCIATE", reply=0)
     udp.udp = UdpStats(4, 3, {"frag": 2, "denied": 1, "send": 0})
     m.finished(udp)
@@ -108,6 +116,7 @@ def test_a_finished_session_is_counted_from_its_record(
     m.opened()
     m.finished(SessionRecord("192.0.2.1:7", time.time()))  # a failed login: no request
     assert value(registry, "socksd_sessions_total", command="none", reply="none") == 1
+    assert value(registry, "socksd_sessions_total", command="CONNECT", reply="0x00") == 2
 
 
 def test_no_client_address_or_user_becomes_a_label(

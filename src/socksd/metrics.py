@@ -32,6 +32,7 @@ imported only when metrics are on.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -42,7 +43,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from socksd import __version__
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from socksd.accesslog import SessionRecord
     from socksd.config import ListenAddress
     from socksd.server.handshake.admission import Refusal
+    from socksd.server.handshake.session import Session
 
 log = logging.getLogger("socksd")
 
@@ -70,6 +72,9 @@ session limits (``socksd_limit_refusals_total``)."""
 
 SESSION_LIMITS = ("max_sessions", "max_sessions_per_ip", "max_sessions_per_user")
 
+PROGRESS_INTERVAL = 5.0
+"""Seconds between two counts of the bytes of open sessions."""
+
 SCRAPE_TIMEOUT = 10.0
 """Seconds one scrape connection may take (a client that sends nothing is dropped)."""
 
@@ -85,9 +90,17 @@ class SessionMetrics:
     values go to its files, the supervisor reads them).
     """
 
-    def __init__(self, registry: CollectorRegistry | None, server: ServerMetrics | None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None,
+        server: ServerMetrics | None,
+        sessions: Collection[Session] = (),
+    ) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
+        self.sessions = sessions
+        """The open sessions, whose bytes so far are counted every ``PROGRESS_INTERVAL``."""
+        self._progress: asyncio.TimerHandle | None = None
         self.server = server
         """The process's server metrics (reloads) when it runs the server alone; None in a worker."""
         reg: Any = registry
@@ -106,8 +119,8 @@ class SessionMetrics:
         )
         self._bytes = Counter(
             "socksd_relayed_bytes",
-            "Bytes relayed, by command and direction (up: client to target), counted when the "
-            "session ends; for UDP the datagrams' payload.",
+            "Bytes relayed, by command and direction (up: client to target), counted every few "
+            "seconds while a session runs; for UDP the datagrams' data.",
             ("command", "direction"),
             registry=reg,
         )
@@ -203,16 +216,19 @@ class SessionMetrics:
     def opened(self) -> None:
         """A session was admitted."""
         self.active.inc()
+        if self._progress is None:
+            self._schedule_progress()
 
-    def finished(self, record: SessionRecord) -> None:
-        """An admitted session ended: count it from its access-log record."""
+    def finished(self, record: SessionRecord, counted_up: int = 0, counted_down: int = 0) -> None:
+        """An admitted session ended: count it from its access-log record (``counted_*``: its
+        bytes already counted by :meth:`progress`)."""
         self.active.dec()
         command = record.command or "none"
         self._child(self._sessions, command, _reply_label(record.reply)).inc()
-        if record.bytes_up:
-            self._child(self._bytes, command, "up").inc(record.bytes_up)
-        if record.bytes_down:
-            self._child(self._bytes, command, "down").inc(record.bytes_down)
+        if record.bytes_up > counted_up:
+            self._child(self._bytes, command, "up").inc(record.bytes_up - counted_up)
+        if record.bytes_down > counted_down:
+            self._child(self._bytes, command, "down").inc(record.bytes_down - counted_down)
         udp = record.udp
         if udp is not None:
             if udp.datagrams_up:
@@ -222,6 +238,35 @@ class SessionMetrics:
             for reason, count in udp.dropped.items():
                 if count:
                     self._child(self._dropped, reason).inc(count)
+
+    def progress(self) -> None:
+        """Count the bytes open sessions relayed since the last time, so a long session shows in
+        the throughput as it goes, not all at its end."""
+        for session in self.sessions:
+            relay = session.relay
+            if relay is None:
+                continue
+            up, down = relay.up, relay.down
+            command = session.record.command or "none"
+            if up > session.metered_up:
+                self._child(self._bytes, command, "up").inc(up - session.metered_up)
+                session.metered_up = up
+            if down > session.metered_down:
+                self._child(self._bytes, command, "down").inc(down - session.metered_down)
+                session.metered_down = down
+
+    def _schedule_progress(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a test): nothing runs long
+            return
+        self._progress = loop.call_later(PROGRESS_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        self._progress = None
+        self.progress()
+        if self.sessions:
+            self._schedule_progress()  # else the next opened() starts it again
 
     # -- events -----------------------------------------------------------------------------
 
@@ -321,8 +366,9 @@ def _quiet_created_series() -> None:
     disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
-def single_process() -> tuple[SessionMetrics, CollectorRegistry]:
-    """The metrics of a server running in one process, and the registry its endpoint serves."""
+def single_process(sessions: Collection[Session]) -> tuple[SessionMetrics, CollectorRegistry]:
+    """The metrics of a server running in one process (``sessions``: its open sessions), and
+    the registry its endpoint serves."""
     os.environ.pop(MULTIPROC_ENV, None)  # never multiprocess files for a single process
     from prometheus_client import CollectorRegistry, values
     from prometheus_client.process_collector import ProcessCollector
@@ -333,7 +379,7 @@ def single_process() -> tuple[SessionMetrics, CollectorRegistry]:
     server = ServerMetrics()
     registry.register(server)
     ProcessCollector(registry=registry)
-    return SessionMetrics(registry, server), registry
+    return SessionMetrics(registry, server, sessions), registry
 
 
 def enable_multiprocess() -> str:
@@ -350,9 +396,9 @@ def enable_multiprocess() -> str:
     return path
 
 
-def worker_metrics() -> SessionMetrics:
+def worker_metrics(sessions: Collection[Session]) -> SessionMetrics:
     """A worker's session metrics (multiprocess mode: the supervisor serves them)."""
-    return SessionMetrics(None, None)
+    return SessionMetrics(None, None, sessions)
 
 
 class MultiprocessExport:

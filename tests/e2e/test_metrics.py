@@ -386,6 +386,29 @@ def test_worker_restarts_counted_and_dead_workers_leave_the_gauge(
     assert scrape(url)[done] == 5
 
 
+def test_a_long_session_counts_its_bytes_as_it_goes(
+    socksd: Callable[..., ServerProcess], echo: EchoServer
+) -> None:
+    server = socksd("--metrics", "127.0.0.1:0", "--workers", "2")
+    url = metrics_url(server)
+    up = key("socksd_relayed_bytes_total", command="CONNECT", direction="up")
+    down = key("socksd_relayed_bytes_total", command="CONNECT", direction="down")
+    before = scrape(url)
+    with socks_open(server, "127.0.0.1", echo.port) as sock:
+        echo_roundtrip(sock, b"a" * 5000)
+        # counted within PROGRESS_INTERVAL (5 s), the session still open
+        wait_for(lambda: scrape(url)[up] - before[up] == 5000, 15)
+        now = scrape(url)
+        assert (now[up] - before[up], now[down] - before[down]) == (5000, 5000)
+        assert now[key("socksd_sessions_active")] == 1
+        echo_roundtrip(sock, b"b" * 700)
+    # the rest at the end, nothing counted twice
+    done = key("socksd_sessions_total", command="CONNECT", reply="0x00")
+    wait_for(lambda: scrape(url).get(done) == 1, 10)
+    end = scrape(url)
+    assert (end[up] - before[up], end[down] - before[down]) == (5700, 5700)
+
+
 def test_metrics_dir_is_private_and_removed(socksd: Callable[..., ServerProcess]) -> None:
     server = socksd("--metrics", "127.0.0.1:0", "--workers", "2")
     dirs = set()

@@ -37,6 +37,14 @@ class Handover(Protocol):
     def reloaded(self) -> None:
         """The configuration was reloaded: drop what was derived from the old one."""
 
+    @property
+    def up(self) -> int:
+        """Bytes relayed from the client so far."""
+
+    @property
+    def down(self) -> int:
+        """Bytes relayed to the client so far."""
+
 
 class CommandSession(Protocol):
     """The session of a request, as its command sees it."""

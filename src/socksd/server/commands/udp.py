@@ -317,6 +317,16 @@ class UdpAssociation:
         self._idle_watch: IdleWatch | None = None
         self._control: asyncio.Transport | None = None
 
+    @property
+    def up(self) -> int:
+        """Bytes (datagram data) relayed from the client so far."""
+        return self.bytes_up
+
+    @property
+    def down(self) -> int:
+        """Bytes (datagram data) relayed to the client so far."""
+        return self.bytes_down
+
     # -- set-up ---------------------------------------------------------------------------------
 
     async def open(self, local_ip: str) -> Address:

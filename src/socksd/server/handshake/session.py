@@ -98,6 +98,9 @@ class Session(asyncio.Protocol):
     """Set in ``connection_made`` (a refused connection never gets further)."""
     accepted: float
     """``time.monotonic()`` at admission; set only with metrics on (handshake latency)."""
+    metered_up: int
+    metered_down: int
+    """Bytes each way already counted in the metrics while the session runs; only with metrics."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -144,6 +147,7 @@ class Session(asyncio.Protocol):
         if metrics is not None:
             metrics.opened()
             self.accepted = time.monotonic()
+            self.metered_up = self.metered_down = 0
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(ctx.config.handshake_timeout, self._handshake_timeout)
 
@@ -442,4 +446,4 @@ class Session(asyncio.Protocol):
             record.rule = self.admission.rule
         self.ctx.access_log.write(record)
         if self.ctx.metrics is not None:
-            self.ctx.metrics.finished(record)
+            self.ctx.metrics.finished(record, self.metered_up, self.metered_down)

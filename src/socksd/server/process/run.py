@@ -149,7 +149,7 @@ def run(
         from socksd.metrics import Endpoint, single_process
 
         ctx = ctx or ServerContext.create(config)
-        ctx.metrics, registry = single_process()
+        ctx.metrics, registry = single_process(ctx.sessions)
         endpoint = Endpoint(config.metrics, registry)
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     try:

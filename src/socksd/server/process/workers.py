@@ -231,7 +231,9 @@ def _worker_main(
 
     ctx = ServerContext.create(config)
     if config.metrics is not None:
-        ctx.metrics = worker_metrics()  # values in the supervisor's directory: it serves them
+        ctx.metrics = worker_metrics(
+            ctx.sessions
+        )  # values in the supervisor's directory: it serves them
     factory = loop_factory(config.loop)
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
