@@ -395,6 +395,8 @@ def check_config_command(args: argparse.Namespace) -> int:
     parts.close()
     print(f"{path}: valid")
     print(f"listen: {', '.join(str(a) for a in config.listen)}")
+    if config.metrics is not None:
+        print(f"metrics: http://{config.metrics}/metrics")
     methods = []
     for method in config.auth_methods:
         if method == "userpass" and parts.users is not None:

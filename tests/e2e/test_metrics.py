@@ -470,6 +470,18 @@ def test_a_remote_address_is_refused_without_intent() -> None:
     assert "--metrics-allow-remote" in lines[0]
 
 
+def test_check_config_shows_the_endpoint(tmp_path: Path) -> None:
+    config = tmp_path / "socksd.toml"
+    config.write_text('metrics = "127.0.0.1:9464"\n')
+    result = socksd_cli("check-config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "metrics: http://127.0.0.1:9464/metrics" in result.stdout.splitlines()
+    config.write_text('metrics = "[::]:9464"\n')
+    result = socksd_cli("check-config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.startswith("socksd: error: metrics: [::]:9464 is reachable")
+
+
 def test_a_busy_port_is_a_clear_error(socksd: Callable[..., ServerProcess]) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
