@@ -7,7 +7,8 @@ Two kinds of numbers, kept apart:
   :class:`~socksd.accesslog.SessionRecord` in :meth:`SessionMetrics.finished` (command, reply,
   bytes, UDP datagrams and drops), the rest from a few events a record does not keep (the
   handshake, resolve and connect latencies, failed and throttled logins, rule denials, limit
-  refusals). The session reaches it through ``ServerContext.metrics``, which is None when metrics
+  refusals); every ``PROGRESS_INTERVAL`` the bytes open sessions relayed so far
+  (:meth:`SessionMetrics.progress`), so a long session shows as it goes. The session reaches it through ``ServerContext.metrics``, which is None when metrics
   are off: the cost is then one ``is None`` test per hook.
 - :class:`ServerMetrics`, kept by whoever runs the server (the single process, or the supervisor of
   the workers): configuration reloads, when the running configuration was loaded, worker restarts.
