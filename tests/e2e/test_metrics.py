@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -604,3 +606,109 @@ def test_metric_names_parser_strips_what_is_not_a_metric() -> None:
     assert "socksd_x_total" in exported and "socksd_x" not in exported
     assert {"socksd_h_seconds_bucket", "socksd_h_seconds_count"} <= exported
     assert "socksd_h_seconds" not in exported
+
+
+# -- with the real Prometheus (Debian package prometheus) ----------------------------------------
+
+needs_prometheus = pytest.mark.skipif(
+    shutil.which("prometheus") is None or shutil.which("promtool") is None,
+    reason="prometheus and promtool are not installed (Debian package prometheus)",
+)
+
+
+@needs_prometheus
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_promtool_finds_nothing_to_lint(
+    socksd: Callable[..., ServerProcess], echo: EchoServer, workers: str
+) -> None:
+    server = socksd("--metrics", "127.0.0.1:0", "--workers", workers)
+    with socks_open(server, "127.0.0.1", echo.port) as sock:
+        echo_roundtrip(sock, b"lint")
+    done = key("socksd_sessions_total", command="CONNECT", reply="0x00")
+    url = metrics_url(server)
+    wait_for(lambda: scrape(url).get(done) == 1, 10)
+    result = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=scrape_text(url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def promql(base: str, expr: str) -> dict[str, object]:
+    query = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{base}/api/v1/query?{query}", timeout=IO_TIMEOUT) as response:
+        answer: dict[str, object] = json.loads(response.read())
+    return answer
+
+
+@needs_prometheus
+def test_prometheus_scrapes_and_the_dashboard_queries_answer(
+    socksd: Callable[..., ServerProcess],
+    tmp_path: Path,
+    users_file: Path,
+    echo: EchoServer,
+    udp_echo: UdpEchoServer,
+    http: HttpServer,
+    denied_target: EchoServer,
+) -> None:
+    config = write_config(tmp_path / "socksd.toml", users_file, denied_target.port)
+    server = socksd("--config", str(config), "--metrics", "127.0.0.1:0", "--workers", "2")
+    target = metrics_url(server).removeprefix("http://").removesuffix("/metrics")
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n  - job_name: socksd\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "prometheus.log").open("w")
+    prometheus = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        run_traffic(server, echo, udp_echo, http, denied_target.port)
+
+        def scraped() -> bool:
+            try:
+                found = promql(base, 'socksd_sessions_total{command="UDP_ASSOCIATE"}')
+            except OSError:
+                return False
+            return bool(found["data"]["result"])  # type: ignore[index]
+
+        wait_for(scraped, 30)
+        assert scraped(), (tmp_path / "prometheus.log").read_text()
+        time.sleep(3)  # a few more scrapes: rate() needs two samples
+        empty = []
+        for expr in dashboard_exprs():
+            concrete = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+            answer = promql(base, concrete)
+            assert answer["status"] == "success", (expr, answer)
+            if not answer["data"]["result"]:  # type: ignore[index]
+                empty.append(expr)
+        # every series exists from the start (known labels at 0) or was caused by the traffic
+        assert not empty, f"dashboard queries without data: {empty}"
+    finally:
+        prometheus.terminate()
+        try:
+            prometheus.wait(15)
+        except subprocess.TimeoutExpired:
+            prometheus.kill()
+            prometheus.wait(5)
+        log.close()
