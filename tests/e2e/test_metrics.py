@@ -162,7 +162,8 @@ def curl_get(server: ServerProcess, http: HttpServer) -> str:
 
 
 def udp_round(server: ServerProcess, udp_echo: UdpEchoServer, payload: bytes, count: int) -> None:
-    """One association: ``count`` datagrams echoed, then one fragment (dropped as ``frag``)."""
+    """One association: ``count`` datagrams echoed and one fragment (dropped as ``frag``) before
+    the last of them, so the drop is counted once its echo is back."""
     control = connect_proxy(server)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with control, udp:
@@ -175,11 +176,11 @@ def udp_round(server: ServerProcess, udp_echo: UdpEchoServer, payload: bytes, co
         control.sendall(request(*udp.getsockname()[:2], cmd=3))
         raw, host, port = read_reply(control)
         assert raw[1] == 0
-        for _ in range(count):
+        for i in range(count):
+            if i == count - 1:
+                udp.sendto(udp_header("127.0.0.1", udp_echo.port, frag=1) + payload, (host, port))
             udp.sendto(udp_header("127.0.0.1", udp_echo.port) + payload, (host, port))
             assert parse_udp(udp.recv(65536))[3] == payload
-        udp.sendto(udp_header("127.0.0.1", udp_echo.port, frag=1) + payload, (host, port))
-        time.sleep(0.2)  # the fragment reaches the relay before the control connection closes
 
 
 def closed_port() -> int:
