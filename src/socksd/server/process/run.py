@@ -151,6 +151,7 @@ def run(
         ctx = ctx or ServerContext.create(config)
         ctx.metrics, registry = single_process(ctx.sessions)
         endpoint = Endpoint(config.metrics, registry)
+        gc.freeze()  # prometheus_client's modules and objects: out of every later collection
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     try:
         with asyncio.Runner(**kwargs) as runner:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import select
@@ -231,9 +232,9 @@ def _worker_main(
 
     ctx = ServerContext.create(config)
     if config.metrics is not None:
-        ctx.metrics = worker_metrics(
-            ctx.sessions
-        )  # values in the supervisor's directory: it serves them
+        # values in the supervisor's directory: it serves them
+        ctx.metrics = worker_metrics(ctx.sessions)
+        gc.freeze()  # what metrics imported and built: out of every later collection
     factory = loop_factory(config.loop)
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
