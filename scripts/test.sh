@@ -27,6 +27,7 @@ command -v gcc >/dev/null || need+=(gcc libc6-dev)
 command -v kinit >/dev/null || need+=(krb5-user)
 command -v krb5-config >/dev/null || need+=(libkrb5-dev)
 command -v cc >/dev/null || need+=(build-essential)
+command -v promtool >/dev/null || need+=(prometheus)  # the metrics tests: promtool lints the endpoint, a real Prometheus runs the dashboard's queries
 if ((${#need[@]})); then
     echo "test.sh: installing system packages: ${need[*]}"
     sudo=""

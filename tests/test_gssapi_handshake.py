@@ -9,7 +9,7 @@ from typing import Any
 
 from socksd.accesslog import SessionRecord
 from socksd.config import Config
-from socksd.limits import Limits
+from socksd.limits import Limits, LoginFailure
 from socksd.protocol import (
     AuthMethod,
     Greeting,
@@ -19,7 +19,7 @@ from socksd.protocol import (
     ServerConnection,
     State,
 )
-from socksd.server.handshake.admission import Admission
+from socksd.server.handshake.admission import Admission, LoginRefusal
 from socksd.server.handshake.gssapi import GssapiHandshake
 
 
@@ -73,6 +73,12 @@ class FakeSession:
 
     def cancel_handshake_timer(self) -> None:
         self.timer_cancelled = True
+
+    def login_start(self) -> LoginRefusal | None:
+        return self.admission.login_start()
+
+    def login_failed(self, method: str, user: str | None) -> LoginFailure:
+        return self.admission.login_failed(user)
 
 
 @dataclass

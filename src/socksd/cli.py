@@ -196,6 +196,19 @@ def _serve_parser(sub: Any) -> None:
         metavar="GROUP",
         help="group that may use the control socket too (mode 0660)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; port 0: any "
+        "free port, shown in the log)",
+    )
+    p.add_argument(
+        "--metrics-allow-remote",
+        action="store_const",
+        const=True,
+        default=None,
+        help="allow a metrics address other machines can reach (the endpoint has no auth)",
+    )
     access = p.add_argument_group(
         "access rules and limits ([[rules]], [groups], [bandwidth]: TOML)"
     )
@@ -473,6 +486,8 @@ _SERVE_KEYS = (
     "control_socket",
     "control_group",
     "upstream",
+    "metrics",
+    "metrics_allow_remote",
 )
 
 
@@ -542,6 +557,8 @@ def check_config_command(args: argparse.Namespace) -> int:
     control = _control_summary(config)  # checks control_group
     print(f"{path}: valid")
     print(f"listen: {', '.join(str(a) for a in config.listen)}")
+    if config.metrics is not None:
+        print(f"metrics: http://{config.metrics}/metrics")
     methods = []
     for method in config.auth_methods:
         if method == "userpass" and parts.users is not None:

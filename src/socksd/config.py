@@ -140,6 +140,9 @@ class Config:
     """``[upstreams]`` (file only): the proxies requests may be sent through."""
     upstream: str | None = None
     """The upstream every allowed request goes through unless its rule says (None: direct)."""
+    metrics: ListenAddress | None = None
+    """Where the Prometheus endpoint listens (``/metrics``); None: no metrics."""
+    metrics_allow_remote: bool = False
 
     @property
     def auth_methods(self) -> tuple[str, ...]:
@@ -452,7 +455,26 @@ def _levels(value: Any) -> tuple[int, ...]:
     return tuple(levels)
 
 
+def _metrics(value: Any) -> ListenAddress | None:
+    if value is None or value in ("", "off"):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError('metrics: expected "HOST:PORT" (e.g. "127.0.0.1:9464") or "off"')
+    return ListenAddress.parse(value, "metrics")
+
+
+def _flag(key: str) -> Callable[[Any], bool]:
+    def convert(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false")
+        return value
+
+    return convert
+
+
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "metrics": _metrics,
+    "metrics_allow_remote": _flag("metrics_allow_remote"),
     "methods": _methods,
     "gssapi_service": _service,
     "gssapi_levels": _levels,
@@ -519,6 +541,7 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
         )
     check_methods(config)
     check_safety(config)
+    check_metrics(config)
     check_auth_delay(config)
     try:
         check_not_self(config.upstreams, ((a.host, a.port) for a in config.listen))
@@ -567,6 +590,18 @@ def check_safety(config: Config) -> None:
             "is required (methods include none); this would be an open proxy. Add users "
             "(--users FILE) or a Kerberos keytab (--gssapi-keytab FILE), or, if you really mean "
             "it, --allow-open (allow_open = true)"
+        )
+
+
+def check_metrics(config: Config) -> None:
+    """Refuse a metrics endpoint other machines can reach, unless allowed explicitly."""
+    address = config.metrics
+    if address is not None and not address.is_loopback and not config.metrics_allow_remote:
+        raise ConfigError(
+            f"metrics: {address} is reachable from other machines and the endpoint has no "
+            "authentication; use a loopback address (127.0.0.1:9464) behind your scraper's "
+            "tunnel or proxy, or, if you mean it, --metrics-allow-remote "
+            "(metrics_allow_remote = true)"
         )
 
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING, Protocol
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from socksd.accesslog import SessionRecord
     from socksd.config import Config
+    from socksd.metrics import SessionMetrics
     from socksd.protocol import Address, GssapiEncapsulation, ReplyCode, ServerConnection
     from socksd.resolver import AddrInfo, Resolver
     from socksd.rules import Decision
@@ -35,6 +38,14 @@ class Handover(Protocol):
 
     def reloaded(self) -> None:
         """The configuration was reloaded: drop what was derived from the old one."""
+
+    @property
+    def up(self) -> int:
+        """Bytes relayed from the client so far."""
+
+    @property
+    def down(self) -> int:
+        """Bytes relayed to the client so far."""
 
 
 class CommandSession(Protocol):
@@ -78,6 +89,10 @@ class CommandSession(Protocol):
         """The upstream proxy the allowed request goes through; None: direct (or not decided
         yet: a name whose addresses the rules need, until ``allowed_addresses``). Raises
         ``UpstreamFailure`` when the upstream named is no longer configured."""
+
+    @property
+    def metrics(self) -> SessionMetrics | None:
+        """The metrics to report latencies to (``timed``); None when metrics are off."""
 
     def terms(self) -> RelayTerms:
         """Idle timeout, bandwidth and buffer limits of this session's data."""
@@ -136,3 +151,25 @@ def bind_address(advertise: str | None, local_ip: str) -> str:
     except OSError:
         return local_ip
     return advertise
+
+
+T = TypeVar("T")
+
+
+async def timed(step: Awaitable[T], observe: Callable[[float, bool], None]) -> T:
+    """Await ``step`` and report how long it took and whether it succeeded (a cancel is not
+    reported). Callers wrap a step only when metrics are on, so it costs nothing otherwise::
+
+        resolving = session.resolver.resolve(host, port)
+        infos = await (resolving if metrics is None else timed(resolving, metrics.resolved))
+    """
+    start = time.monotonic()
+    try:
+        result = await step
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        observe(time.monotonic() - start, False)
+        raise
+    observe(time.monotonic() - start, True)
+    return result

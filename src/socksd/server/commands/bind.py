@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from socksd.protocol import Address, AddressType, BindPeerFilter, Command, ReplyCode
 from socksd.protocol.udp import is_unspecified
-from socksd.server.commands.base import bind_address
+from socksd.server.commands.base import bind_address, timed
 from socksd.server.commands.connect import open_to_upstream
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.commands.upstream import UpstreamFailure, open_upstream, second_reply
@@ -121,7 +121,9 @@ async def expected_peer(
 ) -> tuple[BindPeerFilter, str | None]:
     """The peer filter of a BIND request and the IP to route towards (None: unspecified)."""
     if address.atyp == AddressType.DOMAIN:
-        infos = await session.resolver.resolve(address.host, address.port)
+        metrics = session.metrics
+        resolving = session.resolver.resolve(address.host, address.port)
+        infos = await (resolving if metrics is None else timed(resolving, metrics.resolved))
         ips = [str(info[4][0]) for info in infos]
         return BindPeerFilter.for_request(address, ips), ips[0]
     if is_unspecified(address):

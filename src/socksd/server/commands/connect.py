@@ -25,6 +25,7 @@ import aiohappyeyeballs
 
 from socksd.protocol import Address, AddressType, ReplyCode, format_hostport
 from socksd.resolver import AddrInfo
+from socksd.server.commands.base import timed
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.commands.upstream import UpstreamFailure, connect_upstream
 from socksd.server.dataplane.relay import Holding
@@ -77,14 +78,15 @@ async def open_target(
 
 async def connect(session: CommandSession, address: Address) -> None:
     """Carry out one CONNECT request."""
-    config = session.config
+    config, metrics = session.config, session.metrics
     bound: Address | None = None  # the upstream's BND
     infos: list[AddrInfo] = []
     try:
         upstream = session.upstream()
         if upstream is None:
             if address.atyp == AddressType.DOMAIN:
-                infos = await session.resolver.resolve(address.host, address.port)
+                resolving = session.resolver.resolve(address.host, address.port)
+                infos = await (resolving if metrics is None else timed(resolving, metrics.resolved))
                 allowed = session.allowed_addresses(address, infos)  # the rules, by address
                 if isinstance(allowed, Refusal):
                     session.refuse(allowed)
@@ -94,11 +96,13 @@ async def connect(session: CommandSession, address: Address) -> None:
             else:
                 infos = literal_addrinfo(address)
         if upstream is None:
-            held = await open_target(infos, config.connect_timeout, session.record)
+            opening = open_target(infos, config.connect_timeout, session.record)
+            held = await (opening if metrics is None else timed(opening, metrics.connected))
         else:
             connector = partial(open_to_upstream, session, upstream.proxy)
-            held, bound = await connect_upstream(
-                upstream, address, config.connect_timeout, connector
+            chaining = connect_upstream(upstream, address, config.connect_timeout, connector)
+            held, bound = await (
+                chaining if metrics is None else timed(chaining, metrics.connected)
             )
     except asyncio.CancelledError:
         raise

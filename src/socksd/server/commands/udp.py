@@ -70,7 +70,7 @@ from socksd.protocol import (
     udp_header_length,
     udp_reply_header,
 )
-from socksd.server.commands.base import bind_address
+from socksd.server.commands.base import bind_address, timed
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.dataplane.idle import ActivityMark, IdleWatch
 
@@ -321,6 +321,16 @@ class UdpAssociation:
         self.activity = ActivityMark(0, 0.0)
         """When the datagram counter last moved, as far as the idle watch or a query saw."""
 
+    @property
+    def up(self) -> int:
+        """Bytes (datagram data) relayed from the client so far."""
+        return self.bytes_up
+
+    @property
+    def down(self) -> int:
+        """Bytes (datagram data) relayed to the client so far."""
+        return self.bytes_down
+
     # -- set-up ---------------------------------------------------------------------------------
 
     async def open(self, local_ip: str) -> Address:
@@ -467,7 +477,9 @@ class UdpAssociation:
     async def _resolve(self, name: str, port: int) -> None:
         ip: str | None = None
         try:
-            infos = await self.session.resolver.resolve(name, port)
+            metrics = self.session.metrics
+            resolving = self.session.resolver.resolve(name, port)
+            infos = await (resolving if metrics is None else timed(resolving, metrics.resolved))
             families = [info for info in infos if info[0] in self.target_sides]
             if families:
                 ip = str(families[0][4][0])

@@ -57,9 +57,25 @@ class Refusal:
     """The access-log ``rule`` field (``N``, ``default``, ``protect_local``) when a rule said no."""
     log_now: bool = False
     """Write the session's access-log line at once (a refusal at accept is otherwise silent)."""
+    limit: str | None = None
+    """The setting that refused (``max_sessions_per_ip``, ``max_sessions_per_user``,
+    ``auth_block``), when a limit did."""
 
 
-def _rule_field(decision: Decision) -> str:
+@dataclass(frozen=True, slots=True)
+class LoginRefusal:
+    """Why a login is refused now (:meth:`Admission.login_start`); reads as the reason."""
+
+    limit: str
+    """The setting that refused: ``auth_block`` or ``max_auth_checks_per_ip``."""
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def rule_field(decision: Decision) -> str:
+    """The access-log ``rule`` field of a decision: ``N``, ``default`` or ``protect_local``."""
     return decision.label.removeprefix("rule ")
 
 
@@ -67,7 +83,7 @@ def _denied(decision: Decision) -> Refusal:
     reason = f"denied by {decision.label}"
     if decision.label == "protect_local":
         reason += " (a local destination)"
-    return Refusal(ReplyCode.NOT_ALLOWED, reason, _rule_field(decision))
+    return Refusal(ReplyCode.NOT_ALLOWED, reason, rule_field(decision))
 
 
 def admit(
@@ -80,13 +96,13 @@ def admit(
     """Accept checkpoint for a connection from ``host`` (``client`` is HOST:PORT, for logs)."""
     if limits.throttle.blocked(host, time.monotonic()):
         log.debug("refusing %s: blocked after failed logins (auth_block)", client)
-        return Refusal(None, "blocked after failed logins (auth_block)")
+        return Refusal(None, "blocked after failed logins (auth_block)", limit="auth_block")
     ip = parse_ip(host) or UNKNOWN_CLIENT
     if not rules.accept_all:
         decision = rules.check_client(ip)
         if not decision.allowed:
             return Refusal(
-                None, f"denied by {decision.label} at accept", _rule_field(decision), log_now=True
+                None, f"denied by {decision.label} at accept", rule_field(decision), log_now=True
             )
     count = limits.per_ip.add(host)
     if limits.max_per_ip and count > limits.max_per_ip:
@@ -96,7 +112,7 @@ def admit(
             client,
             count - 1,
         )
-        return Refusal(None, "max_sessions_per_ip")
+        return Refusal(None, "max_sessions_per_ip", limit="max_sessions_per_ip")
     return Admission(limits, host, ip, client)
 
 
@@ -177,12 +193,13 @@ class Admission:
                 return Refusal(
                     ReplyCode.GENERAL_FAILURE,
                     f"user has {count - 1} sessions open (max_sessions_per_user)",
+                    limit="max_sessions_per_user",
                 )
         return None
 
     def _allowed(self, rules: RuleSet, decision: Decision) -> None:
         if decision.rule is not None:
-            self.rule = _rule_field(decision)
+            self.rule = rule_field(decision)
         self.idle_timeout = decision.idle_timeout
         self.upstream = rules.route(decision)
 
@@ -258,16 +275,19 @@ class Admission:
 
     # -- logins -------------------------------------------------------------------------------
 
-    def login_start(self) -> str | None:
+    def login_start(self) -> LoginRefusal | None:
         """Login checkpoint: None when the check may be queued (it is counted for the client's
         address until :meth:`login_done`), else why the login is refused now."""
         throttle = self.limits.throttle
         if throttle.blocked(self.host, time.monotonic()):
-            return f"blocked after {throttle.max_failures} failed logins (auth_block)"
+            return LoginRefusal(
+                "auth_block", f"blocked after {throttle.max_failures} failed logins (auth_block)"
+            )
         if not throttle.begin_check(self.host):
-            return (
+            return LoginRefusal(
+                "max_auth_checks_per_ip",
                 f"{throttle.checks(self.host)} logins from this address are being checked "
-                "(max_auth_checks_per_ip)"
+                "(max_auth_checks_per_ip)",
             )
         self.checking = True
         return None

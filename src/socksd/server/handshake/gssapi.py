@@ -14,7 +14,7 @@ and the reason is logged (server log and access-log line). The authenticated pri
 (``user@REALM``) becomes the session's user name.
 
 Each context step passes the same login checkpoint as a password check
-(``Admission.login_start``): counted against the address's in-flight checks, or
+(``Session.login_start``): counted against the address's in-flight checks, or
 refused with the abort message at once. A failed step is a failed login of no known user: it
 counts for the address only, and its abort message waits the delay admission gives.
 """
@@ -59,7 +59,7 @@ class GssapiHandshake:
         try:
             step = self.negotiation.receive(message)
             if isinstance(step, MechanismStep):
-                refusal = session.admission.login_start()
+                refusal = session.login_start()
                 if refusal is not None:
                     self._fail(f"refused: {refusal}")
                     return False
@@ -103,7 +103,7 @@ class GssapiHandshake:
 
     async def _delay_failure(self) -> None:
         """Count the failed context for the client's address; wait the delay admission gives."""
-        failure = self.session.admission.login_failed(None)
+        failure = self.session.login_failed("gssapi", None)
         if failure.delay > 0 and not self.session.closed:
             self.session.cancel_handshake_timer()  # the abort message comes, within the delay
             await asyncio.sleep(failure.delay)

@@ -61,13 +61,14 @@ from socksd.server.commands.upstream import Upstream, UpstreamFailure
 from socksd.server.dataplane.idle import tcp_quiet_for
 from socksd.server.dataplane.relay import Holding, Relay
 from socksd.server.dataplane.terms import RelayTerms, make_relay, relay_terms
-from socksd.server.handshake.admission import Admission, Refusal, admit
+from socksd.server.handshake.admission import Admission, LoginRefusal, Refusal, admit, rule_field
 from socksd.server.handshake.gssapi import GssapiHandshake
 from socksd.server.handshake.proxied import client_of
 from socksd.sessionview import LiveSession
 
 if TYPE_CHECKING:
     from socksd.config import Config
+    from socksd.metrics import SessionMetrics
     from socksd.resolver import AddrInfo, Resolver
     from socksd.rules import Decision
     from socksd.server.process.context import ServerContext
@@ -109,6 +110,11 @@ class Session(asyncio.Protocol):
     admission: Admission
     """Set at admission (a refused connection never gets further): in ``connection_made``, or
     after the PROXY header of a connection from a load balancer."""
+    accepted: float
+    """``time.monotonic()`` at admission; set only with metrics on (handshake latency)."""
+    metered_up: int
+    metered_down: int
+    """Bytes each way already counted in the metrics while the session runs; only with metrics."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -139,8 +145,11 @@ class Session(asyncio.Protocol):
         ctx = self.ctx
         peer = transport.get_extra_info("peername")
         self.record = record = SessionRecord(_format_peer(peer), time.time())
+        metrics = ctx.metrics
         if len(ctx.sessions) >= ctx.config.max_sessions:
             ctx.refused_sessions += 1
+            if metrics is not None:
+                metrics.refused("max_sessions")
             log.warning(
                 "refusing %s: %d sessions open (max_sessions)", record.client, len(ctx.sessions)
             )
@@ -170,13 +179,15 @@ class Session(asyncio.Protocol):
 
     def _admit(self, host: str) -> None:
         """The accept checkpoint, for the client at ``host`` (``record.client``)."""
-        ctx, record = self.ctx, self.record
+        ctx, record, metrics = self.ctx, self.record, self.ctx.metrics
         outcome = admit(ctx.rules, ctx.limits, host=host, client=record.client)
         if isinstance(outcome, Refusal):
             self.closed = self._finished = True
             ctx.sessions.discard(self)
             self.cancel_handshake_timer()
             self.transport.close()
+            if metrics is not None:
+                metrics.refusal(outcome)
             if outcome.log_now:
                 record.rule, record.error = outcome.rule, outcome.error
                 ctx.access_log.write(record)
@@ -187,6 +198,10 @@ class Session(asyncio.Protocol):
         if not self.number:  # (numbered already when it came with a PROXY header)
             ctx.opened += 1
             self.number = ctx.opened
+        if metrics is not None:
+            metrics.opened()
+            self.accepted = time.monotonic()
+            self.metered_up = self.metered_down = 0
         if self._timer is None:
             self._start_timer()
 
@@ -314,7 +329,7 @@ class Session(asyncio.Protocol):
         ok = auth is not None and auth.cached(creds.username, creds.password)
         if not ok:
             shared = auth is not None and auth.checking(creds.username, creds.password)
-            refusal = None if shared else admission.login_start()
+            refusal = None if shared else self.login_start()
             if refusal is not None:
                 log.warning("refusing the login of %r from %s: %s", user, record.client, refusal)
                 transport.write(self.conn.send(UserPassReply(1)))
@@ -322,7 +337,7 @@ class Session(asyncio.Protocol):
                 return
             ok = auth is not None and await auth.verify(creds.username, creds.password)
             if not ok:
-                failure = admission.login_failed(user)
+                failure = self.login_failed("userpass", user)
                 delay = failure.delay
                 log.warning(
                     "authentication failed for user %r from %s%s",
@@ -341,6 +356,24 @@ class Session(asyncio.Protocol):
         transport.resume_reading()
         self._process()
 
+    def login_start(self) -> LoginRefusal | None:
+        """Admission's login checkpoint (``Admission.login_start``), a refusal counted."""
+        refusal = self.admission.login_start()
+        if refusal is not None and self.ctx.metrics is not None:
+            self.ctx.metrics.throttled(refusal.limit)
+        return refusal
+
+    def login_failed(self, method: str, user: str | None) -> LoginFailure:
+        """Count a failed login of ``method`` (``Admission.login_failed``: the throttle; the
+        metrics); the answer says how long its reply waits."""
+        failure = self.admission.login_failed(user)
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.auth_failed(method)
+            if failure.delay > 0:
+                metrics.throttled("auth_delay")
+        return failure
+
     async def _gssapi_message(self, message: GssapiMessage) -> None:
         if self.gssapi is None:
             if self.ctx.gssapi is None:  # selected, then switched off by a reload
@@ -354,6 +387,8 @@ class Session(asyncio.Protocol):
     def _request(self, request: Request) -> None:
         record = self.record
         self.cancel_handshake_timer()
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.handshake_done(time.monotonic() - self.accepted)
         record.command = request.command.name
         record.target = str(request.address)
         handler = COMMANDS.get(request.command)
@@ -396,6 +431,8 @@ class Session(asyncio.Protocol):
 
     def refuse(self, refusal: Refusal) -> None:
         """Answer a checkpoint's refusal (its reply code, its rule in the access log), close."""
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.refusal(refusal)
         if refusal.rule is not None:
             self.record.rule = refusal.rule
         if refusal.reply is None:
@@ -510,6 +547,10 @@ class Session(asyncio.Protocol):
             raise UpstreamFailure(ReplyCode.GENERAL_FAILURE, f"upstream {name} is not configured")
         return Upstream(name, proxy)
 
+    @property
+    def metrics(self) -> SessionMetrics | None:
+        return self.ctx.metrics
+
     def terms(self) -> RelayTerms:
         """Idle timeout, bandwidth and buffer limits of this session's data (any command)."""
         admission = self.admission
@@ -519,7 +560,10 @@ class Session(asyncio.Protocol):
         return self.admission.allowed_addresses(self.record.user, target, infos)
 
     def peer_decision(self, host: str, port: int) -> Decision:
-        return self.admission.peer_decision(self.ctx.rules, self.record.user, host, port)
+        decision = self.admission.peer_decision(self.ctx.rules, self.record.user, host, port)
+        if not decision.allowed and self.ctx.metrics is not None:
+            self.ctx.metrics.denied(rule_field(decision))
+        return decision
 
     def destination_allowed(self, name: str | None, ip: str, port: int) -> bool:
         decision = self.admission.destination_allowed(
@@ -529,6 +573,8 @@ class Session(asyncio.Protocol):
             log.debug(
                 "UDP datagram to %s (%s) port %d denied by %s", name, ip, port, decision.label
             )
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.denied(rule_field(decision))
         return decision.allowed
 
     def start_relay(self, held: Holding) -> None:
@@ -566,6 +612,8 @@ class Session(asyncio.Protocol):
         record.bytes_up, record.bytes_down = up, down
         if error and record.error is None:
             record.error = error
+        if self._admitted and self.ctx.metrics is not None:
+            self.ctx.metrics.finished(record, self.metered_up, self.metered_down)
         if self._quiet:
             log.debug(
                 "%s via %s (the balancer's own connection) ended: %s",

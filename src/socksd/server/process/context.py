@@ -42,6 +42,7 @@ from socksd.upstreams import UpstreamError
 if TYPE_CHECKING:
     from socksd.auth.gssapi import GssapiAcceptor
     from socksd.client.proxy import Proxy
+    from socksd.metrics import SessionMetrics
     from socksd.server.handshake.session import Session
 
 METHOD_CODES = {
@@ -166,6 +167,9 @@ class ServerContext:
     """Sessions admitted so far: the ``N`` of the last session id."""
     upstreams: dict[str, Proxy] = field(default_factory=dict)
     """``[upstreams]`` by name (``Derived.upstreams``)."""
+    metrics: SessionMetrics | None = None
+    """Prometheus metrics the sessions update (``socksd.metrics``); None: metrics are off. Set by
+    what runs the server (``run``, or a worker), which also serves or exports them."""
 
     @classmethod
     def create(cls, config: Config) -> ServerContext:

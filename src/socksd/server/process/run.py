@@ -130,6 +130,8 @@ def _reload(ctx: ServerContext, source: ConfigSource, server: Server | None) -> 
     if notifying:
         notify.reloading()
     old = reload(ctx, source)
+    if ctx.metrics is not None:
+        ctx.metrics.reloaded(old is not None)
     if old is not None and serverlog.log_settings(old) != serverlog.log_settings(ctx.config):
         try:
             setup_logging(ctx.config)
@@ -194,6 +196,14 @@ def run(
             ctx.access_log.close()
         return Supervisor(config, source).run()
     control = local_control(config)  # a running server on its socket stops us here
+    endpoint = None
+    if config.metrics is not None:
+        from socksd.metrics import Endpoint, single_process
+
+        ctx = ctx or ServerContext.create(config)
+        ctx.metrics, registry = single_process(ctx.sessions)
+        endpoint = Endpoint(config.metrics, registry)
+        gc.freeze()  # prometheus_client's modules and objects: out of every later collection
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     try:
         with asyncio.Runner(**kwargs) as runner:
@@ -201,4 +211,6 @@ def run(
     finally:
         if control is not None:
             control.close()  # (again: a no-op after serve's close)
+        if endpoint is not None:
+            endpoint.close()
     return 0

@@ -11,13 +11,15 @@ worker, which reloads itself; workers started later get the new config. On SIGUS
 its own log file and forwards the signal; each worker reopens its own log files. Under systemd
 the supervisor is the main process and the only one that notifies it (``notify``).
 
-Forking happens before any event loop or thread exists in the supervisor, so each worker starts
+Forking happens before any event loop exists in the supervisor, so each worker starts
 clean; it builds its own resolver, authenticator (with its bcrypt threads) and access log. The
 control socket (``socksd sessions``) is the supervisor's: it is bound before the first fork, and
 its thread starts once the workers are ready; a worker restarted later is forked while that
 thread runs, which is safe as ``socksd.server.process.control`` explains (the child only closes
 the inherited control descriptors, taking no lock). Each worker answers on one end of a
 socketpair made just before it is forked.
+The metrics endpoint's thread (``socksd.metrics``) is started before the first fork and written
+so that a worker forked beside it (a restart) inherits no lock it holds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import select
@@ -36,6 +39,7 @@ from types import FrameType
 from typing import Any
 
 from socksd.config import Config
+from socksd.metrics import MultiprocessExport, worker_metrics
 from socksd.protocol import format_hostport
 from socksd.server.process import notify, serverlog
 from socksd.server.process.control import (
@@ -69,6 +73,7 @@ class Supervisor:
         self.count = worker_count(config)
         self.worker_config = self.for_worker(config)
         self.sockets = bind_for_workers(config.listen, self.count)
+        self.metrics: MultiprocessExport | None = None
         self.control: ControlSocket | None = None
         self.control_server: ControlServer | None = None
         self.channels = WorkerChannels()
@@ -103,6 +108,9 @@ class Supervisor:
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload)
         previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_reopen)
         try:
+            if self.config.metrics is not None:  # before the first fork: workers inherit the mode
+                self.metrics = MultiprocessExport(self.config.metrics, self.count)
+                self.metrics.start()
             for index in range(self.count):
                 self._spawn(index)
             self._wait_ready()
@@ -133,6 +141,8 @@ class Supervisor:
         if self.control is not None:
             self.control.close()
         self.channels.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
@@ -152,9 +162,13 @@ class Supervisor:
             parts, changes = prepare(self.source, self.config)
         except ReloadError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
+            if self.metrics is not None:
+                self.metrics.server.reloaded(False)
             if self.announced:
                 notify.ready(self.status + "; the last reload failed, see the log")
             return
+        if self.metrics is not None:
+            self.metrics.server.reloaded(True)
         parts.close()  # checked only: each worker derives its own parts
         self._apply_logging(parts.config)
         for change in changes:
@@ -263,6 +277,8 @@ class Supervisor:
             index = self.children.pop(pid, None)
             if index is None:
                 continue
+            if self.metrics is not None:
+                self.metrics.worker_exited(pid)
             code = os.waitstatus_to_exitcode(wstatus)
             if self.stopping:
                 status = status or (code if code > 0 else 0)
@@ -280,6 +296,8 @@ class Supervisor:
                 status = 1
                 continue
             time.sleep(0.5)
+            if self.metrics is not None:
+                self.metrics.server.worker_restarted()
             self._spawn(index)
         return status
 
@@ -295,6 +313,10 @@ def _worker_main(
     from socksd.server.process.run import loop_factory, serve
 
     ctx = ServerContext.create(config)
+    if config.metrics is not None:
+        # values in the supervisor's directory: it serves them
+        ctx.metrics = worker_metrics(ctx.sessions)
+        gc.freeze()  # what metrics imported and built: out of every later collection
     factory = loop_factory(config.loop)
     kwargs: dict[str, Any] = {"loop_factory": factory} if factory else {}
     with asyncio.Runner(**kwargs) as runner:
