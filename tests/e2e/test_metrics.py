@@ -713,3 +713,48 @@ def test_prometheus_scrapes_and_the_dashboard_queries_answer(
             prometheus.kill()
             prometheus.wait(5)
         log.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_connections_from_a_load_balancer_leave_the_gauge_at_zero(
+    socksd: Callable[..., ServerProcess], echo: EchoServer, workers: int
+) -> None:
+    """Behind a balancer (PROXY protocol): a health check (LOCAL header, then close), a bad
+    header and a header cut short are never left in ``socksd_sessions_active``; a client's
+    session through the header is counted once, as the client's."""
+    from socksd.protocol.proxy_header import ProxyCommand, build_v2
+
+    server = socksd(
+        "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--workers", str(workers),
+        "--proxy-protocol-from", "127.0.0.1",
+    )  # fmt: skip
+    url = metrics_url(server)
+    before = scrape(url)
+    for header in (
+        build_v2(ProxyCommand.LOCAL),  # a health check
+        b"PROXY TCP9 nonsense\r\n",  # refused: bad header
+        build_v2(source=("198.51.100.7", 40000), destination=("127.0.0.1", 1080))[:20],  # cut
+    ):
+        with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT) as sock:
+            sock.sendall(header)
+            sock.shutdown(socket.SHUT_WR)
+            recv_until_eof(sock)
+    with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(build_v2(source=("127.0.0.5", 40000), destination=("127.0.0.1", 1080)))
+        sock.sendall(b"\x05\x01\x00" + request("127.0.0.1", echo.port))
+        assert recv_exact(sock, 2) == b"\x05\x00"
+        assert read_reply(sock)[0][1] == 0
+        echo_roundtrip(sock, b"through the balancer")
+    expected = {
+        key("socksd_sessions_total", command="CONNECT", reply="0x00"): 1,
+        key("socksd_sessions_total", command="none", reply="none"): 1,  # the health check
+        key("socksd_relayed_bytes_total", command="CONNECT", direction="up"): 20,
+        key("socksd_relayed_bytes_total", command="CONNECT", direction="down"): 20,
+        key("socksd_handshake_seconds_count"): 1,
+        key("socksd_connect_seconds_count", result="ok"): 1,
+    }
+    assert_moved(url, before, expected)
+    wait_for(lambda: scrape(url)[key("socksd_sessions_active")] == 0, 10)
+    assert scrape(url)[key("socksd_sessions_active")] == 0
+    assert server.alive
+    assert "Traceback" not in server.log()
