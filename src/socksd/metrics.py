@@ -186,6 +186,12 @@ class SessionMetrics:
             ("reason",),
             registry=reg,
         )
+        self.proxy_header_errors = Counter(
+            "socksd_proxy_header_errors",
+            "Connections from a load balancer (proxy_protocol_from) closed for a missing, invalid "
+            "or incomplete PROXY protocol header.",
+            registry=reg,
+        )
         # Children by label values: a dict lookup instead of .labels() on the hot path.
         self._children: dict[tuple[object, ...], Any] = {}
         self._ok = {True: "ok", False: "error"}

@@ -754,6 +754,8 @@ def test_connections_from_a_load_balancer_leave_the_gauge_at_zero(
         key("socksd_connect_seconds_count", result="ok"): 1,
     }
     assert_moved(url, before, expected)
+    errors = key("socksd_proxy_header_errors_total")
+    assert scrape(url)[errors] - before[errors] == 2  # the bad header and the one cut short
     wait_for(lambda: scrape(url)[key("socksd_sessions_active")] == 0, 10)
     assert scrape(url)[key("socksd_sessions_active")] == 0
     assert server.alive

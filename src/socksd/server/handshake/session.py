@@ -233,6 +233,8 @@ class Session(asyncio.Protocol):
     def _bad_header(self, error: str) -> None:
         """A load balancer's connection without a valid PROXY header: counted, logged, closed."""
         self.ctx.proxy_header_errors += 1
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.proxy_header_errors.inc()
         self._quiet = False
         log.warning("closing the connection from %s: %s", self.record.client, error)
         self.close(f"PROXY protocol: {error}")
