@@ -394,15 +394,22 @@ class UdpAssociation:
         self.client_addr = addr
         return True
 
-    def new_target(self, key: bytes, data: bytes, end: int) -> None:
-        """First datagram to a target: parse its address, then send it (or resolve the name)."""
+    def destination(self, data: bytes) -> Address | None:
+        """The DST.ADDR/DST.PORT of a datagram's header; None (dropped as ``header``) when it is
+        malformed."""
         try:
             parsed = parse_address(data, 3)
         except RemoteProtocolError:
             self.drop("header")
-            return
+            return None
         assert parsed is not None  # udp_header_length checked the length
-        address = parsed[0]
+        return parsed[0]
+
+    def new_target(self, key: bytes, data: bytes, end: int) -> None:
+        """First datagram to a target: parse its address, then send it (or resolve the name)."""
+        address = self.destination(data)
+        if address is None:
+            return
         if address.atyp == AddressType.DOMAIN:
             self._to_name(address.host.lower(), address.port, data, end)
             return

@@ -42,7 +42,6 @@ from socksd.protocol import (
     ReplyCode,
     UdpClientFilter,
     format_hostport,
-    parse_address,
     udp_header_length,
 )
 from socksd.server.commands.base import bind_address
@@ -164,13 +163,9 @@ class UpstreamUdpAssociation(UdpAssociation):
 
     def new_target(self, key: bytes, data: bytes, end: int) -> None:
         """Every datagram: its destination through the rules, then on to the upstream."""
-        try:
-            parsed = parse_address(data, 3)
-        except RemoteProtocolError:
-            self.drop("header")
+        address = self.destination(data)
+        if address is None:
             return
-        assert parsed is not None  # udp_header_length checked the length
-        address = parsed[0]
         if address.atyp == AddressType.DOMAIN:
             self._to_name(address.host.lower(), address.port, data, end)  # -> _send_to_ip
         elif self.permitted(None, address.host, address.port):
