@@ -42,7 +42,12 @@ from socksd.protocol.udp import is_unspecified
 from socksd.server.commands.base import bind_address, timed
 from socksd.server.commands.connect import open_to_upstream
 from socksd.server.commands.replycodes import reply_for_error
-from socksd.server.commands.upstream import UpstreamFailure, open_upstream, second_reply
+from socksd.server.commands.upstream import (
+    UpstreamFailure,
+    open_upstream,
+    routed,
+    second_reply,
+)
 from socksd.server.dataplane.relay import Holding
 
 if TYPE_CHECKING:
@@ -145,15 +150,7 @@ def _refusal(session: CommandSession, peers: BindPeerFilter, peer: tuple[Any, ..
 
 async def bind(session: CommandSession, address: Address) -> None:
     """Carry out one BIND request: here, or at the upstream proxy its rule names."""
-    try:
-        upstream = session.upstream()
-    except UpstreamFailure as e:
-        session.fail(e.reply, f"BIND: {e}")
-        return
-    if upstream is None:
-        await bind_here(session, address)
-    else:
-        await bind_through(session, upstream, address)
+    await routed(session, address, "BIND", bind_here, bind_through)
 
 
 async def bind_here(session: CommandSession, address: Address) -> None:

@@ -54,7 +54,7 @@ from socksd.server.commands.udp import (
     tune_udp_socket,
     udp_associate,
 )
-from socksd.server.commands.upstream import UpstreamFailure, open_upstream
+from socksd.server.commands.upstream import UpstreamFailure, open_upstream, routed
 
 if TYPE_CHECKING:
     from socksd.server.commands.base import CommandSession
@@ -63,15 +63,7 @@ if TYPE_CHECKING:
 
 async def udp_command(session: CommandSession, address: Address) -> None:
     """Carry out one UDP ASSOCIATE request: here, or through the upstream its rule names."""
-    try:
-        upstream = session.upstream()
-    except UpstreamFailure as e:
-        session.fail(e.reply, f"UDP ASSOCIATE: {e}")
-        return
-    if upstream is None:
-        await udp_associate(session, address)
-    else:
-        await udp_through(session, upstream, address)
+    await routed(session, address, "UDP ASSOCIATE", udp_associate, udp_through)
 
 
 class UpstreamSide(TargetSide):

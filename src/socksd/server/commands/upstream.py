@@ -52,6 +52,7 @@ from socksd.server.dataplane.relay import HOLD_LIMIT, Holding
 
 if TYPE_CHECKING:
     from socksd.client.proxy import Proxy
+    from socksd.server.commands.base import CommandSession
 
 log = logging.getLogger("socksd.upstream")
 
@@ -73,6 +74,26 @@ class UpstreamFailure(Exception):
     def __init__(self, reply: ReplyCode, message: str) -> None:
         super().__init__(message)
         self.reply = reply
+
+
+async def routed(
+    session: CommandSession,
+    address: Address,
+    what: str,
+    here: Callable[[CommandSession, Address], Awaitable[None]],
+    through: Callable[[CommandSession, Upstream, Address], Awaitable[None]],
+) -> None:
+    """Carry out a request ``here`` or ``through`` the upstream its rule names (a request whose
+    route is known before any name is resolved: BIND, UDP ASSOCIATE)."""
+    try:
+        upstream = session.upstream()
+    except UpstreamFailure as e:
+        session.fail(e.reply, f"{what}: {e}")
+        return
+    if upstream is None:
+        await here(session, address)
+    else:
+        await through(session, upstream, address)
 
 
 class UpstreamHolding(Holding):

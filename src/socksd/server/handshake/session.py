@@ -164,6 +164,8 @@ class Session(asyncio.Protocol):
             self.closed = self._finished = True
             transport.abort()
             return
+        ctx.opened += 1
+        self.number = ctx.opened
         if ctx.proxy_from and ctx.proxy_from.trusts(host):
             # A load balancer: its PROXY header names the client, admitted once it is read.
             self._balancer = (host, int(peer[1]))
@@ -171,8 +173,6 @@ class Session(asyncio.Protocol):
             self._quiet = True
             record.via = record.client
             ctx.sessions.add(self)
-            ctx.opened += 1
-            self.number = ctx.opened
             self._start_timer()
             return
         self._admit(host)
@@ -195,9 +195,6 @@ class Session(asyncio.Protocol):
         self.admission = outcome
         self._admitted = True
         ctx.sessions.add(self)  # (asyncio and uvloop both set TCP_NODELAY on accepted sockets)
-        if not self.number:  # (numbered already when it came with a PROXY header)
-            ctx.opened += 1
-            self.number = ctx.opened
         if metrics is not None:
             metrics.opened()
             self.accepted = time.monotonic()
@@ -232,7 +229,6 @@ class Session(asyncio.Protocol):
 
     def _bad_header(self, error: str) -> None:
         """A load balancer's connection without a valid PROXY header: counted, logged, closed."""
-        self.ctx.proxy_header_errors += 1
         if self.ctx.metrics is not None:
             self.ctx.metrics.proxy_header_errors.inc()
         self._quiet = False

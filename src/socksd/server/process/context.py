@@ -157,14 +157,12 @@ class ServerContext:
     refused_sessions: int = 0
     limits: Limits = field(default_factory=Limits)
     proxy_from: TrustedProxies = field(default_factory=TrustedProxies)
-    proxy_header_errors: int = 0
-    """Connections from a balancer closed for a missing or invalid PROXY header."""
     worker: int = 0
     """This process's worker index (0 in a single-process server)."""
     worker_label: str = "0"
     """The ``W`` of session ids ``W-N``: the worker index, ``index.G`` after its G-th start."""
     opened: int = 0
-    """Sessions admitted so far: the ``N`` of the last session id."""
+    """Connections accepted so far: the ``N`` of the last session id."""
     upstreams: dict[str, Proxy] = field(default_factory=dict)
     """``[upstreams]`` by name (``Derived.upstreams``)."""
     metrics: SessionMetrics | None = None
