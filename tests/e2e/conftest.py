@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import PASSWORD, USER, HttpServer, NxDomainDns, add_user, has_ipv6
+from tests.e2e.support import (
+    PASSWORD,
+    USER,
+    HttpServer,
+    NxDomainDns,
+    UdpEchoServer,
+    add_user,
+    has_ipv6,
+)
 from tests.servers import EchoServer, ServerProcess, start_server
 
 
@@ -90,3 +98,11 @@ def nx_dns() -> Iterator[NxDomainDns]:
     server = NxDomainDns.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def udp_echo() -> Iterator[UdpEchoServer]:
+    """A UDP echo server on 127.0.0.1, one per test module."""
+    server = UdpEchoServer()
+    yield server
+    server.close()

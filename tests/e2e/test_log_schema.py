@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,13 +51,6 @@ def check_line(line: dict[str, object], schema: dict[str, tuple[str, bool, str]]
             assert nullable, (key, line)
         else:
             assert isinstance(value, TYPES[kind]) and not isinstance(value, bool), (key, line)
-
-
-@pytest.fixture
-def udp_echo() -> Iterator[UdpEchoServer]:
-    server = UdpEchoServer()
-    yield server
-    server.close()
 
 
 def test_access_and_server_log_lines_match_the_readme(

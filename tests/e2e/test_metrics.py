@@ -190,13 +190,6 @@ def closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def udp_echo() -> Iterator[UdpEchoServer]:
-    server = UdpEchoServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def http() -> Iterator[HttpServer]:
     server = HttpServer()
     yield server

@@ -61,13 +61,6 @@ def slow_http() -> Iterator[SlowHttp]:
     server.close()
 
 
-@pytest.fixture
-def udp_echo() -> Iterator[UdpEchoServer]:
-    server = UdpEchoServer()
-    yield server
-    server.close()
-
-
 def sessions(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return socksd_cli("sessions", "--control-socket", str(path), *args, timeout=30)
 

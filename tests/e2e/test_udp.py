@@ -37,13 +37,6 @@ from tests.servers import ServerProcess
 
 
 @pytest.fixture(scope="module")
-def udp_echo() -> Iterator[UdpEchoServer]:
-    server = UdpEchoServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def udp_echo6() -> Iterator[UdpEchoServer]:
     if not has_ipv6():
         pytest.skip("::1 is not available")

@@ -553,13 +553,6 @@ def test_upstream_silent_is_ttl_expired(front: ServerProcess) -> None:
 # -- UDP ASSOCIATE through an upstream ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def udp_echo() -> Iterator[UdpEchoServer]:
-    server = UdpEchoServer()
-    yield server
-    server.close()
-
-
 def test_udp_through_the_upstream(
     front: ServerProcess, inner: ServerProcess, udp_echo: UdpEchoServer
 ) -> None:
