@@ -1,4 +1,5 @@
-"""The sans-I/O SOCKS5 core: wire constants, the address type, messages and state machines.
+"""The sans-I/O protocol core: SOCKS5 (wire constants, the address type, messages and state
+machines), SOCKS4/4a beside it, and the first-byte sniffing that tells them apart.
 
 Nothing here touches a socket or an event loop; ``socksd.server`` and ``socksd.client`` wrap it.
 """
@@ -48,6 +49,17 @@ from socksd.protocol.messages import (
     UserPassReply,
     UserPassRequest,
 )
+from socksd.protocol.sniff import WireProtocol, sniff
+from socksd.protocol.socks4 import (
+    SOCKS4_REPLY_FOR,
+    Socks4ClientConnection,
+    Socks4Error,
+    Socks4Reply,
+    Socks4ReplyCode,
+    Socks4Request,
+    Socks4ServerConnection,
+    socks4_reply_code,
+)
 from socksd.protocol.udp import (
     MAX_UDP_PAYLOAD_IPV4,
     MAX_UDP_PAYLOAD_IPV6,
@@ -65,6 +77,7 @@ __all__ = [
     "MAX_UDP_PAYLOAD_IPV4",
     "MAX_UDP_PAYLOAD_IPV6",
     "NEED_DATA",
+    "SOCKS4_REPLY_FOR",
     "SOCKS_VERSION",
     "UDP_HEADER_IPV4",
     "UDP_HEADER_IPV6",
@@ -95,15 +108,24 @@ __all__ = [
     "ReplyCode",
     "Request",
     "ServerConnection",
+    "Socks4ClientConnection",
+    "Socks4Error",
+    "Socks4Reply",
+    "Socks4ReplyCode",
+    "Socks4Request",
+    "Socks4ServerConnection",
     "State",
     "UdpClientFilter",
     "UdpDatagram",
     "UserPassReply",
     "UserPassRequest",
     "UserPassStatus",
+    "WireProtocol",
     "format_hostport",
     "is_valid_hostname",
     "parse_address",
+    "sniff",
+    "socks4_reply_code",
     "udp_header_length",
     "udp_reply_header",
 ]
