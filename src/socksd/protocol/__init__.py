@@ -1,5 +1,5 @@
 """The sans-I/O protocol core: SOCKS5 (wire constants, the address type, messages and state
-machines), SOCKS4/4a beside it, and the first-byte sniffing that tells them apart.
+machines), SOCKS4/4a and HTTP CONNECT beside it, and the first-byte sniffing that tells them apart.
 
 Nothing here touches a socket or an event loop; ``socksd.server`` and ``socksd.client`` wrap it.
 """
@@ -37,6 +37,14 @@ from socksd.protocol.gssapi import (
     LevelAgreed,
     MechanismStep,
 )
+from socksd.protocol.http_connect import (
+    HTTP_STATUS_FOR,
+    BasicCredentials,
+    ConnectRequest,
+    HttpConnectError,
+    HttpConnectReader,
+    http_status,
+)
 from socksd.protocol.messages import (
     MAX_HANDSHAKE_MESSAGE,
     Greeting,
@@ -73,6 +81,7 @@ from socksd.protocol.udp import (
 
 __all__ = [
     "CONNECTION_CLOSED",
+    "HTTP_STATUS_FOR",
     "MAX_HANDSHAKE_MESSAGE",
     "MAX_UDP_PAYLOAD_IPV4",
     "MAX_UDP_PAYLOAD_IPV6",
@@ -84,9 +93,11 @@ __all__ = [
     "Address",
     "AddressType",
     "AuthMethod",
+    "BasicCredentials",
     "BindPeerFilter",
     "ClientConnection",
     "Command",
+    "ConnectRequest",
     "Event",
     "Greeting",
     "GssapiClientNegotiation",
@@ -96,6 +107,8 @@ __all__ = [
     "GssapiMessageType",
     "GssapiOutOfSequence",
     "GssapiServerNegotiation",
+    "HttpConnectError",
+    "HttpConnectReader",
     "LevelAgreed",
     "LocalProtocolError",
     "MechanismStep",
@@ -122,6 +135,7 @@ __all__ = [
     "UserPassStatus",
     "WireProtocol",
     "format_hostport",
+    "http_status",
     "is_valid_hostname",
     "parse_address",
     "sniff",
