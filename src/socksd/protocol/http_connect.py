@@ -25,9 +25,12 @@ so the shell answers 407 with its Basic challenge when it requires a login, and 
 does not. The shell owns the header timeout (a slow-loris client is fed byte by byte, forever, and
 the reader just keeps answering ``NEED_DATA`` within its size bound).
 
-Responses (not re-exported by ``socksd.protocol``: call them as ``http_connect.error_response``;
-:func:`established`, :func:`error_response`, :func:`response_for_reply`) are built here
-(fixed text, nothing to parse): ``200 Connection established`` with no header (RFC 9110 s. 9.3.6:
+The ``Host`` header is not compared with the target (the target decides, as RFC 9112 s. 3.2.3
+has it for CONNECT); other headers (``Proxy-Connection``, ``User-Agent``) are kept and ignored.
+
+Responses are fixed text, built here: :func:`established`, :func:`error_response`,
+:func:`proxy_auth_required`, :func:`response_for_reply` (not re-exported by ``socksd.protocol``:
+call them as ``http_connect.error_response(503)``). ``200 Connection established`` with no header (RFC 9110 s. 9.3.6:
 no Content-Length in a 2xx to CONNECT), errors with ``Content-Type: text/plain``, Content-Length, a
 one-line body and ``Connection: close``; 407 adds ``Proxy-Authenticate: Basic realm="socksd"``,
 405 ``Allow: CONNECT``.
