@@ -20,7 +20,8 @@ Sources:
   fallback resolver for the names it does not hold.
 - :class:`DnsResolver`: asks configured DNS servers directly, with no thread per lookup, through
   dnspython's asyncio stub resolver (the wire format, UDP with TCP when an answer is truncated,
-  random IDs and source ports, replies checked against the query, CNAME chains: all dnspython's).
+  random IDs and source ports, replies checked against the query, CNAME chains: all dnspython's;
+  we only connect its UDP sockets, see :class:`_ConnectedUdpBackend`).
   A and AAAA are asked at the same time; the answer is AAAA addresses then A addresses
   (aiohappyeyeballs interleaves families). It never reads ``/etc/resolv.conf``: only the given
   servers are asked, and a name is asked as it is, absolute, with no search domain appended.
