@@ -1,5 +1,6 @@
 """The processes and servers tests start: a ``socksd serve`` process on loopback (its port read
-from its "listening on" line: it binds port 0 itself) and threaded loopback TCP targets.
+from its "listening on" line: it binds port 0 itself), threaded loopback TCP targets and a stub
+DNS server.
 
 Fixtures that start them are in ``conftest.py``; tests import these classes from here.
 """
@@ -9,14 +10,22 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.rcode
+import dns.rdatatype
 
 LISTENING = re.compile(r"listening on ([^\s\"]+)")
 
@@ -154,3 +163,107 @@ class EchoServer(ThreadedTarget):
             return
         while chunk := conn.recv(65536):
             conn.sendall(chunk)
+
+
+class StubDns:
+    """A DNS server on loopback (UDP and TCP on the same port) in a thread, written with
+    dnspython; it records every question it gets. It answers NXDOMAIN (with no SOA) to every
+    question; subclasses answer otherwise in ``answer``."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.udp, self.tcp = _bind_udp_tcp_pair(host)
+        self.address: tuple[str, int] = self.udp.getsockname()[:2]
+        self.port = self.address[1]
+        self.queries: Counter[tuple[str, str, str]] = Counter()  # (name, type, "udp"/"tcp")
+        self.questions: list[str] = []  # absolute names as asked ("a.test."), in order
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def count(self, name: str, qtype: str | None = None, transport: str | None = None) -> int:
+        """How many queries for ``name`` (no trailing dot; of ``qtype``, over ``transport``)."""
+        return sum(
+            n
+            for (qname, t, tr), n in self.queries.items()
+            if qname == name and qtype in (None, t) and transport in (None, tr)
+        )
+
+    def answer(
+        self, query: dns.message.QueryMessage, data: bytes, transport: str, peer: object
+    ) -> list[bytes]:
+        """The messages to send back to ``query`` (``data`` on the wire), in order."""
+        reply = dns.message.make_response(query)
+        reply.set_rcode(dns.rcode.NXDOMAIN)
+        return [reply.to_wire()]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.udp.close()
+        self.tcp.close()
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.udp, selectors.EVENT_READ)
+            sel.register(self.tcp, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in sel.select(0.05):
+                    if key.fileobj is self.udp:
+                        data, peer = self.udp.recvfrom(65535)
+                        for message in self._handle(data, "udp", peer):
+                            self.udp.sendto(message, peer)
+                    else:
+                        conn, peer = self.tcp.accept()
+                        with conn:
+                            self._serve_tcp(conn, peer)
+
+    def _serve_tcp(self, conn: socket.socket, peer: object) -> None:
+        conn.settimeout(2)
+        try:
+            (length,) = struct.unpack("!H", _recv_exactly(conn, 2))
+            for message in self._handle(_recv_exactly(conn, length), "tcp", peer):
+                conn.sendall(struct.pack("!H", len(message)) + message)
+        except OSError:
+            pass  # the client went away: nothing to answer
+
+    def _handle(self, data: bytes, transport: str, peer: object) -> list[bytes]:
+        try:
+            query = dns.message.from_wire(data)
+        except dns.exception.DNSException:
+            return []
+        if not isinstance(query, dns.message.QueryMessage) or len(query.question) != 1:
+            return []
+        question = query.question[0]
+        name = question.name.to_text()
+        self.questions.append(name)
+        key = (name.rstrip(".").lower(), dns.rdatatype.to_text(question.rdtype), transport)
+        self.queries[key] += 1
+        return self.answer(query, data, transport, peer)
+
+
+def _bind_udp_tcp_pair(host: str) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a listening TCP socket on the same free port of ``host``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        udp.bind((host, 0))
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            tcp.bind(udp.getsockname())
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        tcp.listen()
+        return udp, tcp
+    raise RuntimeError("no free port pair")
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("peer closed")
+        data += chunk
+    return data

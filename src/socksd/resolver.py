@@ -18,29 +18,32 @@ Sources:
   caller, not the thread: a hung lookup keeps its worker thread until libc gives up.
 - :class:`StaticResolver`: a fixed name -> addresses map checked first, like ``/etc/hosts``, with a
   fallback resolver for the names it does not hold.
-- :class:`DnsResolver`: asks configured DNS servers directly over UDP (TCP when the UDP answer is
-  truncated), with no thread per lookup and a small positive cache. A and AAAA are asked at the same
-  time; the answer is AAAA addresses then A addresses (aiohappyeyeballs interleaves families).
+- :class:`DnsResolver`: asks configured DNS servers directly, with no thread per lookup, through
+  dnspython's asyncio stub resolver (the wire format, UDP with TCP when an answer is truncated,
+  random IDs and source ports, replies checked against the query, CNAME chains: all dnspython's;
+  we only connect its UDP sockets, see :class:`_ConnectedUdpBackend`).
+  A and AAAA are asked at the same time; the answer is AAAA addresses then A addresses
+  (aiohappyeyeballs interleaves families). It never reads ``/etc/resolv.conf``: only the given
+  servers are asked, and a name is asked as it is, absolute, with no search domain appended.
 
-Defences of :class:`DnsResolver` against forged answers: each query goes out on a fresh UDP socket
-(a random source port from the kernel) that is connected to the server (the kernel drops datagrams
-from any other address), with a random 16-bit ID; a datagram whose ID, QR flag or question does
-not match the query is ignored and the wait goes on.
+What :class:`DnsResolver` adds to dnspython: a cache of one entry per name (positive answers for
+their TTL, at most :data:`MAX_CACHE_TTL`; NXDOMAIN and "no A or AAAA" for the negative TTL of
+RFC 2308, at most :data:`MAX_NEGATIVE_TTL`; failures and timeouts are not cached), bounded in
+size; the deadline; and the reasons given in :class:`ResolutionError`.
 
-Time: ``timeout`` bounds a whole ``resolve()`` call for every resolver. :class:`DnsResolver` shares
-it among its tries (``attempts`` rounds over the servers, as in ``resolv.conf``): each try gets an
-equal share of the time still left, so a server that fails fast leaves more time to the next.
-A name whose DNS answers hold only the unspecified address (``0.0.0.0``, ``::``, what sinkhole
-resolvers answer for blocked names) has no address: connecting there reaches this host.
+Time: ``timeout`` bounds a whole ``resolve()`` call for every resolver. :class:`DnsResolver` lets
+each query to one server wait an equal share of it (``attempts`` rounds over the servers, as in
+``resolv.conf``); a server that fails (refused, SERVFAIL) is dropped for that lookup and the next
+one asked at once. A name whose DNS answers hold only the unspecified address (``0.0.0.0``,
+``::``, what sinkhole resolvers answer for blocked names) has no address: connecting there
+reaches this host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import secrets
 import socket
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -48,7 +51,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-import dnslib
+import dns._asyncio_backend
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
 
 AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
 """One ``getaddrinfo`` result: family, type, proto, canonname, sockaddr."""
@@ -58,8 +68,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_CACHE_TTL = 300
 """Longest time (seconds) a DNS answer is kept, whatever TTL the server gave."""
 
-_MAX_CNAME_CHAIN = 16
-_TCP_LENGTH = struct.Struct("!H")
+MAX_NEGATIVE_TTL = 60
+"""Longest time (seconds) a name with no address (NXDOMAIN, no A or AAAA) is remembered as such."""
 
 
 class ResolutionError(OSError):
@@ -196,121 +206,83 @@ class StaticResolver:
 
 
 class _Status(Enum):
-    """How one query (one name, one record type) ended."""
+    """How the query for one record type ended."""
 
     ANSWER = "answer"  # NOERROR: the addresses (possibly none) are final
     NXDOMAIN = "nxdomain"  # the name does not exist
-    FAILED = "failed"  # every try timed out, failed, or got SERVFAIL/REFUSED/...
+    FAILED = "failed"  # no answer in time, or every server failed (SERVFAIL, REFUSED, I/O error)
 
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
-    """Result of one query after all its tries."""
+    """Result of the query for one record type, after dnspython's tries."""
 
     status: _Status
     addresses: tuple[IPAddress, ...] = ()
-    ttl: int = 0
+    ttl: int = 0  # of the addresses; for an answer without any, how long that may be cached
     detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class _CacheEntry:
     expires: float  # time.monotonic() deadline
-    addresses: tuple[IPAddress, ...]
+    addresses: tuple[IPAddress, ...]  # empty: a negative entry, ``reason`` says why
+    reason: str = ""
 
 
-def _query_name(host: str) -> Any:
-    """The ``dnslib.DNSLabel`` for ``host``, IDNA-encoded; raise ResolutionError if impossible."""
+def _query_name(host: str) -> dns.name.Name:
+    """The absolute, IDNA-encoded name for ``host``; raise ResolutionError if impossible.
+
+    Absolute, so dnspython never appends a search domain: ``db`` is asked as ``db.``.
+    """
     try:
         encoded = _normalize(host).encode("idna")
     except UnicodeError as exc:
         raise ResolutionError(host, f"not a valid domain name ({exc})") from None
     if not encoded or len(encoded) > 253:
         raise ResolutionError(host, "not a valid domain name (empty or too long)")
-    # Built from byte labels: a str would go through dnslib's "\DDD" escape decoding.
-    return dnslib.DNSLabel(tuple(encoded.split(b".")))
-
-
-def _match_reply(data: bytes, query: Any) -> Any | None:
-    """Parse ``data`` as the answer to ``query``; None if it is not (wrong ID or question, junk)."""
-    if data[:2] != query.header.id.to_bytes(2, "big"):  # cheap check before a full parse
-        return None
     try:
-        reply = dnslib.DNSRecord.parse(data)
-    except Exception:  # untrusted bytes: dnslib raises more than DNSError on some malformed rdata
-        return None
-    if not reply.header.qr or reply.questions != query.questions:
-        return None
-    return reply
+        # Built from byte labels: from_text() would decode "\DDD" escapes in the name.
+        return dns.name.Name([*encoded.split(b"."), b""])
+    except dns.exception.DNSException as exc:  # an empty or too long label
+        raise ResolutionError(host, f"not a valid domain name ({exc})") from None
 
 
-def _addresses(reply: Any, qname: Any, qtype: int) -> tuple[tuple[IPAddress, ...], int]:
-    """Addresses of type ``qtype`` for ``qname`` in the answer section, following CNAMEs.
-
-    Also returns the smallest TTL of the records used (the CNAMEs and the address set).
-    """
-    version = 4 if qtype == dnslib.QTYPE.A else 6
-    name = qname
-    ttl = MAX_CACHE_TTL
-    for _ in range(_MAX_CNAME_CHAIN):
-        records = [rr for rr in reply.rr if rr.rclass == dnslib.CLASS.IN and rr.rname == name]
-        found = [rr for rr in records if rr.rtype == qtype]
-        if found:
-            ips: list[IPAddress] = []
-            for rr in found:
-                ttl = min(ttl, int(rr.ttl))
-                try:
-                    ip = ipaddress.ip_address(str(rr.rdata))
-                except ValueError:  # malformed rdata: skip the record, keep the others
-                    continue
-                if ip.version == version and not ip.is_unspecified:
-                    ips.append(ip)
-            return tuple(ips), ttl
-        cname = next((rr for rr in records if rr.rtype == dnslib.QTYPE.CNAME), None)
-        if cname is None:
-            break
-        ttl = min(ttl, int(cname.ttl))
-        name = cname.rdata.label
-    return (), 0
+def _addresses(answer: dns.resolver.Answer, version: int) -> _Outcome:
+    """The usable addresses of a NOERROR answer (CNAMEs already followed by dnspython)."""
+    ttl = int(answer.chaining_result.minimum_ttl)  # CNAMEs and addresses, or the SOA's
+    if answer.rrset is None:  # no records of that type: a negative answer
+        return _Outcome(_Status.ANSWER, (), ttl)
+    ips: list[IPAddress] = []
+    for rdata in answer.rrset:
+        ip = ipaddress.ip_address(rdata.address)
+        if ip.version == version and not ip.is_unspecified:  # sinkholes answer 0.0.0.0 / ::
+            ips.append(ip)
+    return _Outcome(_Status.ANSWER, tuple(ips), ttl)
 
 
-def _rcode_name(rcode: int) -> str:
-    """``SERVFAIL`` for 2, and so on; the number for codes dnslib does not know."""
-    return str(dnslib.RCODE.get(rcode, str(rcode)))
-
-
-class _UdpExchange(asyncio.DatagramProtocol):
-    """Waits on a connected UDP socket for the datagram that answers ``query``."""
-
-    def __init__(self, query: Any, waiter: asyncio.Future[Any]) -> None:
-        self._query = query
-        self._waiter = waiter
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """Complete the wait with a matching reply; ignore anything else."""
-        if self._waiter.done():
-            return
-        reply = _match_reply(data, self._query)
-        if reply is not None:
-            self._waiter.set_result(reply)
-
-    def error_received(self, exc: Exception) -> None:
-        """An ICMP error (port unreachable: no DNS server there) ends this try."""
-        if not self._waiter.done():
-            self._waiter.set_exception(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """The socket closed before a reply came."""
-        if not self._waiter.done():
-            self._waiter.set_exception(exc or ConnectionError("DNS socket closed"))
+def _negative_ttl(exc: dns.resolver.NXDOMAIN) -> int:
+    """How long an NXDOMAIN may be cached: the SOA's TTL and minimum (RFC 2308), or 0."""
+    responses: dict[dns.name.Name, dns.message.Message] = exc.kwargs.get("responses") or {}
+    ttls = []
+    for response in responses.values():
+        if not isinstance(response, dns.message.QueryMessage):
+            return 0
+        try:
+            ttls.append(int(response.resolve_chaining().minimum_ttl))
+        except dns.exception.DNSException:
+            return 0
+    return min(ttls, default=0)
 
 
 class DnsResolver:
-    """Asks DNS ``servers`` (IP literal, port) directly over UDP, TCP for truncated answers.
+    """Asks DNS ``servers`` (IP literal, port) directly, with dnspython's asyncio stub resolver.
 
-    ``timeout`` bounds a whole ``resolve()``; ``attempts`` is the number of rounds over the
-    servers. Positive answers are cached for their TTL (at most :data:`MAX_CACHE_TTL` seconds) in
-    an LRU of ``cache_size`` names (0 disables the cache).
+    ``timeout`` bounds a whole ``resolve()``; each query to one server waits at most an equal
+    share of it, so that every server is tried ``attempts`` times when all are silent. Answers
+    are cached for their TTL (at most :data:`MAX_CACHE_TTL` seconds), names with no address for
+    their negative TTL (at most :data:`MAX_NEGATIVE_TTL` seconds), in one LRU of ``cache_size``
+    names (0 disables the cache).
     """
 
     def __init__(
@@ -341,7 +313,20 @@ class DnsResolver:
         self.timeout = timeout
         self.attempts = attempts
         self.cache_size = cache_size
-        self._tries = [server for _ in range(attempts) for server in self.servers]
+        # configure=False: no /etc/resolv.conf, so no other server, search list or ndots.
+        stub = dns.asyncresolver.Resolver(configure=False)
+        nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in checked]
+        stub.nameservers = nameservers
+        stub.lifetime = timeout
+        stub.timeout = timeout / (attempts * len(checked))
+        stub.retry_servfail = False  # a server that answered SERVFAIL is not asked again
+        stub.cache = None  # our cache below: per name, capped TTLs, monotonic clock
+        self._stub = stub
+        self._backend = _ConnectedUdpBackend()
+        self._where = "DNS server " + ", ".join(_format_server(s) for s in checked)
+        self._names = {
+            str(ns): _format_server(s) for ns, s in zip(nameservers, checked, strict=True)
+        }
         self._cache: OrderedDict[str, _CacheEntry] = OrderedDict()
 
     async def resolve(self, host: str, port: int) -> list[AddrInfo]:
@@ -352,29 +337,35 @@ class DnsResolver:
         key = _normalize(host)
         cached = self._cache_get(key)
         if cached is not None:
-            return [_addrinfo(ip, port, host) for ip in cached]
+            if not cached.addresses:
+                raise ResolutionError(host, cached.reason)
+            return [_addrinfo(ip, port, host) for ip in cached.addresses]
         qname = _query_name(host)
         deadline = asyncio.get_running_loop().time() + self.timeout
         async with asyncio.TaskGroup() as group:
-            aaaa_task = group.create_task(self._lookup(qname, dnslib.QTYPE.AAAA, deadline))
-            a_task = group.create_task(self._lookup(qname, dnslib.QTYPE.A, deadline))
+            aaaa_task = group.create_task(self._lookup(qname, dns.rdatatype.AAAA, deadline))
+            a_task = group.create_task(self._lookup(qname, dns.rdatatype.A, deadline))
         aaaa, a = aaaa_task.result(), a_task.result()
+        outcomes = (aaaa, a)
         addresses = aaaa.addresses + a.addresses
+        complete = all(o.status is not _Status.FAILED for o in outcomes)
         if addresses:
-            if aaaa.status is not _Status.FAILED and a.status is not _Status.FAILED:
-                # Cache only complete answers: a failed family would stay hidden for the TTL.
-                ttl = min(o.ttl for o in (aaaa, a) if o.addresses)
-                self._cache_put(key, addresses, ttl)
+            if complete:  # a failed family would stay hidden for the TTL
+                ttl = min(o.ttl for o in outcomes if o.addresses)
+                self._cache_put(key, addresses, min(ttl, MAX_CACHE_TTL))
             return [_addrinfo(ip, port, host) for ip in addresses]
-        if aaaa.status is _Status.NXDOMAIN and a.status is _Status.NXDOMAIN:
-            raise ResolutionError(host, "no such domain (NXDOMAIN)")
-        for outcome in (a, aaaa):
-            if outcome.status is _Status.FAILED:
-                raise ResolutionError(host, outcome.detail)
-        raise ResolutionError(host, "no A or AAAA records")
+        if not complete:
+            failed = a if a.status is _Status.FAILED else aaaa
+            raise ResolutionError(host, failed.detail)
+        if all(o.status is _Status.NXDOMAIN for o in outcomes):
+            reason = "no such domain (NXDOMAIN)"
+        else:
+            reason = "no A or AAAA records"
+        self._cache_put(key, (), min(*(o.ttl for o in outcomes), MAX_NEGATIVE_TTL), reason)
+        raise ResolutionError(host, reason)
 
-    def _cache_get(self, key: str) -> tuple[IPAddress, ...] | None:
-        """Fresh cached addresses of ``key``, or None (expired entries are dropped)."""
+    def _cache_get(self, key: str) -> _CacheEntry | None:
+        """The fresh cache entry of ``key``, or None (expired entries are dropped)."""
         entry = self._cache.get(key)
         if entry is None:
             return None
@@ -382,93 +373,71 @@ class DnsResolver:
             del self._cache[key]
             return None
         self._cache.move_to_end(key)
-        return entry.addresses
+        return entry
 
-    def _cache_put(self, key: str, addresses: tuple[IPAddress, ...], ttl: int) -> None:
-        """Keep ``addresses`` for ``ttl`` seconds (capped), evicting the least recently used."""
-        ttl = min(ttl, MAX_CACHE_TTL)
+    def _cache_put(
+        self, key: str, addresses: tuple[IPAddress, ...], ttl: int, reason: str = ""
+    ) -> None:
+        """Keep ``addresses`` (none: ``reason``) for ``ttl`` seconds, evicting the least used."""
         if ttl <= 0 or self.cache_size == 0:
             return
-        self._cache[key] = _CacheEntry(time.monotonic() + ttl, addresses)
+        self._cache[key] = _CacheEntry(time.monotonic() + ttl, addresses, reason)
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    async def _lookup(self, qname: Any, qtype: int, deadline: float) -> _Outcome:
-        """Ask for ``qtype`` records of ``qname``, trying servers in turn until one answers."""
-        loop = asyncio.get_running_loop()
-        detail = "no DNS server tried"
-        for index, server in enumerate(self._tries):
-            budget = (deadline - loop.time()) / (len(self._tries) - index)
-            if budget <= 0:
-                break
-            where = f"DNS server {_format_server(server)}"
-            try:
-                async with asyncio.timeout(budget):
-                    reply = await self._exchange(server, qname, qtype)
-            except TimeoutError:
-                detail = f"no answer from {where} within {self.timeout:g} s"
-                continue
-            except OSError as exc:
-                detail = f"{where}: {exc}"
-                continue
-            rcode = reply.header.rcode
-            if rcode == dnslib.RCODE.NOERROR:
-                addresses, ttl = _addresses(reply, qname, qtype)
-                return _Outcome(_Status.ANSWER, addresses, ttl)
-            if rcode == dnslib.RCODE.NXDOMAIN:
-                return _Outcome(_Status.NXDOMAIN)
-            detail = f"{where} answered {_rcode_name(rcode)}"
-        return _Outcome(_Status.FAILED, detail=detail)
+    async def _lookup(
+        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, deadline: float
+    ) -> _Outcome:
+        """Ask the servers for ``rdtype`` records of ``qname`` until ``deadline``."""
+        try:
+            # Our deadline, not only dnspython's lifetime: it may sleep (back off) past it.
+            async with asyncio.timeout_at(deadline):
+                answer = await self._stub.resolve(
+                    qname,
+                    rdtype,
+                    raise_on_no_answer=False,
+                    search=False,
+                    backend=self._backend,
+                )
+        except (TimeoutError, dns.exception.Timeout):  # LifetimeTimeout is a Timeout
+            return _Outcome(
+                _Status.FAILED, detail=f"no answer from {self._where} within {self.timeout:g} s"
+            )
+        except dns.resolver.NXDOMAIN as exc:
+            return _Outcome(_Status.NXDOMAIN, ttl=_negative_ttl(exc))
+        except dns.resolver.NoNameservers as exc:
+            return _Outcome(_Status.FAILED, detail=self._server_failure(exc))
+        except dns.exception.DNSException as exc:  # YXDOMAIN, and what dnspython adds later
+            return _Outcome(_Status.FAILED, detail=f"{self._where}: {exc}")
+        return _addresses(answer, 6 if rdtype == dns.rdatatype.AAAA else 4)
 
-    async def _exchange(self, server: tuple[str, int], qname: Any, qtype: int) -> Any:
-        """Send one query to ``server`` and return its reply (over TCP if UDP's is truncated)."""
-        header = dnslib.DNSHeader(id=secrets.randbelow(0x10000), rd=1)
-        query = dnslib.DNSRecord(header, q=dnslib.DNSQuestion(qname, qtype))
-        packet: bytes = query.pack()
-        reply = await _udp_exchange(server, query, packet)
-        if reply.header.tc:
-            reply = await _tcp_exchange(server, query, packet)
-        return reply
+    def _server_failure(self, exc: dns.resolver.NoNameservers) -> str:
+        """What the last server tried did: ``DNS server 1.2.3.4:53 answered SERVFAIL``, ..."""
+        errors = exc.kwargs.get("errors") or []
+        if not errors:
+            return "no DNS server answered"
+        server, _tcp, _port, error, _response = errors[-1]
+        where = f"DNS server {self._names.get(str(server), server)}"
+        if isinstance(error, str):  # an rcode dnspython gave up on: SERVFAIL, REFUSED, ...
+            return f"{where} answered {error}"
+        return f"{where}: {error}"
+
+
+class _ConnectedUdpBackend(dns._asyncio_backend.Backend):
+    """dnspython's asyncio backend (asyncio and uvloop alike), with each query's UDP socket
+    connected to its server, as dnspython does for trio: the kernel drops datagrams from any
+    other address, and an ICMP port unreachable (no DNS server there) fails the try at once, so
+    dnspython drops that server and asks the next instead of waiting out the try's timeout."""
+
+    def datagram_connection_required(self) -> bool:
+        return True
 
 
 def _format_server(server: tuple[str, int]) -> str:
     """``1.2.3.4:53`` or ``[::1]:53``."""
     host, port = server
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def _udp_exchange(server: tuple[str, int], query: Any, packet: bytes) -> Any:
-    """Send ``packet`` from a fresh connected UDP socket and wait for the matching reply."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[Any] = loop.create_future()
-    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: _UdpExchange(query, waiter), remote_addr=server, family=family
-    )
-    try:
-        transport.sendto(packet)
-        return await waiter
-    finally:
-        transport.close()
-
-
-async def _tcp_exchange(server: tuple[str, int], query: Any, packet: bytes) -> Any:
-    """Send ``packet`` over TCP (2-byte length prefix, RFC 1035 4.2.2) and read the reply."""
-    reader, writer = await asyncio.open_connection(server[0], server[1])
-    try:
-        writer.write(_TCP_LENGTH.pack(len(packet)) + packet)
-        await writer.drain()
-        (length,) = _TCP_LENGTH.unpack(await reader.readexactly(_TCP_LENGTH.size))
-        data = await reader.readexactly(length)
-    except asyncio.IncompleteReadError:
-        raise ConnectionError("DNS server closed the TCP connection mid-reply") from None
-    finally:
-        writer.close()
-    reply = _match_reply(data, query)
-    if reply is None:
-        raise ConnectionError("DNS server sent a TCP reply that does not match the query")
-    return reply
 
 
 def parse_dns_server(text: str) -> tuple[str, int]:

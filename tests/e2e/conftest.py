@@ -12,12 +12,11 @@ from tests.e2e.support import (
     PASSWORD,
     USER,
     HttpServer,
-    NxDomainDns,
     UdpEchoServer,
     add_user,
     has_ipv6,
 )
-from tests.servers import EchoServer, ServerProcess, start_server
+from tests.servers import EchoServer, ServerProcess, StubDns, start_server
 
 
 @pytest.fixture(scope="session")
@@ -94,10 +93,11 @@ def http6() -> Iterator[HttpServer]:
 
 
 @pytest.fixture(scope="module")
-def nx_dns() -> Iterator[NxDomainDns]:
-    server = NxDomainDns.start()
+def nx_dns() -> Iterator[StubDns]:
+    """A stub DNS server on 127.0.0.1 answering NXDOMAIN to every question."""
+    server = StubDns()
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture(scope="module")

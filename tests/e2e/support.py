@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from tests.helpers import wait_for  # also imported from here by the e2e tests
@@ -357,44 +356,6 @@ class HttpServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(2)
-
-
-@dataclass
-class NxDomainDns:
-    """A stub DNS server on 127.0.0.1 (UDP) answering NXDOMAIN to every question."""
-
-    port: int
-    questions: list[str]
-    _server: object
-
-    @classmethod
-    def start(cls) -> NxDomainDns:
-        import dnslib
-        from dnslib.server import BaseResolver, DNSLogger, DNSServer
-
-        questions: list[str] = []
-
-        class Resolver(BaseResolver):  # type: ignore[misc]
-            def resolve(self, request: dnslib.DNSRecord, handler: object) -> dnslib.DNSRecord:
-                questions.append(str(request.q.qname))
-                reply = request.reply()
-                reply.header.rcode = dnslib.RCODE.NXDOMAIN
-                return reply
-
-        server = DNSServer(
-            Resolver(),
-            address="127.0.0.1",
-            port=0,
-            logger=DNSLogger(
-                log="-request,-reply,-truncated,-error,-recv,-send,-data", logf=lambda _msg: None
-            ),
-        )
-        server.start_thread()
-        port = server.server.server_address[1]
-        return cls(port, questions, server)
-
-    def stop(self) -> None:
-        self._server.stop()  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from tests.e2e.support import (
     wait_for,
     wait_for_log,
 )
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, StubDns
 
 FILE = random_bytes(300_000, seed=3)
 
@@ -232,9 +232,7 @@ def test_fully_qualified_expected_peer(bind_server: ServerProcess) -> None:
 def test_unresolvable_expected_peer_is_0x04(
     socksd: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from tests.e2e.support import NxDomainDns
-
-    dns = NxDomainDns.start()
+    dns = StubDns()  # NXDOMAIN for every name
     try:
         server = socksd("--dns", f"127.0.0.1:{dns.port}")
         sock, raw, _, _ = bind_request(server, "no-such-peer.test")
@@ -242,7 +240,7 @@ def test_unresolvable_expected_peer_is_0x04(
             assert raw == failure_reply(0x04)
             assert_closed(sock)
     finally:
-        dns.stop()
+        dns.close()
 
 
 # -- failures --------------------------------------------------------------------------------------

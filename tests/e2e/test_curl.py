@@ -8,10 +8,14 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import dns.message
+import dns.name
+import dns.rdatatype
+import dns.rrset
 import pytest
 
 from tests.e2e.support import PASSWORD, USER, HttpServer, access_lines, clean_env, wait_for
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, StubDns
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
 
@@ -82,6 +86,46 @@ def test_fully_qualified_name_connects(
         result = curl("--socks5-hostname", proxy(mapped), f"http://{name}:{http4.port}/")
         assert result.returncode == 0, (name, result.stderr)
         assert result.stdout == HttpServer.body
+
+
+class WebDns(StubDns):
+    """Answers ``web.test`` with 127.0.0.1 (an A record, no AAAA); NXDOMAIN for other names."""
+
+    def answer(
+        self, query: dns.message.QueryMessage, data: bytes, transport: str, peer: object
+    ) -> list[bytes]:
+        question = query.question[0]
+        if question.name != dns.name.from_text("web.test"):
+            return super().answer(query, data, transport, peer)
+        reply = dns.message.make_response(query)
+        if question.rdtype == dns.rdatatype.A:
+            reply.answer.append(dns.rrset.from_text("web.test.", 60, "IN", "A", "127.0.0.1"))
+        return [reply.to_wire()]
+
+
+def test_names_from_the_dns_servers(
+    socksd: Callable[..., ServerProcess], http4: HttpServer
+) -> None:
+    """``--dns``: a name answered by the server connects, and the answer is cached; a name that
+    does not exist fails, and that is cached too (the second lookups do not reach the server)."""
+    stub = WebDns()
+    try:
+        server = socksd("--dns", f"127.0.0.1:{stub.port}")
+        for _ in range(2):
+            result = curl("--socks5-hostname", proxy(server), f"http://web.test:{http4.port}/")
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == HttpServer.body
+        line = wait_access_line(server, f"CONNECT web.test:{http4.port}")
+        assert f"-> 127.0.0.1:{http4.port}" in line
+        assert stub.count("web.test", "A") == 1
+        assert stub.count("web.test", "AAAA") == 1
+        for _ in range(2):
+            result = curl("--socks5-hostname", proxy(server), f"http://gone.test:{http4.port}/")
+            assert result.returncode != 0
+        assert stub.count("gone.test", "A") == 1
+        assert stub.count("gone.test", "AAAA") == 1
+    finally:
+        stub.close()
 
 
 def test_socks5h_url_scheme(open_server: ServerProcess, http4: HttpServer) -> None:

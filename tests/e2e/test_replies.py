@@ -17,7 +17,6 @@ import pytest
 from tests.e2e.support import (
     PASSWORD,
     USER,
-    NxDomainDns,
     access_lines,
     assert_closed,
     connect_proxy,
@@ -37,7 +36,7 @@ from tests.e2e.support import (
     wait_for_log,
 )
 from tests.helpers import refused_port
-from tests.servers import EchoServer, ServerProcess
+from tests.servers import EchoServer, ServerProcess, StubDns
 
 
 def still_serving(server: ServerProcess, echo: EchoServer) -> None:
@@ -128,7 +127,7 @@ def test_refused_by_name(open_server: ServerProcess, module_echo: EchoServer) ->
 @pytest.fixture(scope="module")
 def dns_server(
     module_socksd: Callable[..., ServerProcess],
-    nx_dns: NxDomainDns,
+    nx_dns: StubDns,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> ServerProcess:
     """socksd with a static hosts map and a stub DNS server (NXDOMAIN for everything)."""
@@ -144,7 +143,7 @@ def dns_server(
 
 
 def test_nxdomain_is_host_unreachable(
-    dns_server: ServerProcess, nx_dns: NxDomainDns, module_echo: EchoServer
+    dns_server: ServerProcess, nx_dns: StubDns, module_echo: EchoServer
 ) -> None:
     expect_failure(dns_server, "no-such-name.test", 80, 0x04)
     assert any(q.rstrip(".") == "no-such-name.test" for q in nx_dns.questions), nx_dns.questions
@@ -152,7 +151,7 @@ def test_nxdomain_is_host_unreachable(
 
 
 def test_hosts_map_name_connects(
-    dns_server: ServerProcess, nx_dns: NxDomainDns, module_echo: EchoServer
+    dns_server: ServerProcess, nx_dns: StubDns, module_echo: EchoServer
 ) -> None:
     asked = len(nx_dns.questions)
     with socks_open(dns_server, "good.test", module_echo.port) as sock:

@@ -31,7 +31,6 @@ from tests.e2e.support import (
     PASSWORD,
     USER,
     HttpServer,
-    NxDomainDns,
     add_user,
     echo_roundtrip,
     has_ipv6,
@@ -39,7 +38,7 @@ from tests.e2e.support import (
     socksd_cli,
     wait_for,
 )
-from tests.servers import EchoServer, ServerProcess
+from tests.servers import EchoServer, ServerProcess, StubDns
 
 # -- real clients ----------------------------------------------------------------------------------
 
@@ -340,7 +339,7 @@ def test_domain_patterns(
 
 
 def test_name_denied_before_any_lookup(
-    socksd: Callable[..., ServerProcess], tmp_path: Path, nx_dns: NxDomainDns
+    socksd: Callable[..., ServerProcess], tmp_path: Path, nx_dns: StubDns
 ) -> None:
     server, _ = config_server(
         socksd,

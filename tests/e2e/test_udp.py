@@ -18,7 +18,6 @@ import pytest
 import socksd.client as socksd_client
 from tests.e2e.support import (
     IO_TIMEOUT,
-    NxDomainDns,
     UdpEchoServer,
     access_lines,
     connect_proxy,
@@ -33,7 +32,7 @@ from tests.e2e.support import (
     wait_for,
     wait_for_log,
 )
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, StubDns
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def udp_echo6() -> Iterator[UdpEchoServer]:
 def udp_server(
     module_socksd: Callable[..., ServerProcess],
     tmp_path_factory: pytest.TempPathFactory,
-    nx_dns: NxDomainDns,
+    nx_dns: StubDns,
 ) -> ServerProcess:
     """socksd on 127.0.0.1 with a hosts map (echo.test -> 127.0.0.1, echo6.test -> ::1); other
     names go to a stub DNS server on loopback answering NXDOMAIN (no query leaves the machine)."""
@@ -180,7 +179,7 @@ def test_echo_domain_name(
 
 
 def test_unresolvable_name_is_dropped_and_counted(
-    udp_server: ServerProcess, udp_echo: UdpEchoServer, nx_dns: NxDomainDns
+    udp_server: ServerProcess, udp_echo: UdpEchoServer, nx_dns: StubDns
 ) -> None:
     control, udp, relay, _ = udp_associate_raw(udp_server)
     cport = control.getsockname()[1]
