@@ -319,7 +319,7 @@ class UdpAssociation:
         self._idle_sweep: IdleSweep | None = None
         self._control: asyncio.Transport | None = None
         self.activity = ActivityMark(0, 0.0)
-        """When the datagram counter last moved, as far as the idle watch or a query saw."""
+        """When the datagram counter last moved, as far as the idle sweep or a query saw."""
 
     @property
     def up(self) -> int:
@@ -572,7 +572,7 @@ class UdpAssociation:
 
     def quiet_for(self, now: float) -> float:
         """Seconds since a datagram last went either way, to within the time since the last
-        look (the idle watch's or a query's); ``now`` is the event loop's time."""
+        look (the idle sweep's or a query's); ``now`` is the event loop's time."""
         return self.activity.see(self.traffic(), now)
 
     def close_sockets(self) -> None:
