@@ -54,11 +54,11 @@ def test_session_path_objects_have_no_dict() -> None:
         ClientConnection(),
         SessionRecord("127.0.0.1:1", 0.0),
         Admission(Limits(), "127.0.0.1", (4, 1), "127.0.0.1:1"),
-        Relay(SimpleNamespace()),  # type: ignore[arg-type]
+        Relay(SimpleNamespace()),
         RelayEndpoint(),
         Holding(),
         ActivityMark(),
-        IdleSweep(SimpleNamespace(), 1.0),  # type: ignore[arg-type]
+        IdleSweep(SimpleNamespace(), 1.0),
     ]
     for obj in objects:
         assert not hasattr(obj, "__dict__"), type(obj).__name__
