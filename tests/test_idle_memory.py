@@ -116,6 +116,31 @@ def test_established_session_drops_its_handshake(loop_name: str) -> None:
     run(loop_name, main)
 
 
+def test_udp_association_drops_the_handshake_too() -> None:
+    """A UDP ASSOCIATE session hands its connection over the same way (``hand_over``)."""
+
+    async def main() -> None:
+        config = build_config({}, {"listen": ["127.0.0.1:0"], "access_log": "off"})
+        ctx = ServerContext.create(config)
+        server = Server(ctx)
+        await server.start(announce=False)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.addresses[0][1])
+        writer.write(b"\x05\x01\x00" + b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+        answer = await reader.readexactly(2 + 10)
+        assert answer[:4] == b"\x05\x00\x05\x00"
+        (session,) = ctx.sessions
+        assert await await_for(lambda: session.relay is not None)
+        await asyncio.sleep(0)
+        assert not hasattr(session, "conn") and session.task is None
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, ServerConnection)]
+        writer.close()
+        assert await await_for(lambda: not ctx.sessions)
+        await server.shutdown()
+
+    run("uvloop", main)
+
+
 # -- the shared idle sweep ---------------------------------------------------------------------
 
 
