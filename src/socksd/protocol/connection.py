@@ -203,6 +203,17 @@ _AUTHENTICATION_DONE: Final = _AuthenticationDone()
 class _Connection:
     """Buffering and table dispatch shared by both roles."""
 
+    __slots__ = (
+        "_buf",
+        "_eof",
+        "_failed_state",
+        "command",
+        "encapsulation",
+        "method",
+        "offered",
+        "state",
+    )
+
     _receives: dict[State, tuple[_Parser, _Transition]]
     _sends: dict[tuple[State, type], _Transition]
 
@@ -308,6 +319,8 @@ class _Connection:
 class ServerConnection(_Connection):
     """The server role: greeting -> method selection -> sub-negotiation -> request -> reply(s)."""
 
+    __slots__ = ("refused_reply",)
+
     _receives = _SERVER_RECEIVES
     _sends = _SERVER_SENDS
 
@@ -349,6 +362,8 @@ class ServerConnection(_Connection):
 
 class ClientConnection(_Connection):
     """The client role: greeting -> selection -> sub-negotiation -> request -> reply(s)."""
+
+    __slots__ = ()
 
     _receives = _CLIENT_RECEIVES
     _sends = _CLIENT_SENDS

@@ -72,7 +72,7 @@ from socksd.protocol import (
 )
 from socksd.server.commands.base import bind_address, timed
 from socksd.server.commands.replycodes import reply_for_error
-from socksd.server.dataplane.idle import ActivityMark, IdleWatch
+from socksd.server.dataplane.idle import ActivityMark, IdleSweep, watch_idle
 
 if TYPE_CHECKING:
     from socksd.limits import TokenBucket
@@ -316,10 +316,10 @@ class UdpAssociation:
         buckets = terms.buckets
         self.up_bucket: TokenBucket | None = buckets[0] if buckets else None
         self.down_bucket: TokenBucket | None = buckets[1] if buckets else None
-        self._idle_watch: IdleWatch | None = None
+        self._idle_sweep: IdleSweep | None = None
         self._control: asyncio.Transport | None = None
         self.activity = ActivityMark(0, 0.0)
-        """When the datagram counter last moved, as far as the idle watch or a query saw."""
+        """When the datagram counter last moved, as far as the idle sweep or a query saw."""
 
     @property
     def up(self) -> int:
@@ -379,9 +379,7 @@ class UdpAssociation:
         control.resume_reading()
         self.activity.since = asyncio.get_running_loop().time()
         if self._idle > 0:
-            self._idle_watch = IdleWatch(
-                self._idle, self._traffic, self.close, "UDP association idle", self.activity
-            )
+            self._idle_sweep = watch_idle(self, self._idle, "UDP association idle", self.activity)
 
     # -- client -> target -----------------------------------------------------------------------
 
@@ -568,13 +566,14 @@ class UdpAssociation:
     def stats(self) -> UdpStats:
         return UdpStats(self.datagrams_up, self.datagrams_down, dict(self.dropped))
 
-    def _traffic(self) -> int:
+    def traffic(self) -> int:
+        """Datagrams relayed both ways so far: what the idle timeout watches."""
         return self.datagrams_up + self.datagrams_down
 
     def quiet_for(self, now: float) -> float:
         """Seconds since a datagram last went either way, to within the time since the last
-        look (the idle watch's or a query's); ``now`` is the event loop's time."""
-        return self.activity.see(self._traffic(), now)
+        look (the idle sweep's or a query's); ``now`` is the event loop's time."""
+        return self.activity.see(self.traffic(), now)
 
     def close_sockets(self) -> None:
         """Close every UDP socket now: nothing is relayed after this returns."""
@@ -592,8 +591,8 @@ class UdpAssociation:
             return
         self.closed = True
         self.close_sockets()
-        if self._idle_watch is not None:
-            self._idle_watch.cancel()
+        if self._idle_sweep is not None:
+            self._idle_sweep.discard(self)
         if self._control is not None:
             self._control.close()
         session = self.session

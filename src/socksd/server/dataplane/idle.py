@@ -1,13 +1,15 @@
 """Idle timeouts: end a session that moved nothing for a while, for relays and UDP associations.
 
-An :class:`IdleWatch` looks at a byte or datagram counter every quarter of the timeout, so a
-session ends between 1 and 1.25 timeouts after its last traffic; nothing is added to the
-per-chunk or per-datagram path, and one timer a session is all it costs.
+An :class:`IdleSweep` looks at the byte or datagram counter of every session with the same
+timeout every quarter of that timeout, so a session ends between 1 and 1.25 timeouts after its
+last traffic. Nothing is added to the per-chunk or per-datagram path, and the sessions of a loop
+share one timer per timeout: an idle session holds no timer of its own (a timer per session
+cost a few hundred bytes and a heap operation each quarter).
 
 How long a session has been idle, for ``socksd sessions``, costs nothing per byte either: for a
 TCP connection the kernel knows when data last arrived (:func:`tcp_quiet_for`, ``TCP_INFO``); for
 a UDP association an :class:`ActivityMark` remembers when its datagram counter was first seen at
-its current value, by its idle watch or by a query, so it is exact to within the time between two
+its current value, by the idle sweep or by a query, so it is exact to within the time between two
 looks.
 """
 
@@ -17,6 +19,7 @@ import asyncio
 import socket
 import struct
 from collections.abc import Callable
+from typing import Protocol
 
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _TCP_INFO_LAST_DATA_RECV = struct.Struct("=I")
@@ -61,42 +64,95 @@ class ActivityMark:
         return now - self.since
 
 
-class IdleWatch:
-    """Calls ``expire(reason)`` once ``activity()`` has not changed for ``timeout`` seconds."""
+class Idling(Protocol):
+    """What an idle timeout watches: a relay or a UDP association."""
 
-    __slots__ = ("_activity", "_expire", "_reason", "_timeout", "_timer", "mark")
+    def traffic(self) -> int:
+        """A counter that moves with the session's traffic (bytes or datagrams)."""
+
+    def close(self, reason: str | None = None, /) -> None:
+        """End the session for ``reason``."""
+
+
+class SweepLoop(Protocol):
+    """What a sweep needs of its event loop: its clock and its timers."""
+
+    def time(self) -> float: ...
+
+    def call_later(
+        self, delay: float, callback: Callable[[], object], /
+    ) -> asyncio.TimerHandle: ...
+
+
+class IdleSweep:
+    """The idle timeouts of every session of one loop with one timeout: one timer for all.
+
+    Every quarter of the timeout the sweep looks at each watched counter (``Idling.traffic``)
+    and closes those that have not moved for the whole timeout. Between two looks a session
+    costs nothing: no timer, no callback, no per-byte bookkeeping; watched, it costs one entry
+    here (the session and its :class:`ActivityMark`). The timer stops when nothing is watched.
+    """
+
+    __slots__ = ("_key", "_loop", "_period", "_reason", "_timeout", "_timer", "watched")
 
     def __init__(
-        self,
-        timeout: float,
-        activity: Callable[[], int],
-        expire: Callable[[str], None],
-        what: str = "idle",
-        mark: ActivityMark | None = None,
+        self, loop: SweepLoop, timeout: float, what: str = "idle", key: object = None
     ) -> None:
+        self._loop = loop
         self._timeout = timeout
-        self._activity = activity
-        self._expire = expire
+        self._period = timeout / 4
         self._reason = f"{what} for {timeout:g}s"
-        self.mark = mark if mark is not None else ActivityMark()
-        """Shared with whoever else looks at the counter (a query of the live sessions)."""
+        self._key = key
+        """Its key in the loop's registry (:func:`watch_idle`), so it leaves once empty."""
         self._timer: asyncio.TimerHandle | None = None
-        self._schedule()
+        self.watched: dict[Idling, ActivityMark] = {}
+        """Each session watched, and when its counter was last seen to move."""
 
-    def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._timeout / 4, self._check)
+    def add(self, item: Idling, mark: ActivityMark | None = None) -> None:
+        """Watch ``item`` from now on. ``mark`` is shared with whoever else looks at its counter
+        (a query of the live sessions); by default one that starts now."""
+        if mark is None:
+            mark = ActivityMark(item.traffic(), self._loop.time())
+        self.watched[item] = mark
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._period, self._sweep)
 
-    def _check(self) -> None:
-        now = asyncio.get_running_loop().time()
-        if self.mark.see(self._activity(), now) >= self._timeout:
-            self._timer = None
-            self._expire(self._reason)
-            return
-        self._schedule()
+    def discard(self, item: Idling) -> None:
+        """Stop watching ``item`` (its session ended); the last one stops the timer."""
+        if self.watched.pop(item, None) is not None and not self.watched:
+            self._stop()
 
-    def cancel(self) -> None:
-        """Stop watching (the session ended)."""
+    def _sweep(self) -> None:
+        # The next look first: a failure below must not end the watch of every other session.
+        self._timer = self._loop.call_later(self._period, self._sweep)
+        now, timeout = self._loop.time(), self._timeout
+        expired = [i for i, mark in self.watched.items() if mark.see(i.traffic(), now) >= timeout]
+        for item in expired:
+            self.discard(item)  # (the last one stops the timer)
+            item.close(self._reason)
+
+    def _stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if _SWEEPS.get(self._key) is self:
+            del _SWEEPS[self._key]
+
+
+_SWEEPS: dict[object, IdleSweep] = {}
+"""The sweeps in use, by (loop, timeout, what); each leaves when it watches nothing."""
+
+
+def watch_idle(
+    item: Idling, timeout: float, what: str = "idle", mark: ActivityMark | None = None
+) -> IdleSweep:
+    """Close ``item`` with ``"WHAT for TIMEOUTs"`` once its traffic has not moved for
+    ``timeout`` seconds (between 1 and 1.25 timeouts after its last traffic), by the running
+    loop's sweep for that timeout. Returns the sweep, to ``discard(item)`` from when it ends."""
+    loop = asyncio.get_running_loop()
+    key = (loop, timeout, what)
+    sweep = _SWEEPS.get(key)
+    if sweep is None:
+        sweep = _SWEEPS[key] = IdleSweep(loop, timeout, what, key)
+    sweep.add(item, mark)
+    return sweep

@@ -25,9 +25,9 @@ therefore makes the server hold at most one high-water mark plus one read of dat
 A lost connection (reset, error) closes the peer after flushing what is already buffered for it.
 When both are lost, the owner's ``relay_finished`` is called once.
 
-Idle timeout (``socksd.server.dataplane.idle``): a timer looks at the byte counters every
-quarter of the timeout, so a session is closed between 1 and 1.25 timeouts after its last byte;
-nothing is added to the per-chunk path.
+Idle timeout (``socksd.server.dataplane.idle``): the loop's sweep for that timeout looks at the
+byte counters every quarter of the timeout, so a session is closed between 1 and 1.25 timeouts
+after its last byte; nothing is added to the per-chunk path and no timer to the session.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, cast
 
-from socksd.server.dataplane.idle import IdleWatch
+from socksd.server.dataplane.idle import IdleSweep, watch_idle
 
 HOLD_LIMIT = 64 * 1024
 """Bytes an outgoing connection may deliver before its relay starts, until reading pauses."""
@@ -152,7 +152,7 @@ class Relay:
         "_done",
         "_error",
         "_idle",
-        "_idle_watch",
+        "_idle_sweep",
         "client",
         "high_water",
         "owner",
@@ -174,7 +174,7 @@ class Relay:
         self.client.peer = self.target
         self.target.peer = self.client
         self._idle = idle_timeout
-        self._idle_watch: IdleWatch | None = None
+        self._idle_sweep: IdleSweep | None = None
         self._error: str | None = None
         self._done = False
 
@@ -208,7 +208,7 @@ class Relay:
         self._client_first(first_data, client_eof)
         self._release(held)
         if self._idle > 0:
-            self._idle_watch = IdleWatch(self._idle, self._traffic, self.close)
+            self._idle_sweep = watch_idle(self, self._idle)
 
     def _client_first(self, first_data: bytes, client_eof: bool) -> None:
         """Pass on what the client sent after its request (and its EOF, if it came)."""
@@ -258,11 +258,12 @@ class Relay:
         if self._done:
             return
         self._done = True
-        if self._idle_watch is not None:
-            self._idle_watch.cancel()
+        if self._idle_sweep is not None:
+            self._idle_sweep.discard(self)
         if self._error is None and exc is not None:
             self._error = str(exc) or type(exc).__name__
         self.owner.relay_finished(self, self._error)
 
-    def _traffic(self) -> int:
+    def traffic(self) -> int:
+        """Bytes passed on both ways so far: what the idle timeout watches."""
         return self.client.moved() + self.target.moved()

@@ -105,6 +105,30 @@ def _failure_note(failure: LoginFailure | None) -> str:
 class Session(asyncio.Protocol):
     """The client's connection until a command hands it over; then the owner of what took it."""
 
+    __slots__ = (
+        "_admitted",
+        "_balancer",
+        "_finished",
+        "_header_from_untrusted",
+        "_quiet",
+        "_timer",
+        "accepted",
+        "admission",
+        "client_eof",
+        "closed",
+        "conn",
+        "ctx",
+        "gssapi",
+        "header",
+        "metered_down",
+        "metered_up",
+        "number",
+        "record",
+        "relay",
+        "task",
+        "transport",
+    )
+
     transport: asyncio.Transport
     record: SessionRecord
     admission: Admission
@@ -580,11 +604,22 @@ class Session(asyncio.Protocol):
         success reply is written, ``held`` is the outgoing side."""
         self.relay = relay = make_relay(self, self.terms(), self.codec)
         relay.start(self.transport, held, self.conn.trailing_data(), self.client_eof)
+        self._handed_over()
 
     def hand_over(self, owner: Handover) -> None:
         """``owner`` (a UDP association) has the client's connection from now on."""
         self.relay = owner
         self.conn.trailing_data()  # bytes after a UDP ASSOCIATE request mean nothing: dropped
+        self._handed_over()
+
+    def _handed_over(self) -> None:
+        """Drop what only the handshake used, so a long idle session holds no more than it
+        needs: the parser and its buffer, a GSSAPI handshake, the command's task (a finished
+        task keeps its coroutine; the loop holds it while it runs). Nothing reads them from
+        here on: the client's transport has the relay's (or association's) protocol now."""
+        del self.conn
+        self.task = None
+        self.gssapi = None
 
     # -- RelayOwner ----------------------------------------------------------------------------
 
