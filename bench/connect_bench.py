@@ -587,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
     rows: list[Record] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    (a.out / "raw.jsonl").write_text("")  # this run's records only
     try:
         deadline = time.monotonic() + 10
         while not all(port_open(p) for p in targets):
