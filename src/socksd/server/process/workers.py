@@ -35,6 +35,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -60,8 +61,33 @@ MAX_RESTARTS = 5
 
 
 def worker_count(config: Config) -> int:
-    """The number of worker processes: ``workers``, with 0 meaning one per CPU."""
-    return config.workers or os.cpu_count() or 1
+    """The number of worker processes: ``workers``, with 0 meaning one per usable CPU."""
+    return config.workers or usable_cpus()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its CPU affinity (``taskset``, a cpuset), capped by a
+    cgroup v2 CPU quota (a container given 1.5 CPUs counts 2); at least 1."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        count = os.cpu_count() or 1
+    quota = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):  # cgroup v2: the CPU quota of this process's group
+                path = Path("/sys/fs/cgroup", line[3:].lstrip("/"), "cpu.max")
+                quota = quota_cpus(path.read_text())
+    return max(1, min(count, quota or count))
+
+
+def quota_cpus(cpu_max: str) -> int | None:
+    """The CPUs a cgroup v2 ``cpu.max`` ("QUOTA PERIOD", or "max PERIOD": none) allows, rounded
+    up; None without a quota or when the text is not one."""
+    fields = cpu_max.split()
+    if len(fields) != 2 or not fields[0].isdigit() or not fields[1].isdigit() or fields[1] == "0":
+        return None
+    return max(1, -(-int(fields[0]) // int(fields[1])))
 
 
 class Supervisor:
