@@ -12,6 +12,11 @@ become reply codes through ``replycodes``; then the client connection is closed 
 Through an upstream proxy (``upstream``: the request's rule or the global ``upstream`` names one)
 the target is not resolved or connected here: the upstream is, then the client library's
 handshake asks it for the target, and its reply's BND is passed on; the relay is the same.
+
+The common case, an IP literal going straight out, is started by the session with
+:func:`connect_direct` instead: the same steps (same reply, BND, ``remote``, timeout reply,
+metrics), driven by the loop's callbacks without a task of its own (:class:`DirectConnect`), as it
+is what every short session pays for. Anything else (a name, an upstream) runs :func:`connect`.
 """
 
 from __future__ import annotations
