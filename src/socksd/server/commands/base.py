@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from socksd.server.dataplane.relay import Holding
     from socksd.server.dataplane.terms import RelayTerms
     from socksd.server.handshake.admission import Refusal
+    from socksd.server.handshake.deadlines import DeadlineQueue, K
 
 
 class Handover(Protocol):
@@ -96,6 +97,10 @@ class CommandSession(Protocol):
 
     def terms(self) -> RelayTerms:
         """Idle timeout, bandwidth and buffer limits of this session's data."""
+
+    def deadlines(self, timeout: float, expire: Callable[[K], None]) -> DeadlineQueue[K]:
+        """The server's shared queue of ``timeout``-second deadlines ending in ``expire(key)``
+        (one timer for all of them, not one per session)."""
 
     def allowed_addresses(self, target: Address, infos: list[AddrInfo]) -> list[AddrInfo] | Refusal:
         """The rules for the addresses a name resolved to (admission)."""

@@ -12,12 +12,18 @@ become reply codes through ``replycodes``; then the client connection is closed 
 Through an upstream proxy (``upstream``: the request's rule or the global ``upstream`` names one)
 the target is not resolved or connected here: the upstream is, then the client library's
 handshake asks it for the target, and its reply's BND is passed on; the relay is the same.
+
+The common case, an IP literal going straight out, is started by the session with
+:func:`connect_direct` instead: the same steps (same reply, BND, ``remote``, timeout reply,
+metrics), driven by the loop's callbacks without a task of its own (:class:`DirectConnect`), as it
+is what every short session pays for. Anything else (a name, an upstream) runs :func:`connect`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -106,23 +112,148 @@ async def connect(session: CommandSession, address: Address) -> None:
             )
     except asyncio.CancelledError:
         raise
-    except UpstreamFailure as e:
-        session.fail(e.reply, str(e))
-        return
     except Exception as e:  # every failure is a reply code, never a crash
-        session.fail(reply_for_error(e), _describe(e, config.connect_timeout))
+        _failed(session, e, config.connect_timeout)
         return
+    exact = session.record.remote is not None and len(infos) <= 1 and bound is None
+    _established(session, held, bound, exact)
+
+
+def _established(
+    session: CommandSession, held: Holding, bound: Address | None, remote_known: bool
+) -> None:
+    """The outgoing connection is up: reply with its BND (``bound``: the upstream's; None: the
+    connection's local address) and relay. ``remote_known``: the access log's ``remote`` is
+    already the address connected to; otherwise it is asked of the connection."""
     target = held.transport
     assert target is not None
     if session.closed:  # the client left while the connection was being made
         target.close()
         return
-    if session.record.remote is None or len(infos) > 1 or bound is not None:
+    if not remote_known:
         session.record.remote = _peer(target)
     if bound is None:
         bound = Address.of(*target.get_extra_info("sockname")[:2])
     session.reply(ReplyCode.SUCCEEDED, bound)
     session.start_relay(held)
+
+
+def _failed(session: CommandSession, exc: BaseException, timeout: float) -> None:
+    """Answer a failed connection attempt with its reply code and close."""
+    if isinstance(exc, UpstreamFailure):
+        session.fail(exc.reply, str(exc))
+    else:
+        session.fail(reply_for_error(exc), _describe(exc, timeout))
+
+
+def connect_direct(session: CommandSession, address: Address) -> DirectConnect | None:
+    """Start the CONNECT of an IP literal that goes straight to the target (no upstream):
+    what :func:`connect` does, without a task (:class:`DirectConnect`). None: any other
+    request, for :func:`connect`."""
+    if address.atyp == AddressType.DOMAIN:
+        return None
+    try:
+        if session.upstream() is not None:
+            return None
+    except UpstreamFailure:
+        return None  # connect() answers it
+    return DirectConnect(session, address)
+
+
+class DirectConnect:
+    """A CONNECT to one IP address, driven by the loop's callbacks instead of a task.
+
+    The literal address needs no lookup, no rule by address and no Happy Eyeballs, so all there
+    is to wait for is the loop's ``create_connection``. Its coroutine is stepped here, as a task
+    would step it (each future it waits on resumes it from that future's done callback), which
+    spares a task, its scheduling and its registration, and the connect timeout is a deadline in
+    the server's shared queue (``CommandSession.deadlines``) instead of ``asyncio.timeout``. It
+    offers what the session asks of a running command's task: ``done()`` and ``cancel()``.
+    """
+
+    __slots__ = ("_coro", "_deadlines", "_done", "_held", "_session", "_started", "_timed_out")
+
+    def __init__(self, session: CommandSession, address: Address) -> None:
+        self._session = session
+        self._held = held = Holding()
+        self._done = self._timed_out = False
+        metrics = session.metrics
+        self._started = time.monotonic() if metrics is not None else 0.0
+        session.record.remote = format_hostport(address.host, address.port)
+        family = socket.AF_INET6 if address.atyp == AddressType.IPV6 else socket.AF_INET
+        self._coro = asyncio.get_running_loop().create_connection(
+            lambda: held, address.host, address.port, family=family
+        )
+        self._deadlines = session.deadlines(session.config.connect_timeout, DirectConnect.expire)
+        self._deadlines.add(self)
+        self._step()
+
+    def done(self) -> bool:
+        """The connection attempt has ended (whatever its outcome)."""
+        return self._done
+
+    def cancel(self) -> None:
+        """Stop the attempt (the client left): what it opened is closed, nothing is answered."""
+        if not self._done:
+            self._throw(asyncio.CancelledError())
+
+    def expire(self) -> None:
+        """The connect timeout: the attempt fails with reply 0x06."""
+        if not self._done:
+            self._timed_out = True
+            self._throw(asyncio.CancelledError())
+
+    def _throw(self, exc: BaseException) -> None:
+        try:
+            waiting = self._coro.throw(exc)
+        except StopIteration:  # it caught the exception and returned: an odd success
+            self._end(None)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            self._end(e)
+        else:
+            self._wait(waiting)
+
+    def _step(self, _: object = None) -> None:
+        if self._done:
+            return
+        try:
+            waiting = self._coro.send(None)
+        except StopIteration:
+            self._end(None)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            self._end(e)
+        else:
+            self._wait(waiting)
+
+    def _wait(self, waiting: object) -> None:
+        """Resume the coroutine when what it yielded is done (a bare yield: at once)."""
+        if isinstance(waiting, asyncio.Future):
+            waiting._asyncio_future_blocking = False
+            waiting.add_done_callback(self._step)
+        else:
+            asyncio.get_running_loop().call_soon(self._step)
+
+    def _end(self, exc: BaseException | None) -> None:
+        self._done = True
+        self._deadlines.discard(self)
+        session = self._session
+        metrics = session.metrics
+        if exc is None:
+            if metrics is not None:
+                metrics.connected(time.monotonic() - self._started, True)
+            _established(session, self._held, None, True)
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            if not self._timed_out:
+                return  # cancelled: the session is ending anyway
+            exc = TimeoutError()
+        if metrics is not None:
+            metrics.connected(time.monotonic() - self._started, False)
+        _failed(session, exc, session.config.connect_timeout)
 
 
 async def open_to_upstream(session: CommandSession, proxy: Proxy, held: Holding) -> None:

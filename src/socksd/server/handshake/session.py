@@ -54,7 +54,7 @@ from socksd.protocol.proxy_header import (
 )
 from socksd.server.commands.base import CommandSession, Handover
 from socksd.server.commands.bind import bind
-from socksd.server.commands.connect import connect
+from socksd.server.commands.connect import DirectConnect, connect, connect_direct
 from socksd.server.commands.udp import UdpAssociation
 from socksd.server.commands.udp_upstream import udp_command
 from socksd.server.commands.upstream import Upstream, UpstreamFailure
@@ -62,6 +62,7 @@ from socksd.server.dataplane.idle import tcp_quiet_for
 from socksd.server.dataplane.relay import Holding, Relay
 from socksd.server.dataplane.terms import RelayTerms, make_relay, relay_terms
 from socksd.server.handshake.admission import Admission, LoginRefusal, Refusal, admit, rule_field
+from socksd.server.handshake.deadlines import DeadlineQueue, K
 from socksd.server.handshake.gssapi import GssapiHandshake
 from socksd.server.handshake.proxied import client_of
 from socksd.sessionview import LiveSession
@@ -145,10 +146,12 @@ class Session(asyncio.Protocol):
         self.conn = ServerConnection()
         self.client_eof = False
         self.closed = False
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | DirectConnect | None = None
+        """What the session waits for: a password check, a GSSAPI step, a command."""
         self.relay: Handover | None = None
         self.gssapi: GssapiHandshake | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: DeadlineQueue[Session] | None = None
+        """The queue holding the handshake deadline, while one applies (``_start_timer``)."""
         self._finished = False
         self._admitted = False
         self.header: ProxyHeaderReader | None = None
@@ -223,12 +226,15 @@ class Session(asyncio.Protocol):
             metrics.opened()
             self.accepted = time.monotonic()
             self.metered_up = self.metered_down = 0
-        if self._timer is None:
+        if self._deadline is None:
             self._start_timer()
 
     def _start_timer(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.ctx.config.handshake_timeout, self._handshake_timeout)
+        """The handshake deadline: in the server's shared queue (one timer for all sessions)."""
+        ctx = self.ctx
+        deadlines = ctx.deadlines(ctx.config.handshake_timeout, Session._handshake_timeout)
+        self._deadline = deadlines
+        deadlines.add(self)
 
     def _header_received(self, reader: ProxyHeaderReader, data: bytes) -> None:
         """Bytes from a load balancer before its PROXY header is whole."""
@@ -421,16 +427,21 @@ class Session(asyncio.Protocol):
         if refusal is not None:
             self.refuse(refusal)
             return
+        if handler is connect:
+            direct = connect_direct(self, request.address)
+            if direct is not None:
+                self.task = direct
+                return
         self.task = asyncio.get_running_loop().create_task(handler(self, request.address))
 
     def cancel_handshake_timer(self) -> None:
         """The handshake timeout no longer applies."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._deadline is not None:
+            self._deadline.discard(self)
+            self._deadline = None
 
     def _handshake_timeout(self) -> None:
-        self._timer = None
+        self._deadline = None
         timeout = self.ctx.config.handshake_timeout
         if self.header is not None:
             self._bad_header(f"no complete PROXY header within {timeout:g}s")
@@ -573,6 +584,9 @@ class Session(asyncio.Protocol):
     def metrics(self) -> SessionMetrics | None:
         return self.ctx.metrics
 
+    def deadlines(self, timeout: float, expire: Callable[[K], None]) -> DeadlineQueue[K]:
+        return self.ctx.deadlines(timeout, expire)
+
     def terms(self) -> RelayTerms:
         """Idle timeout, bandwidth and buffer limits of this session's data (any command)."""
         admission = self.admission
@@ -633,9 +647,9 @@ class Session(asyncio.Protocol):
             return
         self._finished = True
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._deadline is not None:
+            self._deadline.discard(self)
+            self._deadline = None
         self.ctx.sessions.discard(self)
         record = self.record
         if self._admitted:

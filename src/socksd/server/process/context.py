@@ -24,7 +24,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from socksd.accesslog import AccessLog
 from socksd.auth.htpasswd import UserFile, UserFileError
@@ -34,6 +34,7 @@ from socksd.limits import Limits
 from socksd.protocol import AuthMethod
 from socksd.resolver import Resolver, make_resolver
 from socksd.rules import RuleSet
+from socksd.server.handshake.deadlines import DeadlineQueue, K
 from socksd.server.handshake.proxied import TrustedProxies
 from socksd.server.process.hostaddrs import effective_rules
 from socksd.server.process.serverlog import check_log_file
@@ -168,6 +169,19 @@ class ServerContext:
     metrics: SessionMetrics | None = None
     """Prometheus metrics the sessions update (``socksd.metrics``); None: metrics are off. Set by
     what runs the server (``run``, or a worker), which also serves or exports them."""
+    _deadlines: dict[tuple[object, float], DeadlineQueue[Any]] = field(default_factory=dict)
+
+    def deadlines(self, timeout: float, expire: Callable[[K], None]) -> DeadlineQueue[K]:
+        """The shared queue of ``timeout``-second deadlines that end in ``expire(key)`` (the
+        handshake timeout, the connect timeout). A reload that changes a timeout starts a new
+        queue; the old one keeps the deadlines it holds until they end."""
+        key = (expire, timeout)
+        queue = self._deadlines.get(key)
+        if queue is None:
+            for old in [k for k, q in self._deadlines.items() if k[0] == expire and not q]:
+                del self._deadlines[old]  # an earlier timeout's queue, empty now
+            queue = self._deadlines[key] = DeadlineQueue(timeout, expire)
+        return queue
 
     @classmethod
     def create(cls, config: Config) -> ServerContext:
