@@ -109,10 +109,10 @@ class Session(asyncio.Protocol):
     __slots__ = (
         "_admitted",
         "_balancer",
+        "_deadline",
         "_finished",
         "_header_from_untrusted",
         "_quiet",
-        "_timer",
         "accepted",
         "admission",
         "client_eof",
