@@ -48,11 +48,11 @@ from socksd.server.dataplane.relay import Holding, Relay, RelayEndpoint, RelayOw
 AVAILABLE = hasattr(os, "splice")
 """The platform has ``os.splice`` (Linux, Python 3.10+)."""
 
-SPLICE_AFTER = 64 * 1024
+SPLICE_AFTER = int(os.environ.get("XSPLICE_AFTER", 64 * 1024))  # XXX bench only
 """Bytes one side passes on through the copying relay before the session moves to splice."""
 RETRY_STEP = 256 * 1024
 """When the move was not possible (a write buffer not empty), bytes until it is tried again."""
-PIPE_SIZE = 256 * 1024
+PIPE_SIZE = int(os.environ.get("XPIPE_SIZE", 256 * 1024))  # XXX bench only
 """Capacity asked of each pipe (F_SETPIPE_SZ); the kernel may keep its default."""
 POOL_IDLE = 64
 """Spare pipes one process keeps for the next session; more are closed."""
@@ -203,12 +203,13 @@ class SplicingEndpoint(RelayEndpoint):
         if n == 0:
             self.read_done = True
             self.read_on(False)
-        elif n == -2:  # pipe full: read again once it is empty
+        elif n == -2:  # pipe full: read again once some of it has gone out
             self.read_on(False)
         elif n > 0:
             self.received += n
             self.held += n
-        self.deliver()
+        if not self.peer.writing:  # else the peer's writability calls deliver
+            self.deliver()
 
     def _resume(self) -> None:
         if not self.read_done and not self.lost:
@@ -218,16 +219,20 @@ class SplicingEndpoint(RelayEndpoint):
         """Splice what the pipe holds into the peer; wait for room, or end the direction."""
         peer = self.peer
         pipe = self.pipe
+        sent = 0
         if pipe is not None and self.held:
             try:
-                self.held -= os.splice(pipe[0], peer.fd, self.held, flags=_FLAGS)
+                sent = os.splice(pipe[0], peer.fd, self.held, flags=_FLAGS)
             except BlockingIOError:
                 pass
             except OSError as e:
                 peer.gone(e)
                 return
+            self.held -= sent
         if self.held:
             peer.write_on(True)
+            if sent and not self.read_done:  # room in the pipe again
+                self.read_on(True)
             return
         peer.write_on(False)
         if pipe is not None:
