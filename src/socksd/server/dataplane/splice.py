@@ -219,6 +219,9 @@ class SplicingEndpoint(RelayEndpoint):
         """Splice what the pipe holds into the peer; wait for room, or end the direction."""
         peer = self.peer
         pipe = self.pipe
+        if peer.lost:  # nowhere to go (the peer's close dropped the pipe)
+            self.drop_pipe()
+            return
         sent = 0
         if pipe is not None and self.held:
             try:
@@ -231,7 +234,7 @@ class SplicingEndpoint(RelayEndpoint):
             self.held -= sent
         if self.held:
             peer.write_on(True)
-            if sent and not self.read_done:  # room in the pipe again
+            if sent and not self.read_done and self.held <= pipe[2] // 2:  # room again
                 self.read_on(True)
             return
         peer.write_on(False)
@@ -294,10 +297,14 @@ class SplicingEndpoint(RelayEndpoint):
         self.write_on(False)
         self.lost = True
         self.read_done = True
-        self.peer.drop_pipe()
+        peer = self.peer
+        peer.drop_pipe()
+        if not peer.lost:  # what the peer would send has nowhere to go
+            peer.read_done = True
+            peer.read_on(False)
         if self.sock is not None:
             self.sock.close()
-        if self.peer.lost:
+        if peer.lost:
             self.drop_pipe()
             self.relay._finished(None)
 
