@@ -130,6 +130,12 @@ def _serve_parser(sub: Any) -> None:
         "paused (default 262144)",
     )
     p.add_argument(
+        "--splice",
+        choices=("auto", "on", "off"),
+        help="move plain CONNECT/BIND sessions carrying bulk data to zero-copy os.splice "
+        "(Linux; default auto: where available)",
+    )
+    p.add_argument(
         "--max-sessions",
         type=int,
         metavar="N",
@@ -463,6 +469,7 @@ _SERVE_KEYS = (
     "shutdown_timeout",
     "resolve_timeout",
     "relay_buffer",
+    "splice",
     "max_sessions",
     "dns",
     "loop",

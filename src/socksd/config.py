@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -102,6 +103,8 @@ class Config:
     resolve_timeout: float = 5.0
     max_sessions: int = DEFAULT_MAX_SESSIONS
     relay_buffer: int = 256 * 1024
+    splice: str = "auto"
+    """``auto``/``on``: plain CONNECT and BIND sessions move to ``os.splice`` (Linux); ``off``."""
     dns: tuple[str, ...] = ()
     hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     loop: str = "auto"
@@ -463,6 +466,16 @@ def _metrics(value: Any) -> ListenAddress | None:
     return ListenAddress.parse(value, "metrics")
 
 
+def _splice(value: Any) -> str:
+    choice = ("on" if value else "off") if isinstance(value, bool) else value
+    if not isinstance(choice, str) or choice.lower() not in ("auto", "on", "off"):
+        raise ConfigError(f"splice: {value!r} is not one of auto, on, off")
+    choice = choice.lower()
+    if choice == "on" and not hasattr(os, "splice"):
+        raise ConfigError("splice: on needs os.splice (Linux); use auto or off")
+    return choice
+
+
 def _flag(key: str) -> Callable[[Any], bool]:
     def convert(value: Any) -> bool:
         if not isinstance(value, bool):
@@ -474,6 +487,7 @@ def _flag(key: str) -> Callable[[Any], bool]:
 
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "metrics": _metrics,
+    "splice": _splice,
     "metrics_allow_remote": _flag("metrics_allow_remote"),
     "methods": _methods,
     "gssapi_service": _service,

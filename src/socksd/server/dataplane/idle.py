@@ -28,13 +28,18 @@ _LAST_DATA_RECV_OFFSET = 52
 one-byte fields, then nine ``__u32`` (rto .. fackets), last_data_sent, last_ack_sent."""
 
 
-def tcp_quiet_for(transport: asyncio.BaseTransport | None) -> float | None:
-    """Seconds since data last arrived on a TCP connection (kernel ``TCP_INFO``); None when the
-    platform or the transport cannot tell."""
-    if transport is None or _TCP_INFO is None or transport.is_closing():
+def tcp_quiet_for(conn: asyncio.BaseTransport | socket.socket | None) -> float | None:
+    """Seconds since data last arrived on a TCP connection (kernel ``TCP_INFO``), given as a
+    transport or as a socket (the splice relay's); None when the platform or it cannot tell."""
+    if conn is None or _TCP_INFO is None:
         return None
-    sock = transport.get_extra_info("socket")
-    if sock is None:
+    if isinstance(conn, socket.socket):
+        sock = conn
+    elif conn.is_closing():
+        return None
+    else:
+        sock = conn.get_extra_info("socket")
+    if sock is None or sock.fileno() < 0:
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, cast
 
-from socksd.server.dataplane.idle import IdleSweep, watch_idle
+from socksd.server.dataplane.idle import IdleSweep, tcp_quiet_for, watch_idle
 
 HOLD_LIMIT = 64 * 1024
 """Bytes an outgoing connection may deliver before its relay starts, until reading pauses."""
@@ -250,6 +250,12 @@ class Relay:
         for endpoint in (self.client, self.target):
             if endpoint.transport is not None and not endpoint.lost:
                 endpoint.transport.abort()
+
+    def quiet_for(self) -> float | None:
+        """Seconds since data last arrived on either connection (None: unknown)."""
+        quiet = [tcp_quiet_for(e.transport) for e in (self.client, self.target)]
+        known = [q for q in quiet if q is not None]
+        return min(known) if known else None
 
     def reloaded(self) -> None:
         """A reload does not change an established relay (its limits live in shared buckets)."""

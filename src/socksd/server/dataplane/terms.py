@@ -4,7 +4,9 @@
 allow rule's ``idle_timeout``, else ``udp_idle_timeout`` for UDP ASSOCIATE and ``idle_timeout``
 for the others), the user's bandwidth buckets (``[bandwidth]``), the write-buffer mark.
 :func:`make_relay` builds the TCP relay of CONNECT and BIND from those terms and the session's
-GSSAPI codec, if any: plain, throttled, encapsulating, or both. A UDP association takes the same
+GSSAPI codec, if any: plain, throttled, encapsulating, or both; a plain session (no codec, no
+buckets) gets the :class:`~socksd.server.dataplane.splice.SpliceRelay` where ``splice`` allows
+(a copying relay that moves to ``os.splice`` once the session carries bulk data). A UDP association takes the same
 terms (``socksd.server.commands.udp``). So no command can forget a limit another one applies.
 
 Each kind of endpoint does one job (``RelayEndpoint`` copies, ``ThrottledEndpoint`` holds what
@@ -23,6 +25,8 @@ from socksd.protocol import Command, GssapiEncapsulation
 from socksd.server.dataplane.bandwidth import ThrottledEndpoint
 from socksd.server.dataplane.gssapi import GssapiRelay, UnwrappingEndpoint, WrappingEndpoint
 from socksd.server.dataplane.relay import Relay, RelayOwner
+from socksd.server.dataplane.splice import AVAILABLE as SPLICE_AVAILABLE
+from socksd.server.dataplane.splice import SpliceRelay
 from socksd.server.process.context import ServerContext
 
 
@@ -36,6 +40,8 @@ class RelayTerms:
     """The user's (client to target, target to client) buckets; None when unlimited."""
     high_water: int
     """Bytes buffered for a connection before the other side is paused."""
+    splice: bool = False
+    """A plain session may move to the zero-copy relay (``splice``)."""
 
 
 def relay_terms(
@@ -51,7 +57,8 @@ def relay_terms(
     else:
         idle = config.idle_timeout
     buckets = ctx.limits.buckets_for(user, time.monotonic()) if user is not None else None
-    return RelayTerms(idle, buckets, config.relay_buffer)
+    splice = config.splice == "on" or (config.splice == "auto" and SPLICE_AVAILABLE)
+    return RelayTerms(idle, buckets, config.relay_buffer, splice)
 
 
 class ThrottledUnwrappingEndpoint(UnwrappingEndpoint, ThrottledEndpoint):
@@ -73,6 +80,10 @@ def make_relay(
     buckets = terms.buckets
     if codec is None:
         if buckets is None:
+            if terms.splice:
+                return SpliceRelay(
+                    owner, high_water=terms.high_water, idle_timeout=terms.idle_timeout
+                )
             return Relay(owner, high_water=terms.high_water, idle_timeout=terms.idle_timeout)
         return Relay(
             owner,

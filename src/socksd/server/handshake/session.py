@@ -520,9 +520,7 @@ class Session(asyncio.Protocol):
         if isinstance(owner, Relay):
             state = "relaying"
             up, down = owner.up, owner.down
-            quiet = [tcp_quiet_for(e.transport) for e in (owner.client, owner.target)]
-            known = [q for q in quiet if q is not None]
-            idle = min(known) if known else None
+            idle = owner.quiet_for()
         elif isinstance(owner, UdpAssociation):
             state = "udp"
             up, down = owner.bytes_up, owner.bytes_down
