@@ -55,7 +55,7 @@ def test_json_object_has_the_documented_keys_and_reads_back() -> None:
     data = json.loads(json.dumps(session.as_dict()))
     assert set(data) == {
         "id", "worker", "client", "user", "command", "target", "remote", "state", "started",
-        "started_unix", "age", "idle", "bytes_up", "bytes_down", "udp",
+        "started_unix", "age", "idle", "bytes_up", "bytes_down", "udp", "protocol",
     }  # fmt: skip
     assert data["started"] == "2027-01-15T08:00:00.250Z"
     assert data["idle"] is None and data["udp"] == udp and data["worker"] == 1

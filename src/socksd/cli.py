@@ -154,6 +154,12 @@ def _serve_parser(sub: Any) -> None:
         "others are answered 0x07",
     )
     p.add_argument(
+        "--protocols",
+        metavar="LIST",
+        help="protocols served on the listen ports, comma-separated: socks5,socks4,http "
+        "(default socks5); told apart by the first byte",
+    )
+    p.add_argument(
         "--bind-timeout",
         type=float,
         metavar="S",
@@ -478,6 +484,7 @@ _SERVE_KEYS = (
     "max_auth_checks_per_ip",
     "auth_block",
     "commands",
+    "protocols",
     "bind_timeout",
     "udp_idle_timeout",
     "advertise",
