@@ -106,6 +106,12 @@ class HttpHandshake(Handshake):
         self.requested = True
         self.codec.state = State.REPLY
         session.record.target = str(event.address)
+        ctx = session.ctx
+        if AuthMethod.NO_AUTH in ctx.methods and (
+            event.credentials is None or ctx.authenticator is None
+        ):
+            session._request(Request(Command.CONNECT, event.address))  # no login to check
+            return
         session.transport.pause_reading()
         session.task = asyncio.get_running_loop().create_task(self._login(event))
 
