@@ -564,6 +564,8 @@ def check_config_command(args: argparse.Namespace) -> int:
     control = _control_summary(config)  # checks control_group
     print(f"{path}: valid")
     print(f"listen: {', '.join(str(a) for a in config.listen)}")
+    if config.protocols != ("socks5",):
+        print(f"protocols: {', '.join(config.protocols)}")
     if config.metrics is not None:
         print(f"metrics: http://{config.metrics}/metrics")
     methods = []

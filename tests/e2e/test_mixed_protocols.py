@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import os
 import shutil
 import signal
@@ -39,6 +40,7 @@ from tests.e2e.support import (
     recv_exact,
     recv_until_eof,
     socks_open,
+    socksd_cli,
     wait_for,
     wait_for_log,
 )
@@ -518,3 +520,40 @@ def test_metrics_count_sessions_by_protocol(mixed: ServerProcess, echo: EchoServ
         return float(lines[0].split()[-1]) if lines else 0.0
 
     assert wait_for(lambda: count("http") >= 1), mixed.log()
+
+
+def test_sessions_and_check_config_show_the_protocol(
+    module_socksd: Callable[..., ServerProcess], echo: EchoServer, tmp_path: Path
+) -> None:
+    control = tmp_path / "control.sock"
+    config = tmp_path / "socksd.toml"
+    config.write_text(
+        f'listen = ["127.0.0.1:0"]\nprotocols = ["socks5", "http"]\ncontrol_socket = "{control}"\n'
+    )
+    checked = socksd_cli("check-config", str(config))
+    assert "protocols: socks5, http" in checked.stdout.splitlines(), checked
+    server = module_socksd("--config", str(config))
+    with connect_proxy(server) as sock:
+        sock.sendall(connect_head(f"127.0.0.1:{echo.port}") + PAYLOAD)
+        recv_exact(sock, 39 + len(PAYLOAD))
+        answer = socksd_cli("sessions", "--control-socket", str(control), "--json", timeout=30)
+        sessions = json.loads(answer.stdout)["sessions"]
+        assert [(s["protocol"], s["command"]) for s in sessions] == [("http", "CONNECT")], answer
+        table = socksd_cli("sessions", "--control-socket", str(control), timeout=30).stdout
+        assert "CONNECT/http" in table, table
+
+
+def test_http_session_limit_is_503(
+    module_socksd: Callable[..., ServerProcess], users_file: Path, echo: EchoServer
+) -> None:
+    server = module_socksd(
+        "--users", str(users_file), "--protocols", "http", "--max-sessions-per-user", "1"
+    )
+    login = basic(USER, PASSWORD)
+    with connect_proxy(server) as first:
+        first.sendall(connect_head(f"127.0.0.1:{echo.port}", login))
+        assert recv_exact(first, 39).startswith(b"HTTP/1.1 200 ")
+        second = http_exchange(server, connect_head(f"127.0.0.1:{echo.port}", login))
+        assert second.startswith(b"HTTP/1.1 503 "), second
+    line = access_line(server, "max_sessions_per_user")
+    assert "protocol=http" in line and "rep=0x01" in line
