@@ -5,7 +5,8 @@ then runs rounds alternating the three kinds of client (asyncio on uvloop when i
 CONCURRENCY at a time, from 127.0.1.N with N cycling over SOURCES addresses so TIME_WAIT never runs
 out of ports). Each session: connect -> handshake -> CONNECT 127.0.0.1:echo (SOCKS5: no-auth
 greeting then the request in one write each; SOCKS4: one request; HTTP: one ``CONNECT`` head) ->
-32 bytes echoed -> close. Prints sessions/s per round and the median per protocol.
+32 bytes echoed -> close. Prints sessions/s and the server's CPU time per session (utime +
+stime from /proc) per round, and the medians per protocol.
 
 Run: PYTHONPATH=src python3 bench/protocols_sessions.py [SECONDS_PER_ROUND] [ROUNDS]
 (under the shared bench lock: ``flock /tmp/socksd-bench.lock ...``).
@@ -14,6 +15,7 @@ Run: PYTHONPATH=src python3 bench/protocols_sessions.py [SECONDS_PER_ROUND] [ROU
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import statistics
 import struct
@@ -61,7 +63,13 @@ async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, targe
 HANDSHAKES = {"socks5": socks5, "socks4": socks4, "http": http}
 
 
-async def round_(port: int, target: int, protocol: str, seconds: float) -> float:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def round_(port: int, target: int, protocol: str, seconds: float) -> tuple[float, int]:
     handshake = HANDSHAKES[protocol]
     done = 0
     deadline = time.monotonic() + seconds
@@ -82,7 +90,7 @@ async def round_(port: int, target: int, protocol: str, seconds: float) -> float
 
     start = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-    return done / (time.monotonic() - start)
+    return done / (time.monotonic() - start), done
 
 
 async def main(seconds: float, rounds: int) -> None:
@@ -91,6 +99,7 @@ async def main(seconds: float, rounds: int) -> None:
     argv += ["--protocols", "socks5,socks4,http", "--access-log", "off", "--shutdown-timeout", "1"]
     proc = subprocess.Popen(argv, stdout=log, stderr=log)
     rates: dict[str, list[float]] = {name: [] for name in HANDSHAKES}
+    costs: dict[str, list[float]] = {name: [] for name in HANDSHAKES}
     try:
         port = 0
         for _ in range(200):
@@ -104,9 +113,16 @@ async def main(seconds: float, rounds: int) -> None:
         for i in range(rounds):
             names = list(HANDSHAKES)
             for name in names[i % 3 :] + names[: i % 3]:  # rotate the order between rounds
-                rate = await round_(port, target, name, seconds)
+                cpu = cpu_seconds(proc.pid)
+                rate, done = await round_(port, target, name, seconds)
+                cost = (cpu_seconds(proc.pid) - cpu) / done * 1e6
                 rates[name].append(rate)
-                print(f"round {i + 1} {name:6}: {rate:7.0f} sessions/s", flush=True)
+                costs[name].append(cost)
+                print(
+                    f"round {i + 1} {name:6}: {rate:7.0f} sessions/s, "
+                    f"server {cost:5.0f} CPU-us/session",
+                    flush=True,
+                )
         server.close()
     finally:
         proc.terminate()
@@ -116,9 +132,14 @@ async def main(seconds: float, rounds: int) -> None:
             proc.kill()
             proc.wait(5)
     base = statistics.median(rates["socks5"])
+    base_cost = statistics.median(costs["socks5"])
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"median {name:6}: {median:7.0f} sessions/s ({median / base:.2f} x socks5)")
+        cost = statistics.median(costs[name])
+        print(
+            f"median {name:6}: {median:7.0f} sessions/s ({median / base:.2f} x socks5), "
+            f"server {cost:4.0f} CPU-us/session ({cost / base_cost:.2f} x socks5)"
+        )
 
 
 if __name__ == "__main__":

@@ -557,3 +557,22 @@ def test_http_session_limit_is_503(
         assert second.startswith(b"HTTP/1.1 503 "), second
     line = access_line(server, "max_sessions_per_user")
     assert "protocol=http" in line and "rep=0x01" in line
+
+
+def test_the_protocol_is_sniffed_after_a_trusted_proxy_header(
+    module_socksd: Callable[..., ServerProcess], echo: EchoServer
+) -> None:
+    server = module_socksd(
+        "--protocols", "socks5,socks4,http", "--proxy-protocol-from", "127.0.0.1/32"
+    )
+    header = f"PROXY TCP4 192.0.2.7 127.0.0.1 5555 {server.port}\r\n".encode()
+    with connect_proxy(server) as sock:  # the header's client is not local: protect_local says no
+        sock.sendall(header + socks4_request(echo.port))
+        assert recv_until_eof(sock) == REFUSED4
+    line = access_line(server, "192.0.2.7:5555")
+    assert "protocol=socks4" in line and "rule=protect_local" in line, line
+    with connect_proxy(server) as sock:
+        sock.sendall(header)
+        time.sleep(0.1)  # the header alone first: the next bytes are sniffed
+        sock.sendall(connect_head(f"127.0.0.1:{echo.port}"))
+        assert recv_until_eof(sock).startswith(b"HTTP/1.1 403 ")
