@@ -209,7 +209,10 @@ def test_curl_http_connect_login(mixed_auth: ServerProcess, http4: HttpServer) -
                       http4.url)  # fmt: skip
         assert result.returncode != 0
         assert result.stdout.endswith(b"407"), result
-    assert "authentication failed for user 'alice'" in mixed_auth.log()
+    failed = [
+        x for x in mixed_auth.log().splitlines() if "authentication failed for user 'alice'" in x
+    ]
+    assert failed and "answered in 0.01s" in failed[0], failed  # the throttle's delay applies
 
 
 def test_http_407_carries_the_basic_challenge(mixed_auth: ServerProcess, echo: EchoServer) -> None:
