@@ -28,6 +28,9 @@ command -v kinit >/dev/null || need+=(krb5-user)
 command -v krb5-config >/dev/null || need+=(libkrb5-dev)
 command -v cc >/dev/null || need+=(build-essential)
 command -v promtool >/dev/null || need+=(prometheus)  # the metrics tests: promtool lints the endpoint, a real Prometheus runs the dashboard's queries
+command -v proxychains4 >/dev/null || need+=(proxychains4)  # SOCKS4 through the mixed listener
+command -v chromium >/dev/null || need+=(chromium)  # a browser through HTTP CONNECT
+command -v openssl >/dev/null || need+=(openssl)  # the self-signed certificate of the browser test's origin
 if ((${#need[@]})); then
     echo "test.sh: installing system packages: ${need[*]}"
     sudo=""

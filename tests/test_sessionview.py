@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from socksd.sessionview import (
     human_bytes,
     human_duration,
     sort_sessions,
+    table_row,
 )
 
 
@@ -55,7 +57,7 @@ def test_json_object_has_the_documented_keys_and_reads_back() -> None:
     data = json.loads(json.dumps(session.as_dict()))
     assert set(data) == {
         "id", "worker", "client", "user", "command", "target", "remote", "state", "started",
-        "started_unix", "age", "idle", "bytes_up", "bytes_down", "udp",
+        "started_unix", "age", "idle", "bytes_up", "bytes_down", "udp", "protocol",
     }  # fmt: skip
     assert data["started"] == "2027-01-15T08:00:00.250Z"
     assert data["idle"] is None and data["udp"] == udp and data["worker"] == 1
@@ -185,3 +187,13 @@ def test_any_object_reads_as_a_session_or_a_value_error(changes: dict[str, objec
     except ValueError:
         return
     format_table([session])  # and a session read back can always be shown
+
+
+def test_table_and_json_say_the_protocol_unless_socks5() -> None:
+    socks5 = live("0-1")
+    http = dataclasses.replace(live("0-2"), protocol="http")
+    assert table_row(socks5)[3] == "CONNECT"
+    assert table_row(http)[3] == "CONNECT/http"
+    data = json.loads(json.dumps(http.as_dict()))
+    assert data["protocol"] == "http"
+    assert LiveSession.from_dict(data) == http

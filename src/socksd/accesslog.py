@@ -69,6 +69,10 @@ class SessionRecord:
     """The load balancer's HOST:PORT when the client came through one (PROXY protocol)."""
     upstream: str | None = None
     """The ``[upstreams]`` name the request went through (``remote`` is then that proxy)."""
+    protocol: str = "socks5"
+    """What the client spoke: ``socks5``, ``socks4`` (4a too) or ``http`` (CONNECT)."""
+    userid: str | None = None
+    """A SOCKS4 request's USERID (``user_name``): logged, never a login."""
 
     def as_dict(self, ended: float) -> dict[str, object]:
         fields: dict[str, object] = {
@@ -84,7 +88,10 @@ class SessionRecord:
             "duration": round(ended - self.started, 6),
             "error": self.error,
             "rule": self.rule,
+            "protocol": self.protocol,
         }
+        if self.userid is not None:
+            fields["userid"] = self.userid
         if self.udp is not None:
             fields["udp"] = self.udp.as_dict()
         if self.via is not None:
@@ -123,7 +130,10 @@ def iso_time(t: float) -> str:
 
 def format_text(record: SessionRecord, ended: float) -> str:
     """``TIME CLIENT user=U CMD TARGET -> REMOTE rep=0xNN up=N down=N dur=S [UDP] [rule=R] [via=LB]
-    [upstream=NAME] [error=E]``.
+    [upstream=NAME] [protocol=P] [userid=U] [error=E]``.
+
+    ``protocol`` is written for SOCKS4 and HTTP sessions only (no field: SOCKS5); ``userid`` for
+    SOCKS4 requests, quoted like a user name.
 
     ``UDP`` (UDP associations only) is ``dgrams_up=N dgrams_down=N dropped=N[(reason=N,...)]``.
 
@@ -145,6 +155,10 @@ def format_text(record: SessionRecord, ended: float) -> str:
         line += f" via={record.via}"
     if record.upstream is not None:
         line += f" upstream={quote_field(record.upstream)}"
+    if record.protocol != "socks5":
+        line += f" protocol={record.protocol}"
+    if record.userid is not None:
+        line += f" userid={quote_field(record.userid)}"
     if record.error:
         line += f" error={json.dumps(record.error)}"
     return line

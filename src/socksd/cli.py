@@ -160,6 +160,12 @@ def _serve_parser(sub: Any) -> None:
         "others are answered 0x07",
     )
     p.add_argument(
+        "--protocols",
+        metavar="LIST",
+        help="protocols served on the listen ports, comma-separated: socks5,socks4,http "
+        "(default socks5); told apart by the first byte",
+    )
+    p.add_argument(
         "--bind-timeout",
         type=float,
         metavar="S",
@@ -485,6 +491,7 @@ _SERVE_KEYS = (
     "max_auth_checks_per_ip",
     "auth_block",
     "commands",
+    "protocols",
     "bind_timeout",
     "udp_idle_timeout",
     "advertise",
@@ -564,6 +571,8 @@ def check_config_command(args: argparse.Namespace) -> int:
     control = _control_summary(config)  # checks control_group
     print(f"{path}: valid")
     print(f"listen: {', '.join(str(a) for a in config.listen)}")
+    if config.protocols != ("socks5",):
+        print(f"protocols: {', '.join(config.protocols)}")
     if config.metrics is not None:
         print(f"metrics: http://{config.metrics}/metrics")
     methods = []

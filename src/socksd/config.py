@@ -78,6 +78,8 @@ _LOG_FORMATS = ("text", "json")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOOPS = ("auto", "uvloop", "asyncio")
 
+PROTOCOLS = ("socks5", "socks4", "http")
+"""Names of ``protocols``: SOCKS5, SOCKS4 and SOCKS4a, HTTP CONNECT (``socksd.protocol.sniff``)."""
 METHODS = ("gssapi", "userpass", "none")
 """Authentication method names of ``methods``, for RFC 1961, RFC 1929 and no authentication."""
 DEFAULT_GSSAPI_SERVICE = "rcmd"
@@ -124,6 +126,9 @@ class Config:
     auth_block: bool = False
     bandwidth: Mapping[str, int] = field(default_factory=dict)
     commands: tuple[Command, ...] = tuple(COMMAND_NAMES.values())
+    protocols: tuple[str, ...] = ("socks5",)
+    """The protocols the listeners speak, told apart by a connection's first byte
+    (``PROTOCOLS``)."""
     bind_timeout: float = 60.0
     udp_idle_timeout: float = 300.0
     advertise: str | None = None
@@ -366,6 +371,25 @@ def _commands(value: Any) -> tuple[Command, ...]:
     return tuple(commands)
 
 
+def _protocols(value: Any) -> tuple[str, ...]:
+    known = ", ".join(PROTOCOLS)
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(
+            f'protocols: expected a list of protocol names ({known}), e.g. ["socks5"]'
+        )
+    protocols: list[str] = []
+    for item in items:
+        name = item.strip().lower()
+        if name not in PROTOCOLS:
+            raise ConfigError(f"protocols: {item!r} is not one of {known}")
+        if name not in protocols:
+            protocols.append(name)
+    if not protocols:
+        raise ConfigError(f"protocols: serve at least one of {known}")
+    return tuple(protocols)
+
+
 def _advertise(value: Any) -> str | None:
     if value is None or value == "":
         return None
@@ -493,6 +517,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "gssapi_service": _service,
     "gssapi_levels": _levels,
     "commands": _commands,
+    "protocols": _protocols,
     "advertise": _advertise,
     "proxy_protocol_from": _proxy_protocol_from,
     "control_socket": lambda value: _control("control_socket", value),

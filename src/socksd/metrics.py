@@ -26,7 +26,7 @@ at a time, each bounded by a timeout. In the supervisor it runs while workers ar
 restarted worker): it never logs, never writes to stderr and takes no lock a worker uses, and the
 child closes the inherited listening socket at once (see docs/design-notes.md).
 
-Labels are bounded: commands, reply codes, directions, methods, drop reasons, rule labels of the
+Labels are bounded: commands, protocols, reply codes, directions, methods, drop reasons, rule labels of the
 configuration and setting names; never a client address or a user name. ``prometheus_client`` is
 imported only when metrics are on.
 """
@@ -116,6 +116,12 @@ class SessionMetrics:
             "Sessions ended, by command (none: no request was made) and reply code sent "
             "(none: no reply).",
             ("command", "reply"),
+            registry=reg,
+        )
+        self._protocols = Counter(
+            "socksd_sessions_by_protocol",
+            "Sessions ended, by the protocol the client spoke (socks5, socks4, http).",
+            ("protocol",),
             registry=reg,
         )
         self._bytes = Counter(
@@ -232,6 +238,7 @@ class SessionMetrics:
         self.active.dec()
         command = record.command or "none"
         self._child(self._sessions, command, _reply_label(record.reply)).inc()
+        self._child(self._protocols, record.protocol).inc()
         if record.bytes_up > counted_up:
             self._child(self._bytes, command, "up").inc(record.bytes_up - counted_up)
         if record.bytes_down > counted_down:

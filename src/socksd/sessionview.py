@@ -54,6 +54,8 @@ class LiveSession:
     bytes_down: int
     udp: Mapping[str, Any] | None = field(default=None)
     """A UDP association's ``datagrams_up``, ``datagrams_down``, ``dropped`` (reason -> count)."""
+    protocol: str = "socks5"
+    """What the client speaks: ``socks5``, ``socks4`` or ``http``."""
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object of this session (the README's schema)."""
@@ -73,6 +75,7 @@ class LiveSession:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "udp": None if self.udp is None else dict(self.udp),
+            "protocol": self.protocol,
         }
 
     @classmethod
@@ -96,6 +99,7 @@ class LiveSession:
                 bytes_up=_count(data["bytes_up"]),
                 bytes_down=_count(data["bytes_down"]),
                 udp=dict(udp) if isinstance(udp, Mapping) else None,
+                protocol=_text(data.get("protocol", "socks5")),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed session object: {e}") from None
@@ -199,6 +203,8 @@ def _clip(text: str, width: int) -> str:
 def table_row(s: LiveSession) -> tuple[str, ...]:
     """The table cells of one session (client-chosen values quoted when unusual, long ones cut)."""
     command = "-" if s.command is None else COMMAND_LABELS.get(s.command, s.command)
+    if s.protocol != "socks5":
+        command += f"/{s.protocol}"
     return (
         s.id,
         s.client,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ def test_access_and_server_log_lines_match_the_readme(
     config = tmp_path / "socksd.toml"
     config.write_text(
         f'users = "{users_file}"\nmethods = ["userpass", "none"]\n'
+        'protocols = ["socks5", "socks4", "http"]\n'
         f'[[rules]]\naction = "deny"\nto = ["127.0.0.1"]\nports = ["{denied}"]\n'
     )
     access, server_log = tmp_path / "access.log", tmp_path / "socksd.log"
@@ -77,7 +79,7 @@ def test_access_and_server_log_lines_match_the_readme(
     )
     try:
         _sessions(server, echo, udp_echo, denied)
-        assert wait_for(lambda: line_count(access) == 6, 15), access.read_text()
+        assert wait_for(lambda: line_count(access) == 8, 15), access.read_text()
     finally:
         assert server.stop() == 0
 
@@ -87,6 +89,9 @@ def test_access_and_server_log_lines_match_the_readme(
         check_line(line, schema)
         assert ("udp" in line) == (line["command"] == "UDP_ASSOCIATE" and line["reply"] == 0)
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(line["time"]))
+    protocols = {line["protocol"]: line for line in lines}
+    assert set(protocols) == {"socks5", "socks4", "http"}
+    assert protocols["socks4"]["userid"] == "schema" and "userid" not in protocols["http"]
     by_command = {line["command"]: line for line in lines}
     assert set(by_command) == {None, "CONNECT", "UDP_ASSOCIATE"}
     udp = by_command["UDP_ASSOCIATE"]["udp"]
@@ -118,5 +123,17 @@ def _sessions(server: ServerProcess, echo: EchoServer, udp: UdpEchoServer, denie
     with socksd.client.create_udp_association(proxy) as assoc:
         assoc.sendto(b"datagram", (udp.host, udp.port))
         assert assoc.recvfrom(timeout=10)[0] == b"datagram"
+    for request, answer in (  # SOCKS4 (with a USERID) and HTTP CONNECT
+        (struct.pack("!BBH4s", 4, 1, echo.port, socket.inet_aton(echo.host)) + b"schema\0", 8),
+        (f"CONNECT {echo.host}:{echo.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 39),
+    ):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+            sock.sendall(request + b"hello")
+            received = b""
+            while len(received) < answer + 5:
+                chunk = sock.recv(100)
+                assert chunk, received
+                received += chunk
+            assert received.endswith(b"hello"), received
     # a connection closed before its greeting: no user, command, target, reply
     socket.create_connection(("127.0.0.1", server.port), timeout=15).close()

@@ -264,6 +264,15 @@ class RuleSet:
             return self._guard
         return self._default
 
+    def socks4_rule(self, client: IP) -> Rule | None:
+        """The first allow rule with ``socks4 = true`` whose ``clients`` hold ``client``: SOCKS4
+        has no password, so when the server requires a login only such a rule lets a SOCKS4
+        request in (the request then meets the rules like any other, with no user)."""
+        for rule in self.rules_for(client):
+            if rule.socks4 and rule.clients is not None and client in rule.clients:
+                return rule
+        return None
+
     # -- upstreams ----------------------------------------------------------------------------
 
     def via_upstream(self, rule: Rule) -> bool:

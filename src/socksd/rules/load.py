@@ -41,7 +41,17 @@ COMMAND_NAMES: dict[str, Command] = {
 ``--commands``."""
 _COMMAND_TEXT = {command: name for name, command in COMMAND_NAMES.items()}
 
-RULE_KEYS = ("action", "clients", "users", "commands", "to", "ports", "idle_timeout", "upstream")
+RULE_KEYS = (
+    "action",
+    "clients",
+    "users",
+    "commands",
+    "to",
+    "ports",
+    "idle_timeout",
+    "upstream",
+    "socks4",
+)
 
 
 class RuleError(ValueError):
@@ -265,6 +275,16 @@ def parse_rule(
             raise RuleError(f"{where}.upstream: only allow rules send requests anywhere")
         fields["upstream"] = name
         spec.append(("upstream", (name,)))
+    if "socks4" in raw:
+        if raw["socks4"] is not True:
+            raise RuleError(f"{where}.socks4: expected true (leave it out for false)")
+        if action is Action.DENY or "clients" not in raw or "users" in raw:
+            raise RuleError(
+                f"{where}.socks4: only an allow rule with clients and without users can let "
+                "SOCKS4 (which has no password) in by the client's address"
+            )
+        fields["socks4"] = True
+        spec.append(("socks4", ("true",)))
     return Rule(number, action, spec=tuple(spec), **fields)
 
 

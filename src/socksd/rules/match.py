@@ -200,6 +200,9 @@ class Rule:
     upstream: str | None = None
     """The ``[upstreams]`` name the requests it allows go through, ``"direct"``, or None: the
     global ``upstream`` (``RuleSet.route``)."""
+    socks4: bool = False
+    """``socks4 = true``: SOCKS4 requests from ``clients`` are let in although the server
+    requires a login (``RuleSet.socks4_rule``)."""
     spec: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """The fields as written (``users`` with groups unexpanded), for printing."""
     decision: Decision = field(init=False, compare=False, repr=False)

@@ -61,9 +61,11 @@ from socksd.server.commands.upstream import Upstream, UpstreamFailure
 from socksd.server.dataplane.idle import tcp_quiet_for
 from socksd.server.dataplane.relay import Holding, Relay
 from socksd.server.dataplane.terms import RelayTerms, make_relay, relay_terms
+from socksd.server.handshake import mixed
 from socksd.server.handshake.admission import Admission, LoginRefusal, Refusal, admit, rule_field
 from socksd.server.handshake.deadlines import DeadlineQueue, K
 from socksd.server.handshake.gssapi import GssapiHandshake
+from socksd.server.handshake.login import check_login
 from socksd.server.handshake.proxied import client_of
 from socksd.sessionview import LiveSession
 
@@ -93,14 +95,6 @@ def _format_peer(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return format_hostport(str(peer[0]), peer[1])
     return str(peer)
-
-
-def _failure_note(failure: LoginFailure | None) -> str:
-    """The counts and delay of a failed login, for its log line."""
-    if failure is None:
-        return ""
-    note = f" ({failure.user_failures} for the user, {failure.address_failures} from the address"
-    return note + (f"; answered in {failure.delay:g}s)" if failure.delay else ")")
 
 
 class Session(asyncio.Protocol):
@@ -140,6 +134,8 @@ class Session(asyncio.Protocol):
     metered_up: int
     metered_down: int
     """Bytes each way already counted in the metrics while the session runs; only with metrics."""
+    refused_by: Refusal | None = None
+    """The checkpoint refusal being answered (``refuse``)."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -274,6 +270,8 @@ class Session(asyncio.Protocol):
         if conn.state is State.GREETING and not conn.buffered:
             self._header_from_untrusted = looks_like_header(data[:12])
             self._quiet = False
+            if data[0] != 0x05 and not self._header_from_untrusted and mixed.take_over(self, data):
+                return  # SOCKS4 or HTTP CONNECT: that handshake has the connection now
         conn.receive_data(data)
         if conn.state is State.REPLY:
             # The command is running; what the client sends meanwhile is kept for the target.
@@ -347,41 +345,18 @@ class Session(asyncio.Protocol):
                 return
 
     async def _check_password(self, creds: UserPassRequest) -> None:
-        """RFC 1929 check. A login in the verified-login cache is let in at once; one that is
-        being checked for another session shares that check; any other goes through the login
-        checkpoint (in-flight checks per address) to bcrypt. A failure's reply waits the delay
-        admission gives (bounded by ``max_auth_delay``)."""
-        auth = self.ctx.authenticator
-        record, transport, admission = self.record, self.transport, self.admission
-        record.user = user = user_name(creds.username)
-        ok = auth is not None and auth.cached(creds.username, creds.password)
-        if not ok:
-            shared = auth is not None and auth.checking(creds.username, creds.password)
-            refusal = None if shared else self.login_start()
-            if refusal is not None:
-                log.warning("refusing the login of %r from %s: %s", user, record.client, refusal)
-                transport.write(self.conn.send(UserPassReply(1)))
-                self.close(f"login refused: {refusal}")
-                return
-            ok = auth is not None and await auth.verify(creds.username, creds.password)
-            if not ok:
-                failure = self.login_failed("userpass", user)
-                delay = failure.delay
-                log.warning(
-                    "authentication failed for user %r from %s%s",
-                    user,
-                    record.client,
-                    _failure_note(failure),
-                )
-                if delay > 0:
-                    self.cancel_handshake_timer()  # the failure reply comes, within max_auth_delay
-                    await asyncio.sleep(delay)
-        admission.login_done(user, ok)
-        transport.write(self.conn.send(UserPassReply(0 if ok else 1)))
+        """RFC 1929 check (``login.check_login``); the reply says how it went."""
+        self.record.user = user = user_name(creds.username)
+        ok = await check_login(self, creds.username, creds.password, user)
+        if isinstance(ok, LoginRefusal):
+            self.transport.write(self.conn.send(UserPassReply(1)))
+            self.close(f"login refused: {ok}")
+            return
+        self.transport.write(self.conn.send(UserPassReply(0 if ok else 1)))
         if not ok:
             self.close("authentication failed")
             return
-        transport.resume_reading()
+        self.transport.resume_reading()
         self._process()
 
     def login_start(self) -> LoginRefusal | None:
@@ -464,6 +439,7 @@ class Session(asyncio.Protocol):
 
     def refuse(self, refusal: Refusal) -> None:
         """Answer a checkpoint's refusal (its reply code, its rule in the access log), close."""
+        self.refused_by = refusal  # the reply encoding may read it (HTTP: 503 for a limit)
         if self.ctx.metrics is not None:
             self.ctx.metrics.refusal(refusal)
         if refusal.rule is not None:
@@ -544,6 +520,7 @@ class Session(asyncio.Protocol):
             bytes_up=up,
             bytes_down=down,
             udp=udp,
+            protocol=record.protocol,
         )
 
     # -- what a command uses (CommandSession) ------------------------------------------------
