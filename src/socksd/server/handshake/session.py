@@ -119,6 +119,7 @@ class Session(asyncio.Protocol):
         "metered_up",
         "number",
         "record",
+        "refused_by",
         "relay",
         "task",
         "transport",
@@ -134,7 +135,7 @@ class Session(asyncio.Protocol):
     metered_up: int
     metered_down: int
     """Bytes each way already counted in the metrics while the session runs; only with metrics."""
-    refused_by: Refusal | None = None
+    refused_by: Refusal | None
     """The checkpoint refusal being answered (``refuse``)."""
 
     def __init__(self, ctx: ServerContext) -> None:
@@ -158,6 +159,7 @@ class Session(asyncio.Protocol):
         """A connection of the balancer's own (no header yet, or PROXY LOCAL) that has not sent a
         SOCKS byte: its end is logged at debug level, not in the access log (health checks,
         several a second)."""
+        self.refused_by = None
         self.number = 0
         """This worker's number for the session (``socksd sessions`` shows ``worker-number``)."""
 
