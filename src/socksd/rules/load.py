@@ -14,6 +14,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+from socksd.outgoing import parse_source_addresses
 from socksd.protocol import Command
 from socksd.rules.evaluate import RuleSet
 from socksd.rules.match import (
@@ -41,7 +42,17 @@ COMMAND_NAMES: dict[str, Command] = {
 ``--commands``."""
 _COMMAND_TEXT = {command: name for name, command in COMMAND_NAMES.items()}
 
-RULE_KEYS = ("action", "clients", "users", "commands", "to", "ports", "idle_timeout", "upstream")
+RULE_KEYS = (
+    "action",
+    "clients",
+    "users",
+    "commands",
+    "to",
+    "ports",
+    "idle_timeout",
+    "upstream",
+    "via",
+)
 
 
 class RuleError(ValueError):
@@ -265,6 +276,17 @@ def parse_rule(
             raise RuleError(f"{where}.upstream: only allow rules send requests anywhere")
         fields["upstream"] = name
         spec.append(("upstream", (name,)))
+    if "via" in raw:
+        try:
+            via = parse_source_addresses(raw["via"], f"{where}.via")
+        except ValueError as e:
+            raise RuleError(str(e)) from None
+        if via is None:
+            raise RuleError(f"{where}.via: no address given; leave via out to use bind_out")
+        if action is Action.DENY:
+            raise RuleError(f"{where}.via: only allow rules send requests anywhere")
+        fields["via"] = via
+        spec.append(("via", via.addresses))
     return Rule(number, action, spec=tuple(spec), **fields)
 
 
