@@ -90,9 +90,7 @@ def targets(netns: str) -> Iterator[tuple[PeerReporter, PeerReporter]]:
 def seen_by(target: PeerReporter, server: ServerProcess, client: str = CLIENT_A) -> str:
     """The source address ``target`` saw for curl's request through ``server`` from
     ``client``."""
-    done = run_curl(
-        "--socks5", f"{server.host}:{server.port}", "--interface", client, target.url
-    )
+    done = run_curl("--socks5", f"{server.host}:{server.port}", "--interface", client, target.url)
     assert done.returncode == 0, done.stderr.decode()
     return done.stdout.decode()
 
