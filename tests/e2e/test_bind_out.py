@@ -245,3 +245,40 @@ def test_via_is_where_an_upstream_is_reached_from(
     assert seen_by(v4, server) != ""
     line = access_line(upstream, f"{TARGET}:{v4.port}")
     assert f"[{OUT6_B}]:" in line.split()[1], line
+
+
+def test_udp_through_an_upstream_leaves_from_via(
+    start: Callable[[str], tuple[ServerProcess, Path]],
+    socksd: Callable[..., ServerProcess],
+    tmp_path: Path,
+) -> None:
+    """UDP ASSOCIATE by a rule with ``upstream`` and ``via``: the control connection and the
+    datagrams to the upstream's relay both leave from ``via`` (the upstream takes datagrams
+    only from its client's address), and the target sees the upstream's own address."""
+    upstream_conf = tmp_path / "upstream.toml"
+    upstream_conf.write_text(
+        f'listen = ["[{OUT6_A}]:0"]\nallow_open = true\nbind_out = "{OUT_A}"\n{TARGETS_RULE}\n'
+    )
+    upstream = socksd("--config", str(upstream_conf))
+    server, _ = start(
+        f'[upstreams.up]\nproxy = "socks5://[{OUT6_A}]:{upstream.port}"\n'
+        f'[[rules]]\naction = "allow"\ncommands = ["udp"]\nupstream = "up"\nvia = "{OUT6_B}"\n'
+        f"{TARGETS_RULE}"
+    )
+    echo = UdpEchoServer(TARGET)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(IO_TIMEOUT)
+    udp.bind((CLIENT_A, 0))
+    try:
+        with _open(server, 3, "0.0.0.0", 0) as control:
+            raw, bhost, bport = read_reply(control)
+            assert raw[1] == 0, raw
+            udp.sendto(udp_header(TARGET, echo.port) + b"ping", (bhost, bport))
+            _, shost, sport, data = parse_udp(udp.recv(65535))
+            assert (shost, sport, data) == (TARGET, echo.port, b"ping")
+    finally:
+        udp.close()
+        echo.close()
+    assert [s[0] for s in echo.sources] == [OUT_A]
+    line = access_line(upstream, "UDP_ASSOCIATE")
+    assert line.split()[1].startswith(f"[{OUT6_B}]:"), line
