@@ -126,8 +126,8 @@ def parse_source_addresses(value: Any, where: str) -> SourceAddresses | None:
             raise ValueError(f"{hint}, got {item!r} (no names, no port)") from None
         if ip.is_unspecified or ip.is_multicast:
             raise ValueError(
-                f"{where}: {item!r} is not an address to send from; leave {where} out to let "
-                "the kernel choose"
+                f"{where}: {item!r} is not an address to send from; give a unicast address "
+                "of this host"
             )
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             raise ValueError(f"{where}: {item!r} is an IPv4-mapped address; write {ip.ipv4_mapped}")
