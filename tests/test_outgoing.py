@@ -229,3 +229,13 @@ def test_open_target_leaves_from_the_address_of_the_family() -> None:
         return seen
 
     assert sorted(asyncio.run(asyncio.wait_for(main(), 30))) == ["127.0.0.2", "127.0.0.3"]
+
+
+def test_a_bound_source_socket_takes_its_port_at_connect() -> None:
+    """The socket CONNECT binds to a source address gets no port at bind (so its port is
+    chosen per target at connect, not from one range shared by every target)."""
+    from socksd.outgoing import unbound_port_socket
+
+    with unbound_port_socket(_info("127.0.0.1")) as sock:
+        sock.bind(("127.0.0.2", 0))
+        assert sock.getsockname() == ("127.0.0.2", 0)

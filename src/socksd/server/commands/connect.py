@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import aiohappyeyeballs
 
+from socksd.outgoing import unbound_port_socket
 from socksd.protocol import Address, AddressType, ReplyCode, format_hostport
 from socksd.resolver import AddrInfo
 from socksd.server.commands.base import timed
@@ -85,6 +86,7 @@ async def open_target(
             local_addr_infos=None if source is None else source.addr_infos,
             happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
             interleave=1,
+            socket_factory=None if source is None else unbound_port_socket,
         )
     await loop.create_connection(lambda: held, sock=sock)
     return held
