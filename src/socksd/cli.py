@@ -599,7 +599,7 @@ def check_config_command(args: argparse.Namespace) -> int:
     if config.advertise:
         print(f"advertise: {config.advertise} (BND.ADDR of BIND and UDP ASSOCIATE replies)")
     if config.bind_out is not None:
-        print(f"bind_out: {config.bind_out} (connections and datagrams to targets leave from it)")
+        print(f"bind_out: {config.bind_out} (source addresses towards targets, one per family)")
     print(f"control socket: {control}")
     for user, rate in config.bandwidth.items():
         print(f"bandwidth: {user} {rate} bytes/s each way" if rate else f"bandwidth: {user} none")
