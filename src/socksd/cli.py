@@ -186,6 +186,14 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument("--external-address", metavar="IP", help="old name of --advertise")
     p.add_argument(
+        "--bind-out",
+        action="append",
+        metavar="IP",
+        help="send to targets from this address of this host (one IPv4 and/or one IPv6: a "
+        "target is reached from the one of its family, others get 0x03); repeatable; "
+        "default: the kernel picks",
+    )
+    p.add_argument(
         "--proxy-protocol-from",
         action="append",
         metavar="CIDR",
@@ -496,6 +504,7 @@ _SERVE_KEYS = (
     "udp_idle_timeout",
     "advertise",
     "external_address",
+    "bind_out",
     "proxy_protocol_from",
     "control_socket",
     "control_group",
@@ -605,6 +614,8 @@ def check_config_command(args: argparse.Namespace) -> int:
         )
     if config.advertise:
         print(f"advertise: {config.advertise} (BND.ADDR of BIND and UDP ASSOCIATE replies)")
+    if config.bind_out is not None:
+        print(f"bind_out: {config.bind_out} (source addresses towards targets, one per family)")
     print(f"control socket: {control}")
     for user, rate in config.bandwidth.items():
         print(f"bandwidth: {user} {rate} bytes/s each way" if rate else f"bandwidth: {user} none")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from socksd.fdlimit import DEFAULT_MAX_SESSIONS, default_max_sessions
+from socksd.outgoing import SourceAddresses, parse_source_addresses
 from socksd.protocol.constants import Command
 from socksd.rules import (
     COMMAND_NAMES,
@@ -134,6 +135,9 @@ class Config:
     advertise: str | None = None
     """The address put in BND.ADDR of BIND and UDP ASSOCIATE replies (``external_address`` is
     its old name, still accepted)."""
+    bind_out: SourceAddresses | None = None
+    """The addresses connections and datagrams to targets leave from (one per family); None:
+    the kernel picks. A rule's ``via`` replaces it for the sessions that rule allows."""
     proxy_protocol_from: tuple[str, ...] = ()
     """Networks (CIDR) whose connections must start with a PROXY protocol header."""
     methods: tuple[str, ...] = ()
@@ -405,6 +409,15 @@ def _advertise(value: Any) -> str | None:
     return str(ip)
 
 
+def _bind_out(value: Any) -> SourceAddresses | None:
+    if value is None:
+        return None
+    try:
+        return parse_source_addresses(value, "bind_out")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _proxy_protocol_from(value: Any) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
@@ -519,6 +532,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "commands": _commands,
     "protocols": _protocols,
     "advertise": _advertise,
+    "bind_out": _bind_out,
     "proxy_protocol_from": _proxy_protocol_from,
     "control_socket": lambda value: _control("control_socket", value),
     "control_group": lambda value: _control("control_group", value),

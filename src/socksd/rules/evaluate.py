@@ -281,9 +281,15 @@ class RuleSet:
 
     def open_route(self, client: IP, user: str | None, command: int) -> str | None:
         """The route of an allowed request with no destination yet (UDP ASSOCIATE, BIND for any
-        peer): that of the first allow rule for its user and command naming no destination
-        (neither ``to`` nor ``ports``), else the global ``upstream``. A rule with ``to`` may let
-        such a request through (``check_open_request``) but says nothing of where it goes."""
+        peer): that of :meth:`open_decision`."""
+        return self.route(self.open_decision(client, user, command))
+
+    def open_decision(self, client: IP, user: str | None, command: int) -> Decision:
+        """The decision whose route (``upstream``, ``via``) an allowed request with no
+        destination yet takes: the first allow rule for its user and command naming no
+        destination (neither ``to`` nor ``ports``), else the default (the global ``upstream``
+        and ``bind_out``). A rule with ``to`` may let such a request through
+        (``check_open_request``) but says nothing of where it goes."""
         for rule in self.rules_for(client):
             if (
                 rule.has_to
@@ -293,8 +299,8 @@ class RuleSet:
                 continue
             if rule.deny:
                 break
-            return self.route(rule.decision)
-        return self.upstream
+            return rule.decision
+        return self._default
 
     def route(self, decision: Decision) -> str | None:
         """The ``[upstreams]`` name an allowed request goes through; None: direct."""

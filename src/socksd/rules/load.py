@@ -14,6 +14,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+from socksd.outgoing import parse_source_addresses
 from socksd.protocol import Command
 from socksd.rules.evaluate import RuleSet
 from socksd.rules.match import (
@@ -51,6 +52,7 @@ RULE_KEYS = (
     "idle_timeout",
     "upstream",
     "socks4",
+    "via",
 )
 
 
@@ -285,6 +287,17 @@ def parse_rule(
             )
         fields["socks4"] = True
         spec.append(("socks4", ("true",)))
+    if "via" in raw:
+        try:
+            via = parse_source_addresses(raw["via"], f"{where}.via")
+        except ValueError as e:
+            raise RuleError(str(e)) from None
+        if via is None:
+            raise RuleError(f"{where}.via: no address given; leave via out to use bind_out")
+        if action is Action.DENY:
+            raise RuleError(f"{where}.via: only allow rules send requests anywhere")
+        fields["via"] = via
+        spec.append(("via", via.addresses))
     return Rule(number, action, spec=tuple(spec), **fields)
 
 

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from socket import AF_INET, AF_INET6, inet_pton
 
+from socksd.outgoing import SourceAddresses
 from socksd.protocol import Command
 
 IP = tuple[int, int]
@@ -183,6 +184,11 @@ class Decision:
         """The matched rule's ``idle_timeout``, if it has one."""
         return self.rule.idle_timeout if self.rule is not None else None
 
+    @property
+    def via(self) -> SourceAddresses | None:
+        """The matched rule's ``via`` (its outgoing addresses), if it has one."""
+        return self.rule.via if self.rule is not None else None
+
 
 @dataclass(frozen=True, slots=True)
 class Rule:
@@ -203,6 +209,8 @@ class Rule:
     socks4: bool = False
     """``socks4 = true``: SOCKS4 requests from ``clients`` are let in although the server
     requires a login (``RuleSet.socks4_rule``)."""
+    via: SourceAddresses | None = None
+    """The addresses the requests it allows go out from, in place of ``bind_out``."""
     spec: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """The fields as written (``users`` with groups unexpanded), for printing."""
     decision: Decision = field(init=False, compare=False, repr=False)

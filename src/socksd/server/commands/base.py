@@ -12,15 +12,17 @@ object that does.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from socksd.outgoing import bind_error
 
 if TYPE_CHECKING:
     from socksd.accesslog import SessionRecord
     from socksd.config import Config
     from socksd.metrics import SessionMetrics
+    from socksd.outgoing import SourceAddresses
     from socksd.protocol import Address, GssapiEncapsulation, ReplyCode, ServerConnection
     from socksd.resolver import AddrInfo, Resolver
     from socksd.rules import Decision
@@ -92,6 +94,11 @@ class CommandSession(Protocol):
         ``UpstreamFailure`` when the upstream named is no longer configured."""
 
     @property
+    def outgoing(self) -> SourceAddresses | None:
+        """Where connections and datagrams to targets (and upstreams) leave from: the allow
+        rule's ``via``, else ``bind_out``; None: the kernel picks by its routes."""
+
+    @property
     def metrics(self) -> SessionMetrics | None:
         """The metrics to report latencies to (``timed``); None when metrics are off."""
 
@@ -147,13 +154,7 @@ def bind_address(advertise: str | None, local_ip: str) -> str:
     Whether it is this host's is asked of the kernel each time (a bind on port 0), so an
     address added or removed later counts at once.
     """
-    if advertise is None or advertise == local_ip:
-        return local_ip
-    family = socket.AF_INET6 if ":" in advertise else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind((advertise, 0))
-    except OSError:
+    if advertise is None or advertise == local_ip or bind_error(advertise) is not None:
         return local_ip
     return advertise
 

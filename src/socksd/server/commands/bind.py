@@ -4,7 +4,10 @@
    means any peer). socksd picks the local address on the route towards that peer: the source
    address of a UDP socket connected to it (``connect`` on a UDP socket sends nothing, it only asks
    the kernel for the route); for an unspecified DST, the address the control connection arrived
-   on. A listening socket is bound there on a free port.
+   on. With ``bind_out`` or the rule's ``via`` (``socksd.outgoing``), the address of the peer's
+   family there instead (the peer is a host of the targets' side; 0x03 when its family has
+   none; for any peer, the family the client came in on, else the one there is). A listening
+   socket is bound there on a free port.
 2. First reply: BND.ADDR/BND.PORT of that listener. With ``advertise`` set, that address
    instead; the listener is then bound on it when it is this host's own (a node behind a load
    balancer), else on the local address (NAT, the port forwarded).
@@ -69,6 +72,15 @@ def local_address_towards(ip: str) -> str:
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.connect((ip, 9))
         return str(probe.getsockname()[0])
+
+
+def listening_ip(session: CommandSession, route_ip: str | None) -> str:
+    """The local address a BIND listens on, before ``advertise`` (module comment, step 1)."""
+    control_ip = str(session.client.get_extra_info("sockname")[0])
+    source = session.outgoing
+    if source is not None:  # bind_out/via: the peer's family's (any peer: the client's)
+        return source.for_ip(route_ip or control_ip, any_family=route_ip is None)
+    return local_address_towards(route_ip) if route_ip is not None else control_ip
 
 
 def open_listener(ip: str) -> socket.socket:
@@ -160,11 +172,7 @@ async def bind_here(session: CommandSession, address: Address) -> None:
     loop = asyncio.get_running_loop()
     try:
         peers, route_ip = await expected_peer(session, address)
-        local_ip = (
-            local_address_towards(route_ip)
-            if route_ip is not None
-            else str(transport.get_extra_info("sockname")[0])
-        )
+        local_ip = listening_ip(session, route_ip)
         listener = open_listener(bind_address(config.advertise, local_ip))
     except asyncio.CancelledError:
         raise

@@ -7,7 +7,9 @@ whatever the target sends before the reply is out (banners) for the relay: targe
 overtake the reply. Domain names are resolved by the server's resolver, and the access rules see
 each address (``CommandSession.allowed_addresses``); with several allowed addresses the attempts
 follow RFC 8305 (``aiohappyeyeballs``, 250 ms stagger, address families interleaved). Failures
-become reply codes through ``replycodes``; then the client connection is closed at once.
+become reply codes through ``replycodes``; then the client connection is closed at once. With
+``bind_out`` or the rule's ``via`` (``session.outgoing``, ``socksd.outgoing``) the connection
+leaves from the address of the target's family; a target of another family gets 0x03.
 
 Through an upstream proxy (``upstream``: the request's rule or the global ``upstream`` names one)
 the target is not resolved or connected here: the upstream is, then the client library's
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import aiohappyeyeballs
 
+from socksd.outgoing import unbound_port_socket
 from socksd.protocol import Address, AddressType, ReplyCode, format_hostport
 from socksd.resolver import AddrInfo
 from socksd.server.commands.base import timed
@@ -40,6 +43,7 @@ from socksd.server.handshake.admission import Refusal
 if TYPE_CHECKING:
     from socksd.accesslog import SessionRecord
     from socksd.client.proxy import Proxy
+    from socksd.outgoing import SourceAddresses
     from socksd.server.commands.base import CommandSession
 
 HAPPY_EYEBALLS_DELAY = 0.25
@@ -63,20 +67,32 @@ def literal_addrinfo(address: Address) -> list[AddrInfo]:
 
 
 async def open_target(
-    infos: list[AddrInfo], timeout: float, record: SessionRecord, held: Holding | None = None
+    infos: list[AddrInfo],
+    timeout: float,
+    record: SessionRecord,
+    held: Holding | None = None,
+    source: SourceAddresses | None = None,
 ) -> Holding:
     """The connection to the first reachable of ``infos``, holding what it delivers (in
-    ``held``, when given: an upstream's connection)."""
+    ``held``, when given: an upstream's connection), from ``source``'s address of each one's
+    family when given (``bind_out``/``via``: the others are not tried)."""
     loop = asyncio.get_running_loop()
     held = held or Holding()
+    if source is not None:
+        infos = source.usable(infos)
     async with asyncio.timeout(timeout):
         if len(infos) == 1:
             family, _, _, _, sockaddr = infos[0]
             record.remote = format_hostport(sockaddr[0], sockaddr[1])
-            await loop.create_connection(lambda: held, sockaddr[0], sockaddr[1], family=family)
-            return held
+            if source is None:
+                await loop.create_connection(lambda: held, sockaddr[0], sockaddr[1], family=family)
+                return held
         sock = await aiohappyeyeballs.start_connection(
-            infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
+            infos,
+            local_addr_infos=None if source is None else source.addr_infos,
+            happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+            interleave=1,
+            socket_factory=None if source is None else unbound_port_socket,
         )
     await loop.create_connection(lambda: held, sock=sock)
     return held
@@ -102,7 +118,9 @@ async def connect(session: CommandSession, address: Address) -> None:
             else:
                 infos = literal_addrinfo(address)
         if upstream is None:
-            opening = open_target(infos, config.connect_timeout, session.record)
+            opening = open_target(
+                infos, config.connect_timeout, session.record, source=session.outgoing
+            )
             held = await (opening if metrics is None else timed(opening, metrics.connected))
         else:
             connector = partial(open_to_upstream, session, upstream.proxy)
@@ -149,8 +167,9 @@ def _failed(session: CommandSession, exc: BaseException, timeout: float) -> None
 def connect_direct(session: CommandSession, address: Address) -> DirectConnect | None:
     """Start the CONNECT of an IP literal that goes straight to the target (no upstream):
     what :func:`connect` does, without a task (:class:`DirectConnect`). None: any other
-    request, for :func:`connect`."""
-    if address.atyp == AddressType.DOMAIN:
+    request, for :func:`connect` (names, upstreams, a source address from ``bind_out`` or
+    ``via``)."""
+    if address.atyp == AddressType.DOMAIN or session.outgoing is not None:
         return None
     try:
         if session.upstream() is not None:
@@ -263,7 +282,7 @@ async def open_to_upstream(session: CommandSession, proxy: Proxy, held: Holding)
         infos = await session.resolver.resolve(where.host, where.port)
     else:
         infos = literal_addrinfo(where)
-    await open_target(infos, session.config.connect_timeout, session.record, held)
+    await open_target(infos, session.config.connect_timeout, session.record, held, session.outgoing)
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

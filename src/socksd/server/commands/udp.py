@@ -9,7 +9,9 @@ Sockets of one association (:class:`UdpAssociation`), none shared with another a
   client sends its datagrams to the node directly), else on the local address (NAT);
 * one target side per address family (IPv4, and IPv6 when the host has it), bound to the
   wildcard address: what targets send back arrives there, apart from the client's traffic, so a
-  datagram on the client side is either the client's or dropped.
+  datagram on the client side is either the client's or dropped. With ``bind_out`` or the rule's
+  ``via`` (``socksd.outgoing``) each is bound to the address of its family there instead, and a
+  family with no address there has no target side (its datagrams are dropped as ``unresolved``).
 
 Client to target (``ClientSide.datagram_received``): the source must pass the
 :class:`~socksd.protocol.udp.UdpClientFilter` (the control connection's client IP; the declared
@@ -76,6 +78,7 @@ from socksd.server.dataplane.idle import ActivityMark, IdleSweep, watch_idle
 
 if TYPE_CHECKING:
     from socksd.limits import TokenBucket
+    from socksd.outgoing import SourceAddresses
     from socksd.server.commands.base import CommandSession
     from socksd.server.dataplane.terms import RelayTerms
 
@@ -117,15 +120,15 @@ def tune_udp_socket(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
 
 
-def _wildcard_socket(family: int) -> socket.socket:
-    """A UDP socket on the wildcard address and a free port (IPv6: IPv6 only)."""
+def _target_socket(family: int, ip: str | None = None) -> socket.socket:
+    """A UDP socket on ``ip`` (None: the wildcard address) and a free port (IPv6: IPv6 only)."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(("::", 0))
+            sock.bind((ip or "::", 0))
         else:
-            sock.bind(("0.0.0.0", 0))
+            sock.bind((ip or "0.0.0.0", 0))
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -333,10 +336,11 @@ class UdpAssociation:
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    async def open(self, local_ip: str) -> Address:
-        """Create the client side on ``local_ip`` and the target sides; return the bound address."""
+    async def open(self, local_ip: str, source: SourceAddresses | None = None) -> Address:
+        """Create the client side on ``local_ip`` and the target sides (on ``source``'s
+        addresses when given); return the bound address."""
         bound = await self.open_client_side(local_ip)
-        await self.open_target_sides()
+        await self.open_target_sides(source)
         return bound
 
     async def open_client_side(self, local_ip: str) -> Address:
@@ -351,13 +355,19 @@ class UdpAssociation:
         host, port = transport.get_extra_info("sockname")[:2]
         return Address.of(host, port)
 
-    async def open_target_sides(self) -> None:
-        """The sockets datagrams to targets leave from, one per address family."""
+    async def open_target_sides(self, source: SourceAddresses | None = None) -> None:
+        """The sockets datagrams to targets leave from, one per address family (only the
+        families ``source`` has an address of, bound there, when given)."""
         loop = asyncio.get_running_loop()
         for fam in (socket.AF_INET, socket.AF_INET6):
+            ip = None if source is None else source.for_family(fam)
+            if source is not None and ip is None:
+                continue  # bind_out/via has no address of this family: its targets drop
             try:
-                sock = _wildcard_socket(fam)
+                sock = _target_socket(fam, ip)
             except OSError:  # no IPv6 (or no IPv4) on this host: targets of that family drop
+                if ip is not None:
+                    raise  # the bind_out/via address is gone: the request fails
                 continue
             try:
                 side_transport, side = await loop.create_datagram_endpoint(
@@ -615,7 +625,7 @@ async def udp_associate(session: CommandSession, address: Address) -> None:
         session, UdpClientFilter(session.client_host, address), session.terms(), session.codec
     )
     try:
-        bound = await association.open(bind_address(config.advertise, local_ip))
+        bound = await association.open(bind_address(config.advertise, local_ip), session.outgoing)
     except asyncio.CancelledError:
         association.close_sockets()
         raise

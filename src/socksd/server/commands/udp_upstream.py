@@ -44,6 +44,7 @@ from socksd.protocol import (
     format_hostport,
     udp_header_length,
 )
+from socksd.rules import parse_ip
 from socksd.server.commands.base import bind_address
 from socksd.server.commands.connect import open_to_upstream
 from socksd.server.commands.replycodes import reply_for_error
@@ -137,7 +138,13 @@ class UpstreamUdpAssociation(UdpAssociation):
         """The UDP socket connected to the upstream's relay at ``host:port``."""
         loop = asyncio.get_running_loop()
         side = UpstreamSide(self, codec)
-        transport, _ = await loop.create_datagram_endpoint(lambda: side, remote_addr=(host, port))
+        source = self.session.outgoing
+        local = None  # bind_out/via: of the relay's family (a name: the first there is)
+        if source is not None:
+            local = (source.for_ip(host, any_family=parse_ip(host) is None), 0)
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: side, local_addr=local, remote_addr=(host, port)
+        )
         tune_udp_socket(transport)
         self.upstream_side = side
         # names resolved for the rules may be of either family: the datagram goes upstream

@@ -17,7 +17,8 @@ the reason for the log.
 - request (:meth:`Admission.authorize`): the rules see the command, user and target (a UDP
   ASSOCIATE or a BIND for any peer has no destination yet: ``RuleSet.check_open_request``); a
   denied request gets REP 0x02 and its access-log line names the rule; an allowed one notes the
-  upstream proxy its rule (or the global ``upstream``) sends it through; then
+  upstream proxy its rule (or the global ``upstream``) sends it through, and its rule's ``via``
+  (the outgoing addresses, in place of ``bind_out``); then
   ``max_sessions_per_user`` (REP 0x01 beyond it);
 - resolved addresses (:meth:`Admission.allowed_addresses`, from a command after it resolved a
   domain target): when the rules said the outcome depends on the addresses, each is checked;
@@ -34,12 +35,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from socksd.limits import Limits, LoginFailure, throttle_key
 from socksd.protocol import Address, Command, ReplyCode, Request
 from socksd.protocol.udp import is_unspecified
 from socksd.resolver import AddrInfo
 from socksd.rules import IP, Decision, NeedAddresses, RuleSet, parse_ip
+
+if TYPE_CHECKING:
+    from socksd.outgoing import SourceAddresses
 
 log = logging.getLogger("socksd.session")
 
@@ -132,6 +137,7 @@ class Admission:
         "rule",
         "upstream",
         "user",
+        "via",
     )
 
     def __init__(self, limits: Limits, host: str, ip: IP, client: str) -> None:
@@ -153,6 +159,8 @@ class Admission:
         """A login check is counted for the address (``login_start``)."""
         self.upstream: str | None = None
         """The ``[upstreams]`` name the allowed request goes through (None: direct)."""
+        self.via: SourceAddresses | None = None
+        """The ``via`` of the allow rule that decided (None: ``bind_out``)."""
 
     # -- request ------------------------------------------------------------------------------
 
@@ -177,8 +185,10 @@ class Admission:
                 return _denied(decision)
             else:
                 self._allowed(rules, decision)
-                if open_request:
-                    self.upstream = rules.open_route(self.ip, user, command)
+                if open_request:  # routed by a rule naming no destination (open_decision)
+                    routing = rules.open_decision(self.ip, user, command)
+                    self.upstream = rules.route(routing)
+                    self.via = routing.via
         if user is not None:
             limits = self.limits
             count = limits.per_user.add(user)
@@ -202,6 +212,7 @@ class Admission:
             self.rule = rule_field(decision)
         self.idle_timeout = decision.idle_timeout
         self.upstream = rules.route(decision)
+        self.via = decision.via
 
     def allowed_addresses(
         self, user: str | None, target: Address, infos: list[AddrInfo]

@@ -72,6 +72,7 @@ from socksd.sessionview import LiveSession
 if TYPE_CHECKING:
     from socksd.config import Config
     from socksd.metrics import SessionMetrics
+    from socksd.outgoing import SourceAddresses
     from socksd.resolver import AddrInfo, Resolver
     from socksd.rules import Decision
     from socksd.server.process.context import ServerContext
@@ -556,6 +557,10 @@ class Session(asyncio.Protocol):
         if proxy is None:  # a reload dropped it while the request was being decided
             raise UpstreamFailure(ReplyCode.GENERAL_FAILURE, f"upstream {name} is not configured")
         return Upstream(name, proxy)
+
+    @property
+    def outgoing(self) -> SourceAddresses | None:
+        return self.admission.via or self.ctx.config.bind_out
 
     @property
     def metrics(self) -> SessionMetrics | None:

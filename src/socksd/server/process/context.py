@@ -2,7 +2,8 @@
 
 :func:`derive` turns a :class:`~socksd.config.Config` into everything a server runs with: the
 authentication methods in order, the user file, the GSSAPI acceptor (the keytab read afresh), the
-rules guarding this host's current addresses, the resolver, the access log, the load balancers
+rules guarding this host's current addresses (and the check that ``bind_out`` and each rule's
+``via`` are addresses of this host), the resolver, the access log, the load balancers
 trusted to send a PROXY protocol header and the upstream proxies (their passwords read afresh). It
 is the only
 place that does so: :meth:`ServerContext.create` calls it at start-up, the reload
@@ -31,6 +32,7 @@ from socksd.auth.htpasswd import UserFile, UserFileError
 from socksd.auth.userpass import UserPassAuthenticator
 from socksd.config import Config, ConfigError
 from socksd.limits import Limits
+from socksd.outgoing import check_own
 from socksd.protocol import AuthMethod
 from socksd.resolver import Resolver, make_resolver
 from socksd.rules import RuleSet
@@ -91,6 +93,7 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
     except OSError as e:
         raise ConfigError(f"users: cannot read {config.users}: {e.strerror or e}") from None
     check_log_file(config.log_file)  # the server log itself is set up by run.setup_logging
+    check_outgoing(config)
     if previous is not None and _resolver_settings(previous.config) == _resolver_settings(config):
         resolver = previous.resolver
     else:
@@ -119,6 +122,17 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
         proxy_from=TrustedProxies(config.proxy_protocol_from),
         upstreams=upstreams,
     )
+
+
+def check_outgoing(config: Config) -> None:
+    """``bind_out`` and every rule's ``via`` are addresses of this host (a bind probe each);
+    ConfigError names the setting otherwise."""
+    try:
+        check_own(config.bind_out)
+        for rule in config.rules.rules:
+            check_own(rule.via)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _resolver_settings(config: Config) -> tuple[object, ...]:
