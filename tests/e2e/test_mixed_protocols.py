@@ -190,11 +190,17 @@ def test_curl_socks4_socks4a_http_and_socks5_on_one_port(
         assert result.stdout == HttpServer.body
     access_line(mixed, f"CONNECT {NAME}:{http4.port} -> 127.0.0.1:{http4.port} rep=0x00")
     for protocol in ("socks4", "http"):
-        assert any(
-            f"CONNECT {NAME}:{http4.port} -> 127.0.0.1:{http4.port} rep=0x00" in x
-            and x.endswith(f"protocol={protocol}" + ("" if protocol == "http" else ' userid=""'))
-            for x in access_lines(mixed)
-        ), (protocol, mixed.log())
+
+        def logged(protocol: str = protocol) -> bool:
+            suffix = f"protocol={protocol}" + ("" if protocol == "http" else ' userid=""')
+            return any(
+                f"CONNECT {NAME}:{http4.port} -> 127.0.0.1:{http4.port} rep=0x00" in x
+                and x.endswith(suffix)
+                for x in access_lines(mixed)
+            )
+
+        wait_for(logged)  # a session's line is written once the server has seen it end
+        assert logged(), (protocol, mixed.log())
 
 
 def test_curl_http_connect_login(mixed_auth: ServerProcess, http4: HttpServer) -> None:
