@@ -2,7 +2,7 @@
 # Install everything the test suite needs, then run lint, types and the tests.
 # System packages: curl, iproute2 (ip, for the network-namespace tests), HAProxy (the PROXY
 # protocol tests put socksd nodes behind it), logrotate (the contrib/logrotate config is run for
-# real), ncat, htpasswd
+# real), ncat, htpasswd, db_load (db-util: the PAM tests' pam_userdb database)
 # (apache2-utils), Dante (server and socksify client), gcc
 # (it builds the small C programs socksify runs), and MIT Kerberos for the GSSAPI tests (a KDC and
 # its admin tools for k5test's throwaway realm, kinit, and libkrb5-dev with a C compiler, which the
@@ -31,6 +31,8 @@ command -v promtool >/dev/null || need+=(prometheus)  # the metrics tests: promt
 command -v proxychains4 >/dev/null || need+=(proxychains4)  # SOCKS4 through the mixed listener
 command -v chromium >/dev/null || need+=(chromium)  # a browser through HTTP CONNECT
 command -v openssl >/dev/null || need+=(openssl)  # the self-signed certificate of the browser test's origin
+command -v db_load >/dev/null || command -v db5.3_load >/dev/null || need+=(db-util)  # the PAM tests: pam_userdb's Berkeley DB
+ls /usr/lib/*/security/pam_userdb.so >/dev/null 2>&1 || need+=(libpam-modules)  # pam_userdb, pam_exec for the PAM tests
 if ((${#need[@]})); then
     echo "test.sh: installing system packages: ${need[*]}"
     sudo=""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,8 +44,15 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--users",
-        metavar="PATH",
-        help="htpasswd file (bcrypt); when given, username/password is required",
+        metavar="PATH|pam:SERVICE",
+        help="htpasswd file (bcrypt), or pam:SERVICE for the system's PAM stack of SERVICE "
+        "(/etc/pam.d/SERVICE); when given, username/password is required",
+    )
+    p.add_argument(
+        "--users-cache-ttl",
+        type=float,
+        metavar="S",
+        help="seconds a login verified by PAM is trusted without a new check (default 300)",
     )
     p.add_argument(
         "--methods",
@@ -468,6 +476,7 @@ def make_parser() -> argparse.ArgumentParser:
 _SERVE_KEYS = (
     "listen",
     "users",
+    "users_cache_ttl",
     "methods",
     "gssapi_keytab",
     "gssapi_service",
@@ -587,7 +596,10 @@ def check_config_command(args: argparse.Namespace) -> int:
     methods = []
     for method in config.auth_methods:
         if method == "userpass" and parts.users is not None:
-            methods.append(f"username/password, {len(parts.users.users)} users in {config.users}")
+            users = parts.users.describe()
+            if math.isfinite(parts.users.cache_ttl):
+                users += f", logins cached {parts.users.cache_ttl:g}s"
+            methods.append(f"username/password, {users}")
         elif method == "gssapi":
             keytab = config.gssapi_keytab or "the default keytab (KRB5_KTNAME)"
             methods.append(f"GSSAPI, service {config.service}@<host> from {keytab}")

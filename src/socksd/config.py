@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from socksd.auth.stores import is_directory
 from socksd.fdlimit import DEFAULT_MAX_SESSIONS, default_max_sessions
 from socksd.outgoing import SourceAddresses, parse_source_addresses
 from socksd.protocol.constants import Command
@@ -93,7 +94,10 @@ class Config:
     """All settings of ``socksd serve``; see the README for each key."""
 
     listen: tuple[ListenAddress, ...] = (ListenAddress.parse(DEFAULT_LISTEN),)
-    users: Path | None = None
+    users: Path | str | None = None
+    """An htpasswd file (a Path), or a directory of users (a str: ``pam:SERVICE``)."""
+    users_cache_ttl: float = 300.0
+    """Seconds a login verified by a directory (PAM) is trusted without a new check."""
     allow_open: bool = False
     log_format: str = "text"
     log_level: str = "info"
@@ -219,12 +223,11 @@ def _convert(key: str, value: Any) -> Any:
         ):
             raise ConfigError('listen: expected a list of "HOST:PORT" strings')
         return tuple(ListenAddress.parse(v) for v in items)
-    if key in ("users", "gssapi_keytab"):
+    if key == "gssapi_keytab":
         if value is None or value == "":
             return None
         if not isinstance(value, str | Path):
-            what = "an htpasswd file" if key == "users" else "a Kerberos keytab"
-            raise ConfigError(f"{key}: expected the path of {what}")
+            raise ConfigError(f"{key}: expected the path of a Kerberos keytab")
         return Path(value)
     if key == "allow_open":
         if not isinstance(value, bool):
@@ -282,6 +285,8 @@ def _convert(key: str, value: Any) -> Any:
         return int(_number(key, value, minimum=0, integer=True))
     if key == "auth_block_time":
         return float(_number(key, value, minimum=0.001))
+    if key == "users_cache_ttl":
+        return float(_number(key, value))
     if key in ("auth_delay", "max_auth_delay"):
         return float(_number(key, value))
     if key == "max_auth_checks_per_ip":
@@ -522,11 +527,30 @@ def _flag(key: str) -> Callable[[Any], bool]:
     return convert
 
 
+def _users(value: Any) -> Path | str | None:
+    """``users``: an htpasswd file's path, or ``pam:SERVICE``."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError('users: expected the path of an htpasswd file or "pam:SERVICE"')
+    if value.startswith("pam:"):
+        from socksd.auth.pam import service_error
+
+        error = service_error(value.removeprefix("pam:"))
+        if error is not None:
+            raise ConfigError(f"users: {error}")
+        return value
+    return Path(value)
+
+
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "metrics": _metrics,
     "splice": _splice,
     "metrics_allow_remote": _flag("metrics_allow_remote"),
     "methods": _methods,
+    "users": _users,
     "gssapi_service": _service,
     "gssapi_levels": _levels,
     "commands": _commands,
@@ -543,7 +567,10 @@ def check_methods(config: Config) -> None:
     """Each method has what it needs, and nothing configured is left unused."""
     methods = config.auth_methods
     if "userpass" in methods and config.users is None:
-        raise ConfigError("methods: userpass needs a user file; give users (--users FILE)")
+        raise ConfigError(
+            "methods: userpass needs a user file or directory; give users (--users FILE or "
+            "pam:SERVICE)"
+        )
     if config.methods:
         if config.users is not None and "userpass" not in methods:
             raise ConfigError(
@@ -671,6 +698,8 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
     for key in ("users", "gssapi_keytab", "control_socket"):
         value = data.get(key)
+        if key == "users" and isinstance(value, str) and is_directory(value):
+            continue
         if isinstance(value, str) and value not in ("", "off") and not Path(value).is_absolute():
             data[key] = str(path.parent / value)
     upstreams = data.get("upstreams")

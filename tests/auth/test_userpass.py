@@ -7,12 +7,13 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import bcrypt
 import pytest
 
 from socksd.auth.htpasswd import UserFile
-from socksd.auth.userpass import UserPassAuthenticator
+from socksd.auth.userpass import HtpasswdStore, UserPassAuthenticator
 
 FAST = 4  # bcrypt cost for tests
 LONG = b"L" * 72
@@ -23,6 +24,10 @@ def make_users(**passwords: bytes) -> UserFile:
     for name, password in passwords.items():
         users.add(name, password, rounds=FAST)
     return users
+
+
+def authenticator(users: UserFile, **options: Any) -> UserPassAuthenticator:
+    return UserPassAuthenticator(HtpasswdStore(users), **options)
 
 
 class CheckpwSpy:
@@ -50,9 +55,9 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> CheckpwSpy:
 
 @pytest.fixture
 def auth() -> Iterator[UserPassAuthenticator]:
-    authenticator = UserPassAuthenticator(make_users(alice=b"wonderland", long=LONG))
-    yield authenticator
-    authenticator.close()
+    checker = authenticator(make_users(alice=b"wonderland", long=LONG))
+    yield checker
+    checker.close()
 
 
 def verify(auth: UserPassAuthenticator, username: bytes, password: bytes) -> bool:
@@ -86,7 +91,7 @@ def test_unknown_user_costs_one_dummy_check(auth: UserPassAuthenticator, spy: Ch
     assert spy.calls == 1
     # The dummy hash has the users' cost, so the check takes as long as a real one.
     assert spy.hashes[0].startswith(b"$2y$04$")
-    assert spy.hashes[0] not in (auth._users["alice"], auth._users["long"])
+    assert spy.hashes[0] not in (auth._store.token("alice"), auth._store.token("long"))
 
 
 def test_non_utf8_username(auth: UserPassAuthenticator, spy: CheckpwSpy) -> None:
@@ -95,7 +100,7 @@ def test_non_utf8_username(auth: UserPassAuthenticator, spy: CheckpwSpy) -> None
 
 
 def test_utf8_username_exact_bytes() -> None:
-    auth = UserPassAuthenticator(make_users(zoë=b"pw"))
+    auth = authenticator(make_users(zoë=b"pw"))
     try:
         assert verify(auth, "zoë".encode(), b"pw") is True
         assert verify(auth, "zoë".encode("latin-1"), b"pw") is False
@@ -129,12 +134,12 @@ def test_cached_answers_verified_logins_only_without_bcrypt(
     assert auth.cached(b"nobody", b"wonderland") is False
     assert auth.cached(b"\xff", b"wonderland") is False
     assert spy.calls == calls  # never a bcrypt check
-    auth.replace_users(make_users(alice=b"changed"))
+    auth.replace_users(HtpasswdStore(make_users(alice=b"changed")))
     assert auth.cached(b"alice", b"wonderland") is False
 
 
 def test_identical_logins_in_flight_share_one_check(spy: CheckpwSpy) -> None:
-    auth = UserPassAuthenticator(make_users(alice=b"wonderland"), cache_size=0)
+    auth = authenticator(make_users(alice=b"wonderland"), cache_size=0)
 
     async def burst() -> tuple[list[bool], list[bool], bool, bool]:
         first = asyncio.ensure_future(auth.verify(b"alice", b"wrong"))
@@ -161,7 +166,7 @@ def test_identical_logins_in_flight_share_one_check(spy: CheckpwSpy) -> None:
 
 
 def test_a_caller_going_away_leaves_the_shared_check_to_the_others(spy: CheckpwSpy) -> None:
-    auth = UserPassAuthenticator(make_users(alice=b"wonderland"))
+    auth = authenticator(make_users(alice=b"wonderland"))
 
     async def run() -> bool:
         first = asyncio.ensure_future(auth.verify(b"alice", b"wonderland"))
@@ -186,7 +191,7 @@ def test_failures_are_not_cached(auth: UserPassAuthenticator, spy: CheckpwSpy) -
 
 def test_cache_holds_no_plaintext(auth: UserPassAuthenticator) -> None:
     assert verify(auth, b"alice", b"wonderland") is True
-    for hashed, mac in auth._cache.values():
+    for hashed, mac, _ in auth._cache.values():
         assert b"wonderland" not in hashed
         assert b"wonderland" not in mac
         assert len(mac) == 32
@@ -198,7 +203,7 @@ def test_replace_users_invalidates_changed_user(
     assert verify(auth, b"alice", b"wonderland") is True
     assert verify(auth, b"long", LONG) is True
     assert spy.calls == 2
-    auth.replace_users(make_users(alice=b"looking-glass", long=LONG))
+    auth.replace_users(HtpasswdStore(make_users(alice=b"looking-glass", long=LONG)))
     assert verify(auth, b"alice", b"wonderland") is False
     assert spy.calls == 3
     assert verify(auth, b"alice", b"looking-glass") is True
@@ -207,11 +212,11 @@ def test_replace_users_invalidates_changed_user(
 
 def test_replace_users_keeps_unchanged_user_cached(spy: CheckpwSpy) -> None:
     users = make_users(alice=b"wonderland", bob=b"builder")
-    auth = UserPassAuthenticator(users)
+    auth = authenticator(users)
     try:
         assert verify(auth, b"alice", b"wonderland") is True
         users.remove("bob")
-        auth.replace_users(users)
+        auth.replace_users(HtpasswdStore(users))
         assert verify(auth, b"alice", b"wonderland") is True
         assert spy.calls == 1
         assert verify(auth, b"bob", b"builder") is False
@@ -220,10 +225,10 @@ def test_replace_users_keeps_unchanged_user_cached(spy: CheckpwSpy) -> None:
 
 
 def test_removed_user_cache_entry_does_not_match(spy: CheckpwSpy) -> None:
-    auth = UserPassAuthenticator(make_users(alice=b"wonderland"))
+    auth = authenticator(make_users(alice=b"wonderland"))
     try:
         assert verify(auth, b"alice", b"wonderland") is True
-        auth.replace_users(UserFile())
+        auth.replace_users(HtpasswdStore(UserFile()))
         assert verify(auth, b"alice", b"wonderland") is False
     finally:
         auth.close()
@@ -231,18 +236,18 @@ def test_removed_user_cache_entry_does_not_match(spy: CheckpwSpy) -> None:
 
 def test_caller_snapshot_is_taken() -> None:
     users = make_users(alice=b"wonderland")
-    auth = UserPassAuthenticator(users)
+    auth = authenticator(users)
     try:
         users.add("bob", b"builder", rounds=FAST)
         assert verify(auth, b"bob", b"builder") is False  # until replace_users
-        auth.replace_users(users)
+        auth.replace_users(HtpasswdStore(users))
         assert verify(auth, b"bob", b"builder") is True
     finally:
         auth.close()
 
 
 def test_lru_bound(spy: CheckpwSpy) -> None:
-    auth = UserPassAuthenticator(make_users(a=b"1", b=b"2", c=b"3"), cache_size=2)
+    auth = authenticator(make_users(a=b"1", b=b"2", c=b"3"), cache_size=2)
     try:
         for name, password in [(b"a", b"1"), (b"b", b"2"), (b"a", b"1"), (b"c", b"3")]:
             assert verify(auth, name, password) is True
@@ -255,7 +260,7 @@ def test_lru_bound(spy: CheckpwSpy) -> None:
 
 
 def test_cache_disabled(spy: CheckpwSpy) -> None:
-    auth = UserPassAuthenticator(make_users(alice=b"wonderland"), cache_size=0)
+    auth = authenticator(make_users(alice=b"wonderland"), cache_size=0)
     try:
         assert verify(auth, b"alice", b"wonderland") is True
         assert verify(auth, b"alice", b"wonderland") is True
@@ -286,7 +291,7 @@ def test_given_executor_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
             names.append(threading.current_thread().name)
             return real(password, hashed)
 
-        auth = UserPassAuthenticator(make_users(alice=b"wonderland"), executor=pool)
+        auth = authenticator(make_users(alice=b"wonderland"), executor=pool)
         monkeypatch.setattr(bcrypt, "checkpw", checkpw)
         assert verify(auth, b"alice", b"wonderland") is True
         auth.close()  # does not shut down a pool it was given
@@ -311,7 +316,7 @@ def test_in_flight_checks_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(bcrypt, "checkpw", slow_checkpw)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        auth = UserPassAuthenticator(make_users(alice=b"x"), executor=pool, max_pending=3)
+        auth = authenticator(make_users(alice=b"x"), executor=pool, max_pending=3)
 
         async def flood() -> list[bool]:
             guesses = (auth.verify(b"alice", b"guess%d" % i) for i in range(20))  # all distinct
@@ -325,7 +330,7 @@ def test_invalid_stored_hash_fails_without_raising(monkeypatch: pytest.MonkeyPat
     def broken(password: bytes, hashed: bytes) -> bool:
         raise ValueError("Invalid salt")
 
-    auth = UserPassAuthenticator(make_users(alice=b"wonderland"))
+    auth = authenticator(make_users(alice=b"wonderland"))
     try:
         monkeypatch.setattr(bcrypt, "checkpw", broken)
         assert verify(auth, b"alice", b"wonderland") is False
@@ -335,13 +340,13 @@ def test_invalid_stored_hash_fails_without_raising(monkeypatch: pytest.MonkeyPat
 
 def test_constructor_checks_arguments() -> None:
     with pytest.raises(ValueError, match="cache_size"):
-        UserPassAuthenticator(UserFile(), cache_size=-1)
+        authenticator(UserFile(), cache_size=-1)
     with pytest.raises(ValueError, match="max_pending"):
-        UserPassAuthenticator(UserFile(), max_pending=0)
+        authenticator(UserFile(), max_pending=0)
 
 
 def test_empty_user_file_dummy_uses_default_cost(spy: CheckpwSpy) -> None:
-    auth = UserPassAuthenticator(UserFile())
+    auth = authenticator(UserFile())
     try:
         assert verify(auth, b"anyone", b"x") is False
         assert spy.hashes[0].startswith(b"$2y$12$")

@@ -34,7 +34,8 @@ async def check_login(
 
     A login in the verified-login cache is let in at once; one that is being checked for another
     session shares that check; any other goes through the login checkpoint (in-flight checks per
-    address) to bcrypt. The delay is bounded by ``max_auth_delay``."""
+    address) to the user store's check (bcrypt, PAM). The delay is bounded by
+    ``max_auth_delay``."""
     auth = session.ctx.authenticator
     record = session.record
     ok = auth is not None and auth.cached(username, password)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from socksd.accesslog import AccessLog
-from socksd.auth.htpasswd import UserFile, UserFileError
+from socksd.auth.stores import UserStore, UserStoreError, open_user_store
 from socksd.auth.userpass import UserPassAuthenticator
 from socksd.config import Config, ConfigError
 from socksd.limits import Limits
@@ -62,7 +62,8 @@ class Derived:
     config: Config
     methods: tuple[int, ...]
     """Authentication methods in the server's order of preference."""
-    users: UserFile | None
+    users: UserStore | None
+    """The user store ``users`` names (an htpasswd file read, a PAM service checked)."""
     gssapi: GssapiAcceptor | None
     rules: RuleSet
     """``config.rules`` guarding this host's addresses too (``protect_local``)."""
@@ -86,12 +87,7 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
     ``previous`` (a running server) lends its resolver when the resolver settings are unchanged,
     so its caches survive a reload.
     """
-    try:
-        users = UserFile.load(config.users) if config.users is not None else None
-    except UserFileError as e:
-        raise ConfigError(f"users: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"users: cannot read {config.users}: {e.strerror or e}") from None
+    users = user_store(config)
     check_log_file(config.log_file)  # the server log itself is set up by run.setup_logging
     check_outgoing(config)
     if previous is not None and _resolver_settings(previous.config) == _resolver_settings(config):
@@ -122,6 +118,21 @@ def derive(config: Config, previous: ServerContext | None = None) -> Derived:
         proxy_from=TrustedProxies(config.proxy_protocol_from),
         upstreams=upstreams,
     )
+
+
+def user_store(config: Config) -> UserStore | None:
+    """The store of ``users`` (None: no users); ConfigError names the key otherwise. A check of
+    a directory may take half the handshake timeout: the failure can still be answered."""
+    if config.users is None:
+        return None
+    try:
+        return open_user_store(
+            config.users,
+            cache_ttl=config.users_cache_ttl,
+            timeout=config.handshake_timeout / 2,
+        )
+    except UserStoreError as e:
+        raise ConfigError(f"users: {e}") from None
 
 
 def check_outgoing(config: Config) -> None:
@@ -223,11 +234,11 @@ class ServerContext:
         old_auth = self.authenticator
         if parts.users is None:
             self.authenticator = None
-        elif old_auth is not None:
+        elif old_auth is not None and old_auth.kind == parts.users.kind:
             old_auth.replace_users(parts.users)
-        else:
+        else:  # a first store, or one of another kind: its own pool
             self.authenticator = UserPassAuthenticator(parts.users)
-        if old_auth is not None and self.authenticator is None:
+        if old_auth is not None and self.authenticator is not old_auth:
             retired.append(old_auth.close)
         if self.gssapi is not None and self.gssapi is not parts.gssapi:
             retired.append(self.gssapi.close)

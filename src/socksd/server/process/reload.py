@@ -81,9 +81,9 @@ def reload(ctx: ServerContext, source: ConfigSource) -> Config | None:
     for change in changes:
         log.warning("reload: %s needs a restart; keeping the running value", change)
     ctx.install(parts)
-    users = len(parts.users.users) if parts.users is not None else 0
+    users = parts.users.describe() if parts.users is not None else "0 users"
     log.info(
-        "reloaded configuration: methods %s, %d rules, default %s, %d users",
+        "reloaded configuration: methods %s, %d rules, default %s, %s",
         ",".join(parts.config.auth_methods),
         len(parts.rules.rules),
         parts.rules.default.value,

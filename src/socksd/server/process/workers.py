@@ -12,7 +12,7 @@ its own log file and forwards the signal; each worker reopens its own log files.
 the supervisor is the main process and the only one that notifies it (``notify``).
 
 Forking happens before any event loop exists in the supervisor, so each worker starts
-clean; it builds its own resolver, authenticator (with its bcrypt threads) and access log. The
+clean; it builds its own resolver, authenticator (with its check threads) and access log. The
 control socket (``socksd sessions``) is the supervisor's: it is bound before the first fork, and
 its thread starts once the workers are ready; a worker restarted later is forked while that
 thread runs, which is safe as ``socksd.server.process.control`` explains (the child only closes
