@@ -83,6 +83,11 @@ async def serve(
     ctx = ctx or ServerContext.create(config)
     server = Server(ctx)
     loop = asyncio.get_running_loop()
+    store = ctx.limits.store
+    if store is not None:
+        metrics = ctx.metrics
+        name = store.name
+        store.start(None if metrics is None else lambda up: metrics.limits_store_up(name, up))
     stop = asyncio.Event()
     # Installed before the first "listening on" line, so a signal sent as soon as a script sees
     # that line already means "shut down gracefully" (not asyncio.Runner's KeyboardInterrupt).
@@ -114,6 +119,8 @@ async def serve(
     again.cancel()
     if control is not None:
         control.close()
+    if store is not None:
+        await store.close()
     ctx.access_log.close()
 
 
