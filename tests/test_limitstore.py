@@ -67,10 +67,10 @@ def test_host_store_block_after_failures_then_lifted() -> None:
     for _ in range(3):
         store.failed("192.0.2.9", 60.0)
     assert store.failures("192.0.2.9") == 3
-    assert store.acquire("ip", "192.0.2.9", 0, block_key="192.0.2.9", max_failures=4) == ADMIT
+    block = {"block_key": "192.0.2.9", "max_failures": 4, "block_time": 60.0}
+    assert store.acquire("ip", "192.0.2.9", 0, **block) == ADMIT  # type: ignore[arg-type]
     store.failed("192.0.2.9", 60.0)
-    verdict = store.acquire("ip", "192.0.2.9", 0, block_key="192.0.2.9", max_failures=4)
-    assert verdict == BLOCKED
+    assert store.acquire("ip", "192.0.2.9", 0, **block) == BLOCKED  # type: ignore[arg-type]
     # a block time already over: the failures no longer count
     assert (
         store.acquire("ip", "192.0.2.9", 0, block_key="192.0.2.9", max_failures=4, block_time=0.0)
@@ -259,3 +259,11 @@ async def _redis_store_down_then_back(
         )
     finally:
         await store.close()
+
+
+def test_changing_the_store_needs_a_restart() -> None:
+    from socksd.server.process.reload import restart_only_changes
+
+    assert restart_only_changes(Config(), Config(limits_store="host")) == [
+        "limits_store: local -> host"
+    ]

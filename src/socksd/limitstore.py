@@ -54,6 +54,10 @@ BLOCKED = -1
 Verdict = int | None
 """ADMIT, REFUSE, BLOCKED, or None: the store cannot answer now (decide on local limits)."""
 
+READY_TIMEOUT = 2.0
+"""Seconds a starting server waits at most for its store to answer before it serves (then on
+local limits until the store is reached)."""
+
 TIMEOUT = 0.05
 """Seconds a session waits at most for the Redis store's answer before local limits decide."""
 
@@ -107,6 +111,10 @@ class LimitStore:
 
     async def close(self) -> None:
         """Stop background work and close connections."""
+
+    async def ready(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until the store answers; whether it does."""
+        return True
 
 
 def open_limit_store(spec: str) -> LimitStore | None:
@@ -411,6 +419,13 @@ class RedisStore(LimitStore):
         self._scripts["failed"] = self._client.register_script(_FAILED)
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def ready(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.up and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return self.up
 
     async def close(self) -> None:
         if self._task is not None:

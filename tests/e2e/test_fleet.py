@@ -184,3 +184,25 @@ def test_dead_node_stops_counting_within_the_lease(
     assert wait_for(admitted_again, 5 * LEASE, interval=0.2)
     held.extend(fresh)
     assert _open([survivor], 6, echo.port, held) == (5, 1)  # the dead node's 6 are free
+
+
+def test_host_store_shares_the_limit_between_workers(
+    socksd: Callable[..., ServerProcess],
+    tmp_path: Path,
+    echo: EchoServer,
+    held: list[socket.socket],
+) -> None:
+    body = 'limits_store = "host"\nmax_sessions_per_ip = 10\n'
+    node = _node(socksd, tmp_path, "host", body)
+    assert _open([node], 14, echo.port, held) == (10, 4)
+    for _ in range(2):
+        held.pop().close()
+
+    def freed() -> bool:
+        sock = _session(node, echo.port)
+        if sock is not None:
+            held.append(sock)
+        return len(held) == 10
+
+    assert wait_for(freed, 10, interval=0.1)
+    assert _open([node], 2, echo.port, held) == (0, 2)

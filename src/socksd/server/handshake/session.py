@@ -163,8 +163,9 @@ class Session(asyncio.Protocol):
         SOCKS byte: its end is logged at debug level, not in the access log (health checks,
         several a second)."""
         self.refused_by = None
-        self._early = b""
-        """Bytes after a PROXY header that came while the shared store's answer is awaited."""
+        self._early: bytes | None = None
+        """While the shared store's answer at accept is awaited: the client's bytes so far
+        (reading is paused too, but a loop may deliver a first read regardless)."""
         self.number = 0
         """This worker's number for the session (``socksd sessions`` shows ``worker-number``)."""
 
@@ -269,12 +270,15 @@ class Session(asyncio.Protocol):
                 then()
             return
         self.transport.pause_reading()
+        if then is None:
+            self._early = b""  # at accept: hold what the client sends until the answer
         self.task = asyncio.get_running_loop().create_task(self._await_shared(kind, verdict, then))
 
     async def _await_shared(
         self, kind: str, verdict: Awaitable[Verdict], then: Callable[[], None] | None
     ) -> None:
         answer = await verdict
+        early, self._early = self._early, None
         admission = self.admission
         refusal = admission.shared_outcome(kind, answer)
         if self._finished:  # the client left meanwhile: give back what the store counted
@@ -287,10 +291,11 @@ class Session(asyncio.Protocol):
         self.transport.resume_reading()
         if then is not None:
             then()
-            return
-        early, self._early = self._early, b""
-        if early:
-            self.data_received(early)
+        else:
+            if early:
+                self.data_received(early)
+            if self.client_eof and not self.closed:
+                self.eof_received()  # the client's EOF came meanwhile
 
     def _start_timer(self) -> None:
         """The handshake deadline: in the server's shared queue (one timer for all sessions)."""
@@ -318,10 +323,7 @@ class Session(asyncio.Protocol):
         self._admit(host)
         rest = reader.trailing_data()
         if rest and not self.closed:
-            if self.task is not None:  # the shared store's answer is awaited (_check_shared)
-                self._early = rest
-            else:
-                self.data_received(rest)
+            self.data_received(rest)
 
     def _bad_header(self, error: str) -> None:
         """A load balancer's connection without a valid PROXY header: counted, logged, closed."""
@@ -332,6 +334,12 @@ class Session(asyncio.Protocol):
         self.close(f"PROXY protocol: {error}")
 
     def data_received(self, data: bytes) -> None:
+        early = self._early
+        if early is not None:  # admission not decided yet (_check_shared)
+            self._early = early = early + data
+            if len(early) > PENDING_LIMIT:
+                self.close("too much data before admission")
+            return
         reader = self.header
         if reader is not None:
             self._header_received(reader, data)
@@ -353,6 +361,8 @@ class Session(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
+        if self._early is not None:  # admission not decided yet: handled after (_await_shared)
+            return True
         if self.header is not None:
             if self.header.buffered:
                 self._bad_header("closed before a complete PROXY header")
