@@ -4,13 +4,14 @@ tests/helpers.py), which tests import."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.servers import EchoServer, ServerProcess, start_server
+from tests.servers import EchoServer, RedisServer, ServerProcess, start_server
 
 E2E_DIR = Path(__file__).parent / "e2e"
 
@@ -41,6 +42,18 @@ def socksd(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 def server(socksd: Callable[..., ServerProcess]) -> ServerProcess:
     """A no-auth socksd on 127.0.0.1, on the port it bound (port 0)."""
     return socksd()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server on loopback (skipped without ``redis-server`` or the ``redis``
+    package: scripts/test.sh installs both)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    pytest.importorskip("redis")
+    server = RedisServer(tmp_path)
+    yield server
+    server.kill()
 
 
 @pytest.fixture

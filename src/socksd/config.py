@@ -8,6 +8,7 @@ Every key of the TOML file has the name of its ``socksd serve`` flag (``--handsh
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 import tomllib
@@ -152,6 +153,9 @@ class Config:
     """The control socket's path, ``off``, or None: ``$RUNTIME_DIRECTORY/socksd.sock`` if set."""
     control_group: str | None = None
     """A group (name or id) that may use the control socket too (mode 0660)."""
+    limits_store: str = "local"
+    """Where the session limits and failed logins are shared: ``local`` (each process its own),
+    ``host`` (the workers of this host), or a ``redis://`` URL (a fleet); ``socksd.limitstore``."""
     upstreams: Mapping[str, UpstreamSpec] = field(default_factory=dict)
     """``[upstreams]`` (file only): the proxies requests may be sent through."""
     upstream: str | None = None
@@ -518,6 +522,28 @@ def _splice(value: Any) -> str:
     return choice
 
 
+def _limits_store(value: Any) -> str:
+    if not isinstance(value, str) or not (
+        value in ("local", "host") or value.startswith(("redis://", "rediss://", "unix://"))
+    ):
+        raise ConfigError(
+            f'limits_store: {value!r} is not "local", "host" or a redis://HOST:PORT/DB URL'
+        )
+    if value.startswith(("redis", "unix")):
+        from socksd.limitstore import split_lease
+
+        try:
+            split_lease(value)
+        except ValueError as e:
+            raise ConfigError(f"limits_store: {e}") from None
+    if value.startswith(("redis", "unix")) and importlib.util.find_spec("redis") is None:
+        raise ConfigError(
+            "limits_store: a Redis store needs the Python package 'redis' (>=5); install it "
+            "with pip install 'socksd[redis]'"
+        )
+    return value
+
+
 def _flag(key: str) -> Callable[[Any], bool]:
     def convert(value: Any) -> bool:
         if not isinstance(value, bool):
@@ -548,6 +574,7 @@ def _users(value: Any) -> Path | str | None:
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "metrics": _metrics,
     "splice": _splice,
+    "limits_store": _limits_store,
     "metrics_allow_remote": _flag("metrics_allow_remote"),
     "methods": _methods,
     "users": _users,

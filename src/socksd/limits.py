@@ -1,5 +1,6 @@
 """Limits of one server process: sessions per client IP and per user, failed-login throttling, and
-per-user bandwidth. Pure bookkeeping: the caller passes the time (``loop.time()``), no I/O.
+per-user bandwidth. Pure bookkeeping: the caller passes the time (``loop.time()``), no I/O. A
+shared store (``socksd.limitstore``) can add a second check over all workers or nodes.
 
 - :class:`SessionCounts` counts open sessions per key. Sessions are always counted (a dict update
   per session), so a limit switched on by a reload applies to the sessions already open.
@@ -29,7 +30,10 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from socket import AF_INET6, inet_pton
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from socksd.limitstore import LimitStore
 
 MIN_BURST = 4096
 """Smallest bucket capacity: a slow rate still moves data in useful pieces."""
@@ -343,10 +347,16 @@ class Limits:
         "max_per_user",
         "per_ip",
         "per_user",
+        "store",
         "throttle",
     )
 
-    def __init__(self, settings: LimitSettings | None = None) -> None:
+    def __init__(
+        self, settings: LimitSettings | None = None, store: LimitStore | None = None
+    ) -> None:
+        self.store = store
+        """The shared store sessions are also counted in (``socksd.limitstore``); None: the
+        limits are this process's own (``limits_store = "local"``)."""
         self.per_ip = SessionCounts()
         self.per_user = SessionCounts()
         self.throttle = LoginThrottle()

@@ -111,6 +111,14 @@ class SessionMetrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
+        self._store_up = Gauge(
+            "socksd_limits_store_up",
+            "1 while the shared limit store (limits_store) answers, 0 while sessions are "
+            "admitted on local limits because it does not; absent with the local store.",
+            ("store",),
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
         self._sessions = Counter(
             "socksd_sessions",
             "Sessions ended, by command (none: no request was made) and reply code sent "
@@ -225,6 +233,10 @@ class SessionMetrics:
         return child
 
     # -- the session's end ------------------------------------------------------------------
+
+    def limits_store_up(self, store: str, up: bool) -> None:
+        """The shared limit store (``host``, ``redis``) answers (True) or not."""
+        self._store_up.labels(store).set(1 if up else 0)
 
     def opened(self) -> None:
         """A session was admitted."""

@@ -28,16 +28,26 @@ the reason for the log.
 
 The rule set in force is passed at each checkpoint, so a reload applies to the next checkpoint;
 a request waiting for its addresses keeps the rule set it started with.
+
+With a shared limit store (``limits_store``; ``socksd.limitstore``) the two session limits are
+checked a second time, over every worker or node, once the local check said yes:
+:meth:`Admission.shared_accept` (the address's count and its ``auth_block``) and
+:meth:`Admission.shared_request` (the user's count). Each gives a verdict at once (host store)
+or an awaitable one (Redis, bounded by a timeout); :meth:`Admission.shared_outcome` turns the
+verdict into a refusal or notes what the store counts, which :meth:`Admission.release` gives
+back. A store that cannot answer (None) leaves the decision to the local limits.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from socksd.limits import Limits, LoginFailure, throttle_key
+from socksd.limitstore import BLOCKED, REFUSE, Verdict
 from socksd.protocol import Address, Command, ReplyCode, Request
 from socksd.protocol.udp import is_unspecified
 from socksd.resolver import AddrInfo
@@ -135,6 +145,8 @@ class Admission:
         "pending",
         "pending_rules",
         "rule",
+        "shared_ip",
+        "shared_user",
         "upstream",
         "user",
         "via",
@@ -161,6 +173,67 @@ class Admission:
         """The ``[upstreams]`` name the allowed request goes through (None: direct)."""
         self.via: SourceAddresses | None = None
         """The ``via`` of the allow rule that decided (None: ``bind_out``)."""
+        self.shared_ip = False
+        """The shared store counts this session for its address (until ``release``)."""
+        self.shared_user = False
+        """The shared store counts this session for its user (until ``release``)."""
+
+    # -- shared store ---------------------------------------------------------------------------
+
+    def shared_accept(self) -> Verdict | Awaitable[Verdict]:
+        """The accept checkpoint in the shared store (``limits.store`` is set): the address's
+        sessions on every worker or node, and its hard block (``auth_block``)."""
+        limits = self.limits
+        assert limits.store is not None
+        throttle = limits.throttle
+        block = throttle.block and throttle.max_failures > 0
+        return limits.store.acquire(
+            "ip",
+            self.host,
+            limits.max_per_ip,
+            block_key=throttle_key(self.host) if block else None,
+            max_failures=throttle.max_failures if block else 0,
+            block_time=throttle.block_time,
+        )
+
+    def shared_request(self) -> Verdict | Awaitable[Verdict]:
+        """The user's sessions in the shared store (after :meth:`authorize` counted the user)."""
+        limits = self.limits
+        assert limits.store is not None and self.user is not None
+        return limits.store.acquire("user", self.user, limits.max_per_user)
+
+    def shared_outcome(self, kind: str, verdict: Verdict) -> Refusal | None:
+        """A refusal for a shared ``verdict`` of ``kind`` ("ip" or "user"), or None (counted by
+        the store, or left to the local limits when the store could not answer)."""
+        if verdict == BLOCKED:
+            log.debug("refusing %s: blocked after failed logins (auth_block)", self.client)
+            return Refusal(None, "blocked after failed logins (auth_block)", limit="auth_block")
+        if verdict == REFUSE:
+            if kind == "ip":
+                log.warning(
+                    "refusing %s: %d sessions open from this address on all workers and nodes "
+                    "(max_sessions_per_ip)",
+                    self.client,
+                    self.limits.max_per_ip,
+                )
+                return Refusal(None, "max_sessions_per_ip", limit="max_sessions_per_ip")
+            log.warning(
+                "refusing user %r from %s: %d sessions open on all workers and nodes "
+                "(max_sessions_per_user)",
+                self.user,
+                self.client,
+                self.limits.max_per_user,
+            )
+            return Refusal(
+                ReplyCode.GENERAL_FAILURE,
+                f"user has {self.limits.max_per_user} sessions open (max_sessions_per_user)",
+                limit="max_sessions_per_user",
+            )
+        if kind == "ip":
+            self.shared_ip = True
+        else:
+            self.shared_user = True
+        return None
 
     # -- request ------------------------------------------------------------------------------
 
@@ -306,8 +379,11 @@ class Admission:
     def login_failed(self, user: str | None) -> LoginFailure:
         """Count a failed login of ``user`` (None: not known, as after a failed GSSAPI context);
         the answer says how long the failure reply waits. Logs when a hard block starts."""
-        throttle = self.limits.throttle
+        limits = self.limits
+        throttle = limits.throttle
         failure = throttle.failed(self.host, user, time.monotonic())
+        if limits.store is not None:
+            limits.store.failed(throttle_key(self.host), throttle.block_time)
         if failure.blocks:
             log.warning(
                 "blocking %s for %gs after %d failed logins (max_auth_failures)",
@@ -338,3 +414,17 @@ class Admission:
             limits.throttle.end_check(self.host)
         if self.user is not None:
             limits.per_user.remove(self.user)
+        if limits.store is not None:
+            self.release_shared()
+
+    def release_shared(self) -> None:
+        """Give back what the shared store counts for the session (once)."""
+        store = self.limits.store
+        if store is None:
+            return
+        if self.shared_ip:
+            self.shared_ip = False
+            store.release("ip", self.host)
+        if self.shared_user and self.user is not None:
+            self.shared_user = False
+            store.release("user", self.user)

@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from socksd.accesslog import SessionRecord, user_name
 from socksd.limits import LoginFailure
+from socksd.limitstore import Verdict
 from socksd.protocol import (
     CONNECTION_CLOSED,
     NEED_DATA,
@@ -105,6 +106,7 @@ class Session(asyncio.Protocol):
         "_admitted",
         "_balancer",
         "_deadline",
+        "_early",
         "_finished",
         "_header_from_untrusted",
         "_quiet",
@@ -161,6 +163,9 @@ class Session(asyncio.Protocol):
         SOCKS byte: its end is logged at debug level, not in the access log (health checks,
         several a second)."""
         self.refused_by = None
+        self._early: bytes | None = None
+        """While the shared store's answer at accept is awaited: the client's bytes so far
+        (reading is paused too, but a loop may deliver a first read regardless)."""
         self.number = 0
         """This worker's number for the session (``socksd sessions`` shows ``worker-number``)."""
 
@@ -208,16 +213,19 @@ class Session(asyncio.Protocol):
         ctx, record, metrics = self.ctx, self.record, self.ctx.metrics
         outcome = admit(ctx.rules, ctx.limits, host=host, client=record.client)
         if isinstance(outcome, Refusal):
-            self.closed = self._finished = True
-            ctx.sessions.discard(self)
-            self.cancel_handshake_timer()
-            self.transport.close()
-            if metrics is not None:
-                metrics.refusal(outcome)
-            if outcome.log_now:
-                record.rule, record.error = outcome.rule, outcome.error
-                ctx.access_log.write(record)
+            self._refused_at_accept(outcome)
             return
+        shared: Awaitable[Verdict] | None = None
+        if ctx.limits.store is not None:
+            verdict = outcome.shared_accept()
+            if verdict is None or isinstance(verdict, int):
+                refusal = outcome.shared_outcome("ip", verdict)
+                if refusal is not None:
+                    outcome.release()
+                    self._refused_at_accept(refusal)
+                    return
+            else:
+                shared = verdict  # awaited once the session is counted as open (below)
         self.admission = outcome
         self._admitted = True
         ctx.sessions.add(self)  # (asyncio and uvloop both set TCP_NODELAY on accepted sockets)
@@ -227,6 +235,67 @@ class Session(asyncio.Protocol):
             self.metered_up = self.metered_down = 0
         if self._deadline is None:
             self._start_timer()
+        if shared is not None:
+            self._check_shared("ip", shared, None)
+
+    def _refused_at_accept(self, refusal: Refusal) -> None:
+        """Close a connection the accept checkpoint refused (no access-log line unless the
+        refusal asks for one)."""
+        ctx, record, metrics = self.ctx, self.record, self.ctx.metrics
+        self.closed = self._finished = True
+        ctx.sessions.discard(self)
+        self.cancel_handshake_timer()
+        self.transport.close()
+        if metrics is not None:
+            metrics.refusal(refusal)
+        if refusal.log_now:
+            record.rule, record.error = refusal.rule, refusal.error
+            ctx.access_log.write(record)
+
+    def _check_shared(
+        self,
+        kind: str,
+        verdict: Verdict | Awaitable[Verdict],
+        then: Callable[[], None] | None,
+    ) -> None:
+        """Act on the shared store's ``verdict`` for ``kind`` ("ip", "user"): refuse, or go on
+        (``then``). An awaited verdict (Redis, bounded by its timeout) holds the client's bytes
+        meanwhile, reading paused; a refusal then ends an open session (its access-log line
+        says which limit)."""
+        if verdict is None or isinstance(verdict, int):
+            refusal = self.admission.shared_outcome(kind, verdict)
+            if refusal is not None:
+                self.refuse(refusal)
+            elif then is not None:
+                then()
+            return
+        self.transport.pause_reading()
+        if then is None:
+            self._early = b""  # at accept: hold what the client sends until the answer
+        self.task = asyncio.get_running_loop().create_task(self._await_shared(kind, verdict, then))
+
+    async def _await_shared(
+        self, kind: str, verdict: Awaitable[Verdict], then: Callable[[], None] | None
+    ) -> None:
+        answer = await verdict
+        early, self._early = self._early, None
+        admission = self.admission
+        refusal = admission.shared_outcome(kind, answer)
+        if self._finished:  # the client left meanwhile: give back what the store counted
+            admission.release_shared()
+            return
+        if refusal is not None:
+            self.refuse(refusal)
+            return
+        self.task = None
+        self.transport.resume_reading()
+        if then is not None:
+            then()
+        else:
+            if early:
+                self.data_received(early)
+            if self.client_eof and not self.closed:
+                self.eof_received()  # the client's EOF came meanwhile
 
     def _start_timer(self) -> None:
         """The handshake deadline: in the server's shared queue (one timer for all sessions)."""
@@ -265,6 +334,12 @@ class Session(asyncio.Protocol):
         self.close(f"PROXY protocol: {error}")
 
     def data_received(self, data: bytes) -> None:
+        early = self._early
+        if early is not None:  # admission not decided yet (_check_shared)
+            self._early = early = early + data
+            if len(early) > PENDING_LIMIT:
+                self.close("too much data before admission")
+            return
         reader = self.header
         if reader is not None:
             self._header_received(reader, data)
@@ -286,6 +361,8 @@ class Session(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
+        if self._early is not None:  # admission not decided yet: handled after (_await_shared)
+            return True
         if self.header is not None:
             if self.header.buffered:
                 self._bad_header("closed before a complete PROXY header")
@@ -401,9 +478,21 @@ class Session(asyncio.Protocol):
         if handler is None or request.command not in self.ctx.config.commands:
             self.fail(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} not supported")
             return
-        refusal = self.admission.authorize(self.ctx.rules, record.user, request)
+        admission = self.admission
+        refusal = admission.authorize(self.ctx.rules, record.user, request)
         if refusal is not None:
             self.refuse(refusal)
+            return
+        if admission.user is not None and self.ctx.limits.store is not None:
+            self._check_shared(
+                "user", admission.shared_request(), lambda: self._command(handler, request)
+            )
+            return
+        self._command(handler, request)
+
+    def _command(self, handler: CommandHandler, request: Request) -> None:
+        """Run the allowed request's command."""
+        if self.closed:
             return
         if handler is connect:
             direct = connect_direct(self, request.address)

@@ -32,6 +32,7 @@ from socksd.auth.stores import UserStore, UserStoreError, open_user_store
 from socksd.auth.userpass import UserPassAuthenticator
 from socksd.config import Config, ConfigError
 from socksd.limits import Limits
+from socksd.limitstore import LimitStore, open_limit_store
 from socksd.outgoing import check_own
 from socksd.protocol import AuthMethod
 from socksd.resolver import Resolver, make_resolver
@@ -209,16 +210,19 @@ class ServerContext:
         return queue
 
     @classmethod
-    def create(cls, config: Config) -> ServerContext:
-        """A server's context at start-up (reads the user file and the keytab)."""
+    def create(cls, config: Config, store: LimitStore | None = None) -> ServerContext:
+        """A server's context at start-up (reads the user file and the keytab). ``store``: the
+        shared limit store a supervisor made; else the one ``limits_store`` names."""
         parts = derive(config)
+        if store is None:
+            store = open_limit_store(config.limits_store)
         ctx = cls(
             config=parts.config,
             resolver=parts.resolver,
             access_log=parts.access_log,
             rules=parts.rules,
             methods=parts.methods,
-            limits=Limits(parts.config),
+            limits=Limits(parts.config, store),
         )
         ctx.install(parts)
         return ctx

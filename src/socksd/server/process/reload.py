@@ -9,8 +9,8 @@ in one line. On success the parts are installed in one step of the event loop: s
 established keep their connections, relays and counters; later checkpoints read the new parts,
 and open UDP associations check their next datagrams against the new rules.
 
-``listen``, ``workers``, ``loop`` and ``metrics`` (and the control socket's ``control_socket``
-and ``control_group``) cannot change in a running process: a change is logged as needing a
+``listen``, ``workers``, ``loop``, ``metrics`` and ``limits_store`` (and the control socket's
+``control_socket`` and ``control_group``) cannot change in a running process: a change is logged as needing a
 restart and the running values stay. With ``--workers N`` the supervisor checks the new config
 with the same function, then forwards SIGHUP to each worker, which reloads itself.
 """
@@ -29,7 +29,15 @@ log = logging.getLogger("socksd")
 ConfigSource = Callable[[], Config]
 """Builds the config afresh (file, then flags); raises ConfigError when it is wrong."""
 
-RESTART_ONLY = ("listen", "workers", "loop", "metrics", "control_socket", "control_group")
+RESTART_ONLY = (
+    "listen",
+    "workers",
+    "loop",
+    "metrics",
+    "control_socket",
+    "control_group",
+    "limits_store",
+)
 
 
 class ReloadError(Exception):

@@ -22,6 +22,7 @@ from typing import Any
 from socksd import fdlimit
 from socksd.accesslog import iso_time
 from socksd.config import Config, ConfigError
+from socksd.limitstore import READY_TIMEOUT
 from socksd.protocol import format_hostport
 from socksd.server.process import notify, serverlog
 from socksd.server.process.context import ServerContext
@@ -83,6 +84,12 @@ async def serve(
     ctx = ctx or ServerContext.create(config)
     server = Server(ctx)
     loop = asyncio.get_running_loop()
+    store = ctx.limits.store
+    if store is not None:
+        metrics = ctx.metrics
+        name = store.name
+        store.start(None if metrics is None else lambda up: metrics.limits_store_up(name, up))
+        await store.ready(READY_TIMEOUT)  # bounded: a store that is away is warned about
     stop = asyncio.Event()
     # Installed before the first "listening on" line, so a signal sent as soon as a script sees
     # that line already means "shut down gracefully" (not asyncio.Runner's KeyboardInterrupt).
@@ -114,6 +121,8 @@ async def serve(
     again.cancel()
     if control is not None:
         control.close()
+    if store is not None:
+        await store.close()
     ctx.access_log.close()
 
 

@@ -2,8 +2,10 @@
 
 The supervisor binds, for each worker, one SO_REUSEPORT socket per listen address (the kernel
 spreads new connections over them), then forks the workers. Each worker runs its own event loop
-and its own sessions; ``max_sessions`` is split between them (the per-IP and per-user limits,
-the failed-login guard and bandwidth buckets are each worker's own). The supervisor forwards
+and its own sessions; ``max_sessions`` is split between them (the per-IP and per-user limits
+and the failed-login guard are each worker's own unless ``limits_store`` shares them: with
+``host`` the supervisor makes the shared table before forking and clears a dead worker's counts
+when it reaps it; bandwidth buckets are each worker's own). The supervisor forwards
 SIGTERM and SIGINT to the workers, which drain as a single server would, and restarts a worker
 that dies unexpectedly (giving up when workers keep dying). On SIGHUP it checks the new config
 first (a broken one is logged once and no worker is disturbed), then forwards SIGHUP to every
@@ -40,6 +42,7 @@ from types import FrameType
 from typing import Any
 
 from socksd.config import Config
+from socksd.limitstore import HostStore, LimitStore
 from socksd.metrics import MultiprocessExport, worker_metrics
 from socksd.protocol import format_hostport
 from socksd.server.process import notify, serverlog
@@ -118,6 +121,7 @@ class Supervisor:
         self.restarts: list[float] = []
         self.logging = serverlog.log_settings(config)
         self.status = ""
+        self.host_store = HostStore(self.count) if config.limits_store == "host" else None
 
     def for_worker(self, config: Config) -> Config:
         """``config`` with each worker's share of ``max_sessions``, and the running listen."""
@@ -271,12 +275,15 @@ class Supervisor:
                         for sock in socks:
                             sock.close()
                 source = self.source
+                if self.host_store is not None:
+                    self.host_store.use_column(index)
                 _worker_main(
                     self.worker_config,
                     self.sockets[index],
                     lambda: self.for_worker(source()),
                     ready,
                     None if channel is None else WorkerControl(channel, index, self.starts[index]),
+                    store=self.host_store,
                 )
                 status = 0
             except BaseException:
@@ -305,6 +312,8 @@ class Supervisor:
                 continue
             if self.metrics is not None:
                 self.metrics.worker_exited(pid)
+            if self.host_store is not None:
+                self.host_store.forget_column(index)  # its sessions are gone
             code = os.waitstatus_to_exitcode(wstatus)
             if self.stopping:
                 status = status or (code if code > 0 else 0)
@@ -334,11 +343,13 @@ def _worker_main(
     source: ConfigSource,
     ready: Callable[[], None],
     control: WorkerControl | None = None,
+    *,
+    store: LimitStore | None = None,
 ) -> None:
     from socksd.server.process.context import ServerContext
     from socksd.server.process.run import loop_factory, serve
 
-    ctx = ServerContext.create(config)
+    ctx = ServerContext.create(config, store)
     if config.metrics is not None:
         # values in the supervisor's directory: it serves them
         ctx.metrics = worker_metrics(ctx.sessions)
