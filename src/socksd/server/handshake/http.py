@@ -23,11 +23,10 @@ from typing import TYPE_CHECKING
 
 from socksd.accesslog import user_name
 from socksd.protocol import (
-    CONNECTION_CLOSED,
-    NEED_DATA,
     AuthMethod,
     Command,
     GssapiEncapsulation,
+    RemoteProtocolError,
     Reply,
     Request,
     State,
@@ -89,21 +88,16 @@ class HttpHandshake(Handshake):
     def __init__(self, session: Session) -> None:
         super().__init__(session, HttpCodec(session))
 
-    def feed(self, data: bytes) -> None:
-        session, reader = self.session, self.codec.reader
-        reader.receive_data(data)
-        try:
-            event = reader.next_event()
-        except HttpConnectError as e:
-            self._refuse(reader.refusal(e), f"HTTP {e.status}: {e}")
-            return
-        if event is NEED_DATA:
-            return
-        if event is CONNECTION_CLOSED:
-            session.close("client closed during handshake")
-            return
+    def parser(self) -> HttpConnectReader:
+        return self.codec.reader
+
+    def malformed(self, error: RemoteProtocolError) -> None:
+        assert isinstance(error, HttpConnectError)
+        self._refuse(self.codec.reader.refusal(error), f"HTTP {error.status}: {error}")
+
+    def request(self, event: object) -> None:
+        session = self.session
         assert isinstance(event, ConnectRequest)
-        self.requested = True
         self.codec.state = State.REPLY
         session.record.target = str(event.address)
         ctx = session.ctx

@@ -27,7 +27,15 @@ import logging
 from typing import TYPE_CHECKING, Protocol, cast
 
 import socksd.server.handshake.session as session_module
-from socksd.protocol import GssapiEncapsulation, Reply, ServerConnection, State
+from socksd.protocol import (
+    CONNECTION_CLOSED,
+    NEED_DATA,
+    GssapiEncapsulation,
+    RemoteProtocolError,
+    Reply,
+    ServerConnection,
+    State,
+)
 from socksd.protocol.sniff import WireProtocol, sniff
 
 if TYPE_CHECKING:
@@ -61,11 +69,20 @@ class RequestCodec(Protocol):
         """The kept bytes, once: the relay sends them on first."""
 
 
+class RequestParser(Protocol):
+    """What :meth:`Handshake.feed` needs of a protocol's sans-I/O request reader."""
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_event(self) -> object: ...
+
+
 class Handshake(asyncio.Protocol):
     """The client's connection from its first byte to its request, for SOCKS4 or HTTP.
 
-    Subclasses read the request in :meth:`feed` (``b""``: the client closed) and set
-    ``requested`` once it is whole; after that, bytes are kept in the codec for the relay (reading
+    :meth:`feed` reads the request with the subclass's :meth:`parser` (``b""``: the client
+    closed) and gives it to :meth:`request` once it is whole, or a refused one to
+    :meth:`malformed`; after that, bytes are kept in the codec for the relay (reading
     pauses past ``PENDING_LIMIT``), and an EOF is kept for the relay too."""
 
     protocol: WireProtocol
@@ -86,6 +103,31 @@ class Handshake(asyncio.Protocol):
 
     def feed(self, data: bytes) -> None:
         """The client's bytes before its request is whole; ``b""`` is its EOF."""
+        parser = self.parser()
+        parser.receive_data(data)
+        try:
+            event = parser.next_event()
+        except RemoteProtocolError as e:
+            self.malformed(e)
+            return
+        if event is NEED_DATA:
+            return
+        if event is CONNECTION_CLOSED:
+            self.session.close("client closed during handshake")
+            return
+        self.requested = True
+        self.request(event)
+
+    def parser(self) -> RequestParser:
+        """The sans-I/O reader of this protocol's request."""
+        raise NotImplementedError
+
+    def malformed(self, error: RemoteProtocolError) -> None:
+        """Answer a request the parser refused (its protocol's error reply), and close."""
+        raise NotImplementedError
+
+    def request(self, event: object) -> None:
+        """Act on the whole request the parser read."""
         raise NotImplementedError
 
     def data_received(self, data: bytes) -> None:

@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING
 
 from socksd.accesslog import user_name
 from socksd.protocol import (
-    CONNECTION_CLOSED,
-    NEED_DATA,
     Address,
     AddressType,
     Command,
     GssapiEncapsulation,
+    RemoteProtocolError,
     Reply,
     ReplyCode,
     Request,
@@ -104,23 +103,19 @@ class Socks4Handshake(Handshake):
     def __init__(self, session: Session) -> None:
         super().__init__(session, Socks4Codec(session))
 
-    def feed(self, data: bytes) -> None:
+    def parser(self) -> Socks4ServerConnection:
+        return self.codec.conn
+
+    def malformed(self, error: RemoteProtocolError) -> None:
         session, conn = self.session, self.codec.conn
-        conn.receive_data(data)
-        try:
-            event = conn.next_event()
-        except Socks4Error as e:
-            session.transport.write(conn.refusal(e))
-            session.record.reply = conn.refused_reply
-            session.close(f"protocol error: {e}")
-            return
-        if event is NEED_DATA:
-            return
-        if event is CONNECTION_CLOSED:
-            session.close("client closed during handshake")
-            return
+        assert isinstance(error, Socks4Error)
+        session.transport.write(conn.refusal(error))
+        session.record.reply = conn.refused_reply
+        session.close(f"protocol error: {error}")
+
+    def request(self, event: object) -> None:
+        session = self.session
         assert isinstance(event, Socks4Request)
-        self.requested = True
         record = session.record
         record.userid = user_name(event.userid)
         ctx = session.ctx
