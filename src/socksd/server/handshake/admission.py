@@ -89,6 +89,12 @@ class LoginRefusal:
         return self.reason
 
 
+BLOCKED_REFUSAL = Refusal(None, "blocked after failed logins (auth_block)", limit="auth_block")
+"""An address blocked after failed logins (``auth_block``), here or on any worker or node."""
+IP_LIMIT_REFUSAL = Refusal(None, "max_sessions_per_ip", limit="max_sessions_per_ip")
+"""An address at ``max_sessions_per_ip``, here or on every worker and node together."""
+
+
 def rule_field(decision: Decision) -> str:
     """The access-log ``rule`` field of a decision: ``N``, ``default`` or ``protect_local``."""
     return decision.label.removeprefix("rule ")
@@ -111,7 +117,7 @@ def admit(
     """Accept checkpoint for a connection from ``host`` (``client`` is HOST:PORT, for logs)."""
     if limits.throttle.blocked(host, time.monotonic()):
         log.debug("refusing %s: blocked after failed logins (auth_block)", client)
-        return Refusal(None, "blocked after failed logins (auth_block)", limit="auth_block")
+        return BLOCKED_REFUSAL
     ip = parse_ip(host) or UNKNOWN_CLIENT
     if not rules.accept_all:
         decision = rules.check_client(ip)
@@ -127,7 +133,7 @@ def admit(
             client,
             count - 1,
         )
-        return Refusal(None, "max_sessions_per_ip", limit="max_sessions_per_ip")
+        return IP_LIMIT_REFUSAL
     return Admission(limits, host, ip, client)
 
 
@@ -207,7 +213,7 @@ class Admission:
         the store, or left to the local limits when the store could not answer)."""
         if verdict == BLOCKED:
             log.debug("refusing %s: blocked after failed logins (auth_block)", self.client)
-            return Refusal(None, "blocked after failed logins (auth_block)", limit="auth_block")
+            return BLOCKED_REFUSAL
         if verdict == REFUSE:
             if kind == "ip":
                 log.warning(
@@ -216,7 +222,7 @@ class Admission:
                     self.client,
                     self.limits.max_per_ip,
                 )
-                return Refusal(None, "max_sessions_per_ip", limit="max_sessions_per_ip")
+                return IP_LIMIT_REFUSAL
             log.warning(
                 "refusing user %r from %s: %d sessions open on all workers and nodes "
                 "(max_sessions_per_user)",
