@@ -641,10 +641,10 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
     _compile_access(merged)
     config = Config(**merged)
     if "max_sessions" not in merged:  # the default, lowered to what the open-files limit holds
-        from socksd.server.process.workers import worker_count
+        from socksd.server.process.workers import sessions_split
 
         config = dataclasses.replace(
-            config, max_sessions=default_max_sessions(worker_count(config))
+            config, max_sessions=default_max_sessions(sessions_split(config))
         )
     check_methods(config)
     check_safety(config)
