@@ -396,3 +396,16 @@ def test_changing_the_store_needs_a_restart() -> None:
     assert restart_only_changes(Config(), Config(limits_store="host")) == [
         "limits_store: local -> host"
     ]
+
+
+def test_a_store_gives_each_worker_all_of_max_sessions() -> None:
+    from socksd.server.process.workers import Supervisor, sessions_split
+
+    assert sessions_split(Config(workers=4)) == 4  # no store: each worker its share
+    assert sessions_split(Config(workers=4, limits_store="host")) == 1  # the store has the total
+    config = Config(workers=4, max_sessions=100, limits_store="host")
+    supervisor = Supervisor.__new__(Supervisor)  # for_worker only reads config and count
+    supervisor.config, supervisor.count = config, 4
+    assert supervisor.for_worker(config).max_sessions == 100
+    supervisor.config = local = Config(workers=4, max_sessions=100)
+    assert supervisor.for_worker(local).max_sessions == 25
