@@ -9,8 +9,9 @@ redis-server on loopback (``limits_store = "redis://..."``; the test starts and 
 - ``max_sessions = 10`` holds exactly 10 sessions over the fleet (each worker may hold all 10);
 - a user's ``[bandwidth]`` rate is the total over two nodes (each node's sessions get their part).
 
-The host store (the workers of one host, no service) is checked the same way for one node,
-``max_sessions`` with all 10 sessions held by one of the two workers.
+The host store (the workers of one host, no service) is checked the same way for one node:
+``max_sessions`` with all 10 sessions held by one of the two workers, and alice's rate over a
+download on each worker.
 """
 
 from __future__ import annotations
@@ -305,44 +306,86 @@ RATE = 200_000
 """alice's ``[bandwidth]`` rate (bytes/s) in the bandwidth test."""
 
 
-def test_bandwidth_rate_is_shared_across_nodes(
-    socksd: Callable[..., ServerProcess], tmp_path: Path, redis_server: RedisServer
-) -> None:
-    """One download of alice on each of two nodes: together about RATE, not 2 * RATE (each
-    node alone would give its session all of it). Measured after the shares settle (the nodes
-    refresh them every second), with wide bounds: a check of the sharing, not a benchmark."""
-    users = tmp_path / "users"
-    add_user(users, "alice", "pw")
-    body = (
-        f'limits_store = "{redis_server.url}"\nusers = "{users}"\nmethods = ["userpass"]\n'
-        f"[bandwidth]\nalice = {RATE}\n"
-    )
-    nodes = [config_server(socksd, tmp_path, body, name=f"{n}.toml")[0] for n in ("a", "b")]
-    source = SourceServer(b"x" * (RATE * 10))
+def _shared_rate(socks: list[socket.socket]) -> float:
+    """Read every download of ``socks`` at once; their total bytes/s over a window that starts
+    once the shares settled (the processes refresh them every second)."""
     settle, window = 1.5, 3.0
     got: list[int] = []
+    start = time.monotonic()
 
-    def download(node: ServerProcess, start: float) -> None:
-        code, sock = socks_reply(node, "127.0.0.1", source.port, user="alice", password="pw")
-        with sock:
-            assert code == 0
-            sock.settimeout(10)
-            while time.monotonic() < start + settle:
-                sock.recv(65536)
-            counted = 0
-            while time.monotonic() < start + settle + window:
-                counted += len(sock.recv(65536))
-            got.append(counted)
+    def download(sock: socket.socket) -> None:
+        sock.settimeout(10)
+        while time.monotonic() < start + settle:
+            sock.recv(65536)
+        counted = 0
+        while time.monotonic() < start + settle + window:
+            counted += len(sock.recv(65536))
+        got.append(counted)
 
+    threads = [threading.Thread(target=download, args=(sock,)) for sock in socks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == len(socks)
+    return sum(got) / window
+
+
+def _alice_config(tmp_path: Path, store: str) -> str:
+    users = tmp_path / "users"
+    add_user(users, "alice", "pw")
+    return (
+        f'limits_store = "{store}"\nusers = "{users}"\nmethods = ["userpass"]\n'
+        f"[bandwidth]\nalice = {RATE}\n"
+    )
+
+
+def _alice_download(node: ServerProcess, source: SourceServer) -> socket.socket:
+    code, sock = socks_reply(node, "127.0.0.1", source.port, user="alice", password="pw")
+    assert code == 0
+    return sock
+
+
+def test_bandwidth_rate_is_shared_across_nodes(
+    socksd: Callable[..., ServerProcess],
+    tmp_path: Path,
+    redis_server: RedisServer,
+    held: list[socket.socket],
+) -> None:
+    """One download of alice on each of two nodes: together about RATE, not 2 * RATE (each
+    node alone would give its session all of it). Wide bounds: a check of the sharing, not a
+    benchmark."""
+    body = _alice_config(tmp_path, redis_server.url)
+    nodes = [config_server(socksd, tmp_path, body, name=f"{n}.toml")[0] for n in ("a", "b")]
+    source = SourceServer(b"x" * (RATE * 10))
     try:
-        start = time.monotonic()
-        threads = [threading.Thread(target=download, args=(n, start)) for n in nodes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        held.extend(_alice_download(node, source) for node in nodes)
+        rate = _shared_rate(held)
     finally:
         source.close()
-    assert len(got) == 2
-    rate = sum(got) / window
     assert 0.5 * RATE < rate <= 1.5 * RATE, f"{rate:.0f} B/s over both nodes for a rate of {RATE}"
+
+
+def test_bandwidth_rate_is_shared_between_workers(
+    socksd: Callable[..., ServerProcess], tmp_path: Path, held: list[socket.socket]
+) -> None:
+    """The host store: one download of alice on each of the two workers, together about RATE."""
+    node = _node(socksd, tmp_path, "host", _alice_config(tmp_path, "host"))
+    source = SourceServer(b"x" * (RATE * 10))
+    try:
+        workers: set[int] = set()
+        for _ in range(40):  # until the two downloads are on different workers
+            sock = _alice_download(node, source)
+            worker = _worker_of(node, sock)
+            if worker in workers:
+                sock.close()
+                continue
+            workers.add(worker)
+            held.append(sock)
+            if len(held) == 2:
+                break
+        assert len(held) == 2
+        rate = _shared_rate(held)
+    finally:
+        source.close()
+    assert 0.5 * RATE < rate <= 1.5 * RATE, f"{rate:.0f} B/s over two workers for a rate of {RATE}"
