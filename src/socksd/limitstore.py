@@ -349,6 +349,17 @@ def split_lease(url: str) -> tuple[str, float]:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest))), lease
 
 
+CLUSTER_UNSUPPORTED = (
+    "a Redis Cluster node: not supported (the counting script reads keys it learns as it runs, "
+    "which a Cluster may keep on other nodes); use a standalone Redis"
+)
+
+
+def is_cluster(info: dict[str, Any]) -> bool:
+    """Whether Redis's ``INFO cluster`` answer says it runs in Cluster mode."""
+    return str(info.get("cluster_enabled", 0)) == "1"
+
+
 class RedisStore(LimitStore):
     """Counts shared by a fleet, in Redis (``redis://HOST:PORT/DB``; the ``redis`` package).
 
@@ -591,7 +602,10 @@ class RedisStore(LimitStore):
         await self._flush()
 
     async def _reconnect(self) -> None:
-        """Take the lease and write all of this node's counts (absolute), then go up."""
+        """Take the lease and write all of this node's counts (absolute), then go up (never
+        with a Redis Cluster: see ``CLUSTER_UNSUPPORTED``)."""
+        if is_cluster(await asyncio.wait_for(self._client.info("cluster"), 1.0)):
+            raise RuntimeError(CLUSTER_UNSUPPORTED)
         await asyncio.wait_for(
             self._client.set(self.lease_key, "1", px=int(self.lease * 1000)), 1.0
         )
