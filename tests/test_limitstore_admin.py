@@ -127,7 +127,11 @@ def redis_cluster_node(tmp_path: Path) -> Iterator[RedisServer]:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     pytest.importorskip("redis")
     nodes = tmp_path / "nodes.conf"
-    server = RedisServer(tmp_path, "--cluster-enabled", "yes", "--cluster-config-file", str(nodes))
+    with socket.socket() as probe:  # the bus port: by default the port + 10000, maybe over 65535
+        probe.bind(("127.0.0.1", 0))
+        bus = str(probe.getsockname()[1])
+    args = ("--cluster-enabled", "yes", "--cluster-config-file", str(nodes), "--cluster-port", bus)
+    server = RedisServer(tmp_path, *args)
     yield server
     server.kill()
 
