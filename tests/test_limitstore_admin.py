@@ -170,3 +170,21 @@ async def _store_stays_down(url: str) -> bool:
         return not store.up and states == [False]
     finally:
         await store.close()
+
+
+def test_no_log_line_shows_the_redis_password(caplog: pytest.LogCaptureFixture) -> None:
+    """The store's down warning and a reload's restart-only line mask the password."""
+    import dataclasses
+
+    from socksd.server.process.reload import restart_only_changes
+
+    store = RedisStore("redis://admin:s3cret@127.0.0.1:1/0?lease=5")
+    with caplog.at_level(logging.WARNING, logger="socksd"):
+        store._down(ConnectionRefusedError("refused"))
+    assert "redis://admin:***@127.0.0.1:1/0 unreachable" in caplog.text
+    old = build_config({"limits_store": "redis://admin:s3cret@127.0.0.1:1/0"}, {})
+    new = dataclasses.replace(old, limits_store="redis://admin:n3w@127.0.0.1:1/0")
+    assert restart_only_changes(old, new) == [
+        "limits_store: redis://admin:***@127.0.0.1:1/0 -> redis://admin:***@127.0.0.1:1/0"
+    ]
+    assert "s3cret" not in caplog.text

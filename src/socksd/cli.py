@@ -590,17 +590,6 @@ PROBE_TIMEOUT = 1.0
 """Seconds ``check-config`` waits at most for a Redis limit store to answer."""
 
 
-def _without_password(url: str) -> str:
-    """``url`` with its password (if any) shown as ``***``."""
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def probe_redis(url: str, timeout: float) -> tuple[dict[str, Any] | None, str]:
     """Ask the Redis at ``url`` for its ``INFO`` within ``timeout`` seconds in all (a thread
     that may be left behind, the name lookup included): (the answer, "") or (None, why not)."""
@@ -636,7 +625,7 @@ def probe_redis(url: str, timeout: float) -> tuple[dict[str, Any] | None, str]:
 def _limits_store_summary(config: Config) -> str:
     """What ``limits_store`` shares, for check-config; for Redis, whether it answers now (within
     ``PROBE_TIMEOUT``). ConfigError for a Redis Cluster, which the store cannot use."""
-    from socksd.limitstore import CLUSTER_UNSUPPORTED, is_cluster, split_lease
+    from socksd.limitstore import CLUSTER_UNSUPPORTED, is_cluster, split_lease, without_password
     from socksd.server.process.workers import worker_count
 
     spec = config.limits_store
@@ -645,7 +634,7 @@ def _limits_store_summary(config: Config) -> str:
     if spec == "host":
         return f"host (shared by the {worker_count(config)} workers of this host)"
     url, lease = split_lease(spec)
-    shown = _without_password(url)
+    shown = without_password(url)
     info, error = probe_redis(url, PROBE_TIMEOUT)
     if info is not None and is_cluster(info):
         raise ConfigError(f"limits_store: {shown} is {CLUSTER_UNSUPPORTED}")

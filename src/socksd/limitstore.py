@@ -349,6 +349,15 @@ def split_lease(url: str) -> tuple[str, float]:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest))), lease
 
 
+def without_password(url: str) -> str:
+    """``url`` with its password (if any) shown as ``***``: how a store's URL is logged."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 CLUSTER_UNSUPPORTED = (
     "a Redis Cluster node: not supported (the counting script reads keys it learns as it runs, "
     "which a Cluster may keep on other nodes); use a standalone Redis"
@@ -389,6 +398,8 @@ class RedisStore(LimitStore):
 
     def __init__(self, url: str, *, lease: float | None = None, timeout: float = TIMEOUT) -> None:
         self.url, url_lease = split_lease(url)
+        self.shown = without_password(self.url)
+        """The URL as logs show it (no password)."""
         self.lease = lease or url_lease
         self.timeout = timeout
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -454,7 +465,7 @@ class RedisStore(LimitStore):
             self._warned = True
             log.warning(
                 "limits store %s unreachable (%s): admitting on local limits until it is back",
-                self.url,
+                self.shown,
                 str(error) or type(error).__name__,
             )
             if self._on_state is not None:
@@ -614,6 +625,6 @@ class RedisStore(LimitStore):
         was_down = self._warned and not self.up
         self.up = True
         if was_down:
-            log.warning("limits store %s is back: sharing counts again", self.url)
+            log.warning("limits store %s is back: sharing counts again", self.shown)
         if self._on_state is not None:
             self._on_state(True)
