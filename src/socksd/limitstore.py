@@ -446,6 +446,26 @@ def split_lease(url: str) -> tuple[str, float]:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest))), lease
 
 
+def without_password(url: str) -> str:
+    """``url`` with its password (if any) shown as ``***``: how a store's URL is logged."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+CLUSTER_UNSUPPORTED = (
+    "a Redis Cluster node: not supported (the counting script reads keys it learns as it runs, "
+    "which a Cluster may keep on other nodes); use a standalone Redis"
+)
+
+
+def is_cluster(info: dict[str, Any]) -> bool:
+    """Whether Redis's ``INFO cluster`` answer says it runs in Cluster mode."""
+    return str(info.get("cluster_enabled", 0)) == "1"
+
+
 class RedisStore(LimitStore):
     """Counts shared by a fleet, in Redis (``redis://HOST:PORT/DB``; the ``redis`` package).
 
@@ -475,6 +495,8 @@ class RedisStore(LimitStore):
 
     def __init__(self, url: str, *, lease: float | None = None, timeout: float = TIMEOUT) -> None:
         self.url, url_lease = split_lease(url)
+        self.shown = without_password(self.url)
+        """The URL as logs show it (no password)."""
         self.lease = lease or url_lease
         self.timeout = timeout
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -549,7 +571,7 @@ class RedisStore(LimitStore):
             self._warned = True
             log.warning(
                 "limits store %s unreachable (%s): admitting on local limits until it is back",
-                self.url,
+                self.shown,
                 str(error) or type(error).__name__,
             )
             if self._on_state is not None:
@@ -759,7 +781,10 @@ class RedisStore(LimitStore):
         await self._flush()
 
     async def _reconnect(self) -> None:
-        """Take the lease and write all of this node's counts (absolute), then go up."""
+        """Take the lease and write all of this node's counts (absolute), then go up (never
+        with a Redis Cluster: see ``CLUSTER_UNSUPPORTED``)."""
+        if is_cluster(await asyncio.wait_for(self._client.info("cluster"), 1.0)):
+            raise RuntimeError(CLUSTER_UNSUPPORTED)
         await asyncio.wait_for(
             self._client.set(self.lease_key, "1", px=int(self.lease * 1000)), 1.0
         )
@@ -768,6 +793,6 @@ class RedisStore(LimitStore):
         was_down = self._warned and not self.up
         self.up = True
         if was_down:
-            log.warning("limits store %s is back: sharing counts again", self.url)
+            log.warning("limits store %s is back: sharing counts again", self.shown)
         if self._on_state is not None:
             self._on_state(True)
