@@ -145,7 +145,7 @@ def test_two_processes_limits_share_one_count() -> None:
 
 def test_max_sessions_counts_every_process_of_the_store() -> None:
     store = HostStore(2, slots=64)
-    config = Config(max_sessions=3)
+    config = build_config({"max_sessions": 3, "limits_store": "host"}, {})
     one, two = Limits(config, store), Limits(config, store)
     for i in range(3):
         store.use_column(i % 2)
@@ -402,8 +402,12 @@ def test_a_store_gives_each_worker_all_of_max_sessions() -> None:
     from socksd.server.process.workers import Supervisor, sessions_split
 
     assert sessions_split(Config(workers=4)) == 4  # no store: each worker its share
-    assert sessions_split(Config(workers=4, limits_store="host")) == 1  # the store has the total
-    config = Config(workers=4, max_sessions=100, limits_store="host")
+    config = build_config({"workers": 4, "max_sessions": 100, "limits_store": "host"}, {})
+    assert sessions_split(config) == 1  # the store has the total
+    # the default max_sessions (sized from one process's open files) is never a shared total
+    default = build_config({"workers": 4, "limits_store": "redis://127.0.0.1:6379/0"}, {})
+    assert default.shared_max_sessions == 0 and sessions_split(default) == 4
+    assert Limits(default, HostStore(1)).max_total == 0
     supervisor = Supervisor.__new__(Supervisor)  # for_worker only reads config and count
     supervisor.config, supervisor.count = config, 4
     assert supervisor.for_worker(config).max_sessions == 100

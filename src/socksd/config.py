@@ -111,6 +111,9 @@ class Config:
     shutdown_timeout: float = 30.0
     resolve_timeout: float = 5.0
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_sessions_given: bool = field(default=False, metadata={"derived": True})
+    """``max_sessions`` was set (file or flag), not the default sized from the open-files limit
+    (derived by ``build_config``, not a key)."""
     relay_buffer: int = 256 * 1024
     splice: str = "auto"
     """``auto``/``on``: plain CONNECT and BIND sessions move to ``os.splice`` (Linux); ``off``."""
@@ -179,6 +182,13 @@ class Config:
         return tuple(derived) or ("none",)
 
     @property
+    def shared_max_sessions(self) -> int:
+        """``max_sessions`` as a total over every process sharing a ``limits_store`` (0: none).
+        Only a value the admin set: the default is sized from one process's open files, so it
+        stays a per-process guard (split between workers) and never caps a fleet."""
+        return self.max_sessions if self.max_sessions_given else 0
+
+    @property
     def effective_max_auth_delay(self) -> float:
         """The longest failed-login delay: ``max_auth_delay``, or by default
         ``DEFAULT_MAX_AUTH_DELAY`` but at most half the handshake timeout."""
@@ -197,7 +207,7 @@ class Config:
         return "none" not in self.auth_methods
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_FIELDS = {f.name: f for f in dataclasses.fields(Config) if not f.metadata.get("derived")}
 
 ALIASES = {"external_address": "advertise"}
 """Old key names still accepted, and the key each now is."""
@@ -673,7 +683,9 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
                 ) from None
     _compile_access(merged)
     config = Config(**merged)
-    if "max_sessions" not in merged:  # the default, lowered to what the open-files limit holds
+    if "max_sessions" in merged:
+        config = dataclasses.replace(config, max_sessions_given=True)
+    else:  # the default, lowered to what the open-files limit holds
         from socksd.server.process.workers import sessions_split
 
         config = dataclasses.replace(

@@ -54,7 +54,7 @@ class LimitSettings(Protocol):
     """The config keys limits read (``socksd.config.Config`` has them)."""
 
     @property
-    def max_sessions(self) -> int: ...
+    def shared_max_sessions(self) -> int: ...
     @property
     def max_sessions_per_ip(self) -> int: ...
     @property
@@ -369,7 +369,8 @@ class Limits:
         self.max_per_ip = 0
         self.max_per_user = 0
         self.max_total = 0
-        """``max_sessions``, checked in the shared store over every process that shares it."""
+        """``max_sessions`` when set, checked in the shared store over every process that shares
+        it (0: no total)."""
         self._rates: dict[str, int] = {}
         self._default_rate = 0
         self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
@@ -378,7 +379,7 @@ class Limits:
 
     def configure(self, settings: LimitSettings, now: float) -> None:
         """Take new settings (a reload); counters and buckets of current users stay."""
-        self.max_total = settings.max_sessions
+        self.max_total = settings.shared_max_sessions
         self.max_per_ip = settings.max_sessions_per_ip
         self.max_per_user = settings.max_sessions_per_user
         self.throttle.max_failures = settings.max_auth_failures

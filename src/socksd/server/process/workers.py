@@ -71,8 +71,10 @@ def worker_count(config: Config) -> int:
 
 def sessions_split(config: Config) -> int:
     """The processes of a host ``max_sessions`` is split between: the workers, or 1 when a
-    limit store shares it (the store counts the total; each process may hold all of it)."""
-    return 1 if config.limits_store != "local" else worker_count(config)
+    limit store shares a ``max_sessions`` the admin set (the store counts the total; each
+    process may hold all of it)."""
+    shared = config.limits_store != "local" and config.shared_max_sessions
+    return 1 if shared else worker_count(config)
 
 
 def usable_cpus() -> int:
