@@ -200,10 +200,10 @@ def _users(items: list[Any], where: str, groups: Mapping[str, Sequence[str]]) ->
     if not all(items):
         raise RuleError(f"{where}: empty user name")
     users = expand_users(items, groups, where)
-    directory = frozenset(u for u in users if u.startswith(_DIRECTORY_GROUPS))
+    directory = frozenset(u for u in users if u.lower().startswith(_DIRECTORY_GROUPS))
     fields: dict[str, Any] = {"users": users - directory}
-    if directory:
-        fields["user_groups"] = frozenset(g[1:] for g in directory)
+    if directory:  # a [groups] member may name one too
+        fields["user_groups"] = frozenset(g[1:].lower() for g in directory)
     return fields, tuple(items)
 
 
