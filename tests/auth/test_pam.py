@@ -23,7 +23,7 @@ from socksd.auth.pam import (
     libpam,
     service_error,
 )
-from socksd.auth.stores import UserStoreError
+from socksd.auth.stores import WRONG, UserStoreError
 from socksd.config import ConfigError, build_config, load_file
 
 PAM_BINARY_PROMPT = 7
@@ -129,7 +129,7 @@ def test_utf8_names_and_passwords_are_checked(store: PamStore) -> None:
 def test_a_real_pam_call_for_an_unknown_user_fails(store: PamStore) -> None:
     """pam_start, pam_authenticate and pam_end through ctypes, for real (the fallback stack:
     pam_unix on Debian, or a denial), for a user no system has."""
-    assert store.check("nobody-socksd-test", store.token("x"), b"pw") is False
+    assert store.check("nobody-socksd-test", store.token("x"), b"pw", "127.0.0.1") == WRONG
 
 
 def test_service_names() -> None:
@@ -161,7 +161,7 @@ def test_users_key_takes_a_pam_service() -> None:
     [
         ({"users": "pam:"}, "users: pam:: a PAM service name is"),
         ({"users": "pam:../x"}, "users: pam:../x: a PAM service name is"),
-        ({"users": 5}, 'users: expected the path of an htpasswd file or "pam:SERVICE"'),
+        ({"users": 5}, 'users: expected the path of an htpasswd file, "pam:SERVICE" or'),
         ({"users_cache_ttl": -1}, "users_cache_ttl: must be at least 0"),
         ({"users_cache_ttl": "long"}, "users_cache_ttl: expected a number"),
     ],
