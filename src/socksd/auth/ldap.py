@@ -350,6 +350,9 @@ class LdapStore:
 
     def _open(self, conn: Connection) -> None:
         """Connect (and StartTLS when configured); LDAPException when it fails."""
+        # ldap3 shuns an address for 5 s after a failed connect ("invalid server address"):
+        # a directory back from an outage is tried at once instead.
+        self._server.reset_availability()
         conn.open()
         if self.settings.starttls and not conn.start_tls():
             result = conn.result or {}
