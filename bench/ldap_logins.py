@@ -1,5 +1,5 @@
 """Sequential RFC 1929 logins/s through socksd with users from a throwaway slapd
-(``tests.e2e.ldap``, port 21979): ``users_cache_ttl = 0`` (a search and a bind each) against
+(``tests.e2e.ldap``, port PORT_BASE + 4): ``users_cache_ttl = 0`` (a search and a bind each) against
 cached logins, in one run. Indicative; run under the shared lock::
 
     PYTHONPATH=$PWD/src flock /tmp/socksd-bench.lock python3 bench/ldap_logins.py
