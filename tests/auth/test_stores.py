@@ -296,3 +296,17 @@ def test_pam_store_from_users(tmp_path: Path) -> None:
     store = PamStore("socksd", cache_ttl=60, timeout=2, pam_dir=tmp_path)
     assert store.describe() == f"PAM service socksd ({tmp_path / 'socksd'})"
     assert (store.kind, store.cache_ttl, store.timeout) == ("pam", 60, 2)
+
+
+def test_a_store_fits_an_authenticator_of_its_kind_and_pool_size(directory: Directory) -> None:
+    """A reload keeps the authenticator (its pool, its cache) only for a store of the same kind
+    and number of threads (LDAP's pool_size): otherwise the server makes a new one."""
+    auth = UserPassAuthenticator(directory)
+    try:
+        assert auth.fits(Directory())
+        bigger = Directory()
+        bigger.threads = 3
+        assert not auth.fits(bigger)
+        assert not auth.fits(HtpasswdStore(UserFile(), source="f"))
+    finally:
+        auth.close()

@@ -74,10 +74,12 @@ class UserStore(Protocol):
     """What the authenticator needs from a user store."""
 
     kind: str
-    """The kind of store (``htpasswd``, ``pam``): an authenticator keeps its thread pool across
-    reloads that keep the kind, and is replaced when it changes."""
+    """The kind of store (``htpasswd``, ``pam``, ``ldap``): an authenticator keeps its thread
+    pool across reloads that keep the kind and ``threads``, and is replaced when either
+    changes."""
     threads: int
-    """How many checks may run at once (the size of the authenticator's pool)."""
+    """How many checks may run at once (the size of the authenticator's pool; LDAP's
+    ``pool_size``)."""
     timeout: float | None
     """Seconds a check may take before the login fails (None: no limit)."""
     cache_ttl: float

@@ -213,6 +213,7 @@ class UserPassAuthenticator:
         if max_pending < 1:
             raise ValueError("max_pending must be >= 1")
         self._own_executor = executor is None
+        self._threads = users.threads
         self._executor = executor or CheckPool(users.threads, f"socksd-{users.kind}")
         self._slots = asyncio.Semaphore(max_pending)
         self._key = secrets.token_bytes(32)
@@ -229,6 +230,11 @@ class UserPassAuthenticator:
     def kind(self) -> str:
         """The kind of store this authenticator checks against (its pool is sized for it)."""
         return self._store.kind
+
+    def fits(self, users: UserStore) -> bool:
+        """True if ``users`` can replace the store (``replace_users``): the same kind, and the
+        same number of threads as the pool was made for."""
+        return users.kind == self._store.kind and users.threads == self._threads
 
     def describe(self) -> str:
         """The store checked against, for log lines."""

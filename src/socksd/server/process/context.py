@@ -239,11 +239,11 @@ class ServerContext:
         old_auth = self.authenticator
         if parts.users is None:
             self.authenticator = None
-        elif old_auth is not None and old_auth.kind == parts.users.kind:
+        elif old_auth is not None and old_auth.fits(parts.users):
             old_store = old_auth.replace_users(parts.users)
             if old_store is not parts.users:
                 retired.append(old_store.close)
-        else:  # a first store, or one of another kind: its own pool
+        else:  # a first store, or one of another kind or pool size: its own pool
             self.authenticator = UserPassAuthenticator(parts.users)
         if old_auth is not None and self.authenticator is not old_auth:
             retired.append(old_auth.close)
