@@ -15,8 +15,8 @@ from socksd.auth.pam import PamStore
 from socksd.auth.stores import (
     NO_GROUPS,
     WRONG,
+    CheckResult,
     UserStoreError,
-    Verdict,
     is_directory,
     open_user_store,
     unavailable,
@@ -54,7 +54,7 @@ class Directory:
 
     def check(
         self, name: str | None, token: bytes | None, password: bytes, client: str | None
-    ) -> Verdict:
+    ) -> CheckResult:
         self.calls.append(name)
         self.clients.append(client)
         self.started.release()
@@ -65,7 +65,7 @@ class Directory:
         if name == "down":
             return unavailable("the directory is down")
         if name is not None and self.passwords.get(name) == password:
-            return Verdict(True, self.groups.get(name, NO_GROUPS))
+            return CheckResult(True, self.groups.get(name, NO_GROUPS))
         return WRONG
 
     def close(self) -> None:
@@ -143,7 +143,7 @@ def test_a_check_that_hangs_fails_at_the_timeout_and_others_go_on(directory: Dir
     directory.hang.add("slow")
     auth = UserPassAuthenticator(directory)
 
-    async def run() -> tuple[Verdict, Verdict]:
+    async def run() -> tuple[CheckResult, CheckResult]:
         slow = asyncio.ensure_future(auth.verify(b"slow", b"tortoise"))
         await asyncio.to_thread(directory.started.acquire)  # the slow check is running
         alice = await auth.verify(b"alice", b"wonderland")  # its thread hangs till the end

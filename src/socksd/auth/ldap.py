@@ -67,7 +67,7 @@ from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import parse_dn
 
 from socksd.auth.ldapconfig import LdapSettings, LdapUrl, check_ldap
-from socksd.auth.stores import NO_GROUPS, WRONG, Verdict, unavailable
+from socksd.auth.stores import NO_GROUPS, WRONG, CheckResult, unavailable
 
 log = logging.getLogger("socksd.auth.ldap")
 
@@ -196,7 +196,7 @@ class LdapStore:
 
     def check(
         self, name: str | None, token: bytes | None, password: bytes, client: str | None
-    ) -> Verdict:
+    ) -> CheckResult:
         """Search for ``name``, bind as the entry found with ``password``: right (with the
         user's groups), wrong, or unavailable (the directory cannot say)."""
         if name is None:
@@ -210,7 +210,7 @@ class LdapStore:
             return unavailable(f"{self.url.where}: unexpected error: {e!r}")
         if groups is None:
             return WRONG
-        return Verdict(True, groups or NO_GROUPS)
+        return CheckResult(True, groups or NO_GROUPS)
 
     # -- the check (a worker thread) ------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from socksd.auth.stores import RIGHT, WRONG, UserStoreError, Verdict, unavailable
+from socksd.auth.stores import RIGHT, WRONG, CheckResult, UserStoreError, unavailable
 
 log = logging.getLogger("socksd.auth")
 
@@ -326,7 +326,7 @@ class PamStore:
 
     def check(
         self, name: str | None, token: bytes | None, password: bytes, client: str | None
-    ) -> Verdict:
+    ) -> CheckResult:
         """Run the PAM stack for ``name``/``password``, from ``client`` (PAM_RHOST)."""
         if name is None:
             return WRONG

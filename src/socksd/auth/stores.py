@@ -9,7 +9,7 @@
   ``[ldap]`` table (``socksd.auth.ldap.LdapStore``).
 
 A store answers one question, off the event loop: is this password right for this user
-(:meth:`UserStore.check`, blocking). The answer is a :class:`Verdict`, the same for every store:
+(:meth:`UserStore.check`, blocking). The answer is a :class:`CheckResult`, the same for every store:
 right (with the user's directory groups, for ``@ldap:NAME`` in rules), wrong, or unknown because
 the store is unavailable (a directory down or too slow, a PAM module that cannot reach its
 server): the login path refuses an unavailable login without counting it as a failed login, so
@@ -45,7 +45,7 @@ NO_GROUPS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class CheckResult:
     """What a check says of a login; true only for a right password."""
 
     ok: bool
@@ -59,15 +59,15 @@ class Verdict:
         return self.ok
 
 
-RIGHT = Verdict(True)
+RIGHT = CheckResult(True)
 """A right password, no directory groups."""
-WRONG = Verdict(False)
+WRONG = CheckResult(False)
 """A wrong password or an unknown user (counted as a failed login)."""
 
 
-def unavailable(reason: str) -> Verdict:
+def unavailable(reason: str) -> CheckResult:
     """The store could not answer: ``reason`` says why (logged)."""
-    return Verdict(False, unavailable=reason)
+    return CheckResult(False, unavailable=reason)
 
 
 class UserStore(Protocol):
@@ -101,7 +101,7 @@ class UserStore(Protocol):
 
     def check(
         self, name: str | None, token: bytes | None, password: bytes, client: str | None
-    ) -> Verdict:
+    ) -> CheckResult:
         """Whether ``password`` is right for ``name`` (None: not UTF-8), asked from ``client``
         (the client's address, for PAM_RHOST; None: not known); blocks (a worker thread runs
         it) and never raises."""

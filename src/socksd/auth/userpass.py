@@ -19,7 +19,7 @@
 # not hold up the process's exit.
 #
 # A check not answered within the store's timeout is answered "the store is unavailable" (a
-# ``Verdict`` with ``unavailable`` set, as a store answers itself when its directory is down), and
+# ``CheckResult`` with ``unavailable`` set, as a store answers itself when its directory is down), and
 # so is a check that raises (a bug, a surprise of a client library): neither says anything of the
 # password, and the login path refuses such a login without counting it as a failed login.
 #
@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import bcrypt
 
 from socksd.auth.htpasswd import DEFAULT_ROUNDS, MAX_PASSWORD_BYTES, UserFile
-from socksd.auth.stores import NO_GROUPS, RIGHT, WRONG, Verdict, unavailable
+from socksd.auth.stores import NO_GROUPS, RIGHT, WRONG, CheckResult, unavailable
 
 if TYPE_CHECKING:
     from socksd.auth.stores import UserStore
@@ -118,7 +118,7 @@ class HtpasswdStore:
 
     def check(
         self, name: str | None, token: bytes | None, password: bytes, client: str | None
-    ) -> Verdict:
+    ) -> CheckResult:
         """bcrypt against ``token`` (the dummy hash for an unknown user: the same cost)."""
         if token is None:
             _checkpw(password, self._dummy)
@@ -223,7 +223,7 @@ class UserPassAuthenticator:
         # check, the user's groups)
         self._cache: OrderedDict[str, tuple[bytes, bytes, float, frozenset[str]]] = OrderedDict()
         # keyed hash of (user name, password) -> the check in flight for that login
-        self._pending: dict[bytes, asyncio.Future[Verdict]] = {}
+        self._pending: dict[bytes, asyncio.Future[CheckResult]] = {}
         self._store = users
 
     @property
@@ -250,7 +250,7 @@ class UserPassAuthenticator:
                 del self._cache[name]
         return old
 
-    def cached(self, username: bytes, password: bytes) -> Verdict | None:
+    def cached(self, username: bytes, password: bytes) -> CheckResult | None:
         """The verdict of a login that matches one verified before (no check: answered at
         once), with the groups found then; None if it does not."""
         if self._store.refuse(username, password):
@@ -265,7 +265,9 @@ class UserPassAuthenticator:
         """True if the same login is being checked now: ``verify`` shares that check's result."""
         return bool(self._pending) and self._pending_key(username, password) in self._pending
 
-    async def verify(self, username: bytes, password: bytes, client: str | None = None) -> Verdict:
+    async def verify(
+        self, username: bytes, password: bytes, client: str | None = None
+    ) -> CheckResult:
         """Whether ``username``/``password`` (raw RFC 1929 fields) are a valid login, asked from
         ``client`` (its address; a check shared by identical logins has the first one's)."""
         store = self._store
@@ -298,7 +300,7 @@ class UserPassAuthenticator:
         token: bytes | None,
         password: bytes,
         client: str | None,
-    ) -> Verdict:
+    ) -> CheckResult:
         """One check by ``store``; caches a success."""
         verdict = await self._check(store, name, token, password, client)
         if verdict.ok and self._cache_size and name is not None and token is not None:
@@ -309,7 +311,7 @@ class UserPassAuthenticator:
                 self._cache.popitem(last=False)
         return verdict
 
-    def _cache_hit(self, name: str, token: bytes, password: bytes) -> Verdict | None:
+    def _cache_hit(self, name: str, token: bytes, password: bytes) -> CheckResult | None:
         """The verdict (right, with its groups) when ``password`` is the one last verified
         against ``token`` for ``name``, less than the store's cache lifetime ago; else None."""
         cached = self._cache.get(name)
@@ -322,7 +324,7 @@ class UserPassAuthenticator:
         if not hmac.compare_digest(cached[1], mac):
             return None
         self._cache.move_to_end(name)
-        return RIGHT if cached[3] is NO_GROUPS else Verdict(True, cached[3])
+        return RIGHT if cached[3] is NO_GROUPS else CheckResult(True, cached[3])
 
     async def _check(
         self,
@@ -331,7 +333,7 @@ class UserPassAuthenticator:
         token: bytes | None,
         password: bytes,
         client: str | None,
-    ) -> Verdict:
+    ) -> CheckResult:
         """Run one check on the executor, at most ``max_pending`` submitted at a time, within
         the store's timeout; a check that raises or times out is the store unavailable."""
         try:
