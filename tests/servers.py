@@ -275,8 +275,10 @@ class RedisServer:
     :meth:`kill` (SIGKILL) and :meth:`start` again on the same port simulate an outage; the
     restarted server is empty, as a real one without persistence would be."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *args: str) -> None:
         self.tmp_path = tmp_path
+        self.args = args
+        """More ``redis-server`` arguments (e.g. ``--cluster-enabled yes``)."""
         with socket.socket() as probe:  # redis-server cannot bind port 0: take a free one
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -302,6 +304,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.tmp_path),
+                *self.args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -227,6 +227,7 @@ def test_bandwidth_rates_precedence() -> None:
 
 @dataclass
 class Settings:
+    max_sessions: int = 10000
     max_sessions_per_ip: int = 0
     max_sessions_per_user: int = 0
     max_auth_failures: int = 10

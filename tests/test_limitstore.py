@@ -18,11 +18,13 @@ from socksd.limits import Limits
 from socksd.limitstore import (
     ADMIT,
     BLOCKED,
+    FULL,
     REFUSE,
     HostStore,
     RedisStore,
     Verdict,
     open_limit_store,
+    refresh_shares,
     split_lease,
 )
 from socksd.rules import RuleSet
@@ -78,6 +80,26 @@ def test_host_store_block_after_failures_then_lifted() -> None:
     )
 
 
+def test_host_store_counts_every_session_in_the_same_call() -> None:
+    store = HostStore(3, slots=64)
+    verdicts = []
+    for i in range(6):  # three workers, a different address each time: only the total limits
+        store.use_column(i % 3)
+        verdicts.append(store.acquire("ip", f"10.0.1.{i}", 0, total=4))
+    assert verdicts == [ADMIT] * 4 + [FULL] * 2
+    assert store.total("all", "") == 4
+    assert store.total("ip", "10.0.1.4") == 0  # a session refused by the total counts nowhere
+    assert store.acquire("ip", "10.0.1.0", 1, total=10) == REFUSE  # the address's own limit
+    assert store.total("all", "") == 4  # ... counts nothing in the total either
+    store.use_column(1)
+    store.release("ip", "10.0.1.1", total=True)  # worker 1's session ends
+    assert store.total("all", "") == 3
+    assert store.acquire("ip", "10.0.1.9", 0, total=4) == ADMIT
+    assert store.acquire("ip", "10.0.1.9", 0, total=0) == ADMIT  # no limit: counted
+    store.forget_column(1)
+    assert store.total("all", "") == 3
+
+
 def test_host_store_full_table_answers_none() -> None:
     store = HostStore(1, slots=4)
     verdicts = [store.acquire("ip", f"10.0.0.{i}", 5) for i in range(8)]
@@ -119,6 +141,77 @@ def test_two_processes_limits_share_one_count() -> None:
     admitted[0].release()
     assert store.total("ip", "10.1.1.1") == 2
     assert isinstance(_shared_admit(two, "10.1.1.1"), Admission)
+
+
+def test_max_sessions_counts_every_process_of_the_store() -> None:
+    store = HostStore(2, slots=64)
+    config = Config(max_sessions=3)
+    one, two = Limits(config, store), Limits(config, store)
+    for i in range(3):
+        store.use_column(i % 2)
+        assert isinstance(_shared_admit(one if i % 2 == 0 else two, f"10.6.6.{i}"), Admission)
+    store.use_column(1)
+    refusal = _shared_admit(two, "10.6.6.9")  # two holds one session: only the total says no
+    assert isinstance(refusal, Refusal) and refusal.limit == "max_sessions"
+    assert refusal.reply is None  # closed at accept, as the process's own max_sessions does
+
+
+def _user_session(limits: Limits, store: HostStore, column: int, user: str) -> Admission:
+    """A session of ``user`` admitted and counted (locally and in ``store``) by one process."""
+    store.use_column(column)
+    admission = _shared_admit(limits, f"10.7.7.{column}")
+    assert isinstance(admission, Admission)
+    limits.per_user.add(user)
+    admission.user = user
+    verdict = store.acquire("user", user, 0)
+    assert admission.shared_outcome("user", verdict) is None
+    return admission
+
+
+def test_bandwidth_rate_is_shared_by_sessions_over_the_processes() -> None:
+    store = HostStore(2, slots=64)
+    config = Config(bandwidth={"alice": 800_000, "bob": 100_000})
+    one, two = Limits(config, store), Limits(config, store)
+    first = _user_session(one, store, 0, "alice")
+    buckets = one.buckets_for("alice", 0.0)
+    assert buckets is not None and buckets[0].rate == 800_000  # alone: the whole rate
+    others = [_user_session(two, store, 1, "alice") for _ in range(3)]
+    two_buckets = two.buckets_for("alice", 0.0)
+    assert two_buckets is not None and two_buckets[1].rate == 600_000  # 3 of 4 sessions
+    assert buckets[0].rate == 800_000  # one learns of two's sessions at its next refresh
+    one.share("alice", 0.0)
+    assert buckets[0].rate == buckets[1].rate == 200_000
+    for admission in others[:2]:
+        store.use_column(1)
+        admission.release()  # two gives its part back at once
+    assert two_buckets[0].rate == 400_000
+    one.share("alice", 0.0)
+    assert buckets[0].rate == 400_000
+    assert one.shared_users() == ["alice"]
+    store.use_column(0)
+    first.release()
+    assert one.shared_users() == []
+    two.share("alice", 0.0)
+    assert two_buckets[0].rate == 800_000  # alone again
+
+
+def test_bandwidth_shares_are_refreshed_periodically() -> None:
+    store = HostStore(2, slots=64)
+    config = Config(bandwidth={"*": 1_000_000})
+    one, two = Limits(config, store), Limits(config, store)
+    _user_session(one, store, 0, "carol")
+    buckets = one.buckets_for("carol", 0.0)
+    assert buckets is not None
+    _user_session(two, store, 1, "carol")
+
+    async def run() -> None:
+        task = asyncio.get_running_loop().create_task(refresh_shares(one, every=0.01))
+        try:
+            assert await await_for(lambda: buckets[0].rate == 500_000, timeout=5)
+        finally:
+            task.cancel()
+
+    asyncio.run(run())
 
 
 def test_failed_logins_block_through_the_store() -> None:
@@ -190,6 +283,42 @@ async def _redis_store_admits_exactly_the_limit_across_nodes(redis_server: Redis
             for _ in range(node.held.get("socksd:n:ip:10.3.3.3", 0)):
                 node.release("ip", "10.3.3.3")
         assert await await_for(lambda: _redis_total(redis_server, "10.3.3.3") == 0)
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+def test_redis_store_counts_every_session_and_user_totals(redis_server: RedisServer) -> None:
+    asyncio.run(asyncio.wait_for(_redis_store_counts_every_session(redis_server), 60))
+
+
+async def _redis_store_counts_every_session(redis_server: RedisServer) -> None:
+    nodes = [RedisStore(redis_server.url, lease=5) for _ in range(3)]
+    for node in nodes:
+        node.start()
+    try:
+        assert await await_for(lambda: all(n.up for n in nodes))
+        tries = [nodes[i % 3].acquire("ip", f"10.8.8.{i}", 0, total=7) for i in range(12)]
+        verdicts = await asyncio.gather(*(_verdict(t) for t in tries))
+        assert sorted(verdicts) == [FULL] * 5 + [ADMIT] * 7  # one call: the total and the address
+        ended = next(i for i, v in enumerate(verdicts) if v == ADMIT)
+        nodes[ended % 3].release("ip", f"10.8.8.{ended}", total=True)  # batched, as any release
+        deadline = time.monotonic() + 5
+        while await _verdict(nodes[0].acquire("ip", "10.8.9.9", 0, total=7)) != ADMIT:
+            assert time.monotonic() < deadline, "a released session kept counting in the total"
+            await asyncio.sleep(0.02)
+        # user totals: the acquire answers the fleet's count, a refresh updates it
+        for i in range(3):
+            assert await _verdict(nodes[i].acquire("user", "alice", 0)) == ADMIT
+        assert nodes[2].total("user", "alice") == 3
+        assert nodes[0].total("user", "alice") == 1  # as last answered
+        pending = nodes[0].refresh("user", ["alice", "nobody"])
+        assert pending is not None
+        await pending
+        assert nodes[0].total("user", "alice") == 3
+        assert nodes[0].total("user", "nobody") is None
+        nodes[1].release("user", "alice")
+        assert nodes[1].total("user", "alice") is None  # no session of alice left on that node
     finally:
         for node in nodes:
             await node.close()
@@ -267,3 +396,16 @@ def test_changing_the_store_needs_a_restart() -> None:
     assert restart_only_changes(Config(), Config(limits_store="host")) == [
         "limits_store: local -> host"
     ]
+
+
+def test_a_store_gives_each_worker_all_of_max_sessions() -> None:
+    from socksd.server.process.workers import Supervisor, sessions_split
+
+    assert sessions_split(Config(workers=4)) == 4  # no store: each worker its share
+    assert sessions_split(Config(workers=4, limits_store="host")) == 1  # the store has the total
+    config = Config(workers=4, max_sessions=100, limits_store="host")
+    supervisor = Supervisor.__new__(Supervisor)  # for_worker only reads config and count
+    supervisor.config, supervisor.count = config, 4
+    assert supervisor.for_worker(config).max_sessions == 100
+    supervisor.config = local = Config(workers=4, max_sessions=100)
+    assert supervisor.for_worker(local).max_sessions == 25

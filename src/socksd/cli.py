@@ -163,6 +163,13 @@ def _serve_parser(sub: Any) -> None:
         help="worker processes sharing the listen ports; 'auto' or 0 is one per CPU (default 1)",
     )
     p.add_argument(
+        "--limits-store",
+        metavar="local|host|redis://HOST:PORT/DB",
+        help="where the per-address and per-user session limits and the failed-login block "
+        "count: local (each process for itself; default), host (the workers of this host), "
+        "or a Redis URL (every node of a fleet; ?lease=S, default 10)",
+    )
+    p.add_argument(
         "--commands",
         metavar="LIST",
         help="SOCKS commands served, comma-separated: connect,bind,udp (default all three); "
@@ -498,6 +505,7 @@ _SERVE_KEYS = (
     "dns",
     "loop",
     "workers",
+    "limits_store",
     "default",
     "protect_local",
     "max_sessions_per_ip",
@@ -579,6 +587,64 @@ def _control_summary(config: Config) -> str:
     return f"{path} (mode 0660, group {config.control_group}: gid {group_id(config.control_group)})"
 
 
+PROBE_TIMEOUT = 1.0
+"""Seconds ``check-config`` waits at most for a Redis limit store to answer."""
+
+
+def probe_redis(url: str, timeout: float) -> tuple[dict[str, Any] | None, str]:
+    """Ask the Redis at ``url`` for its ``INFO`` within ``timeout`` seconds in all (a thread
+    that may be left behind, the name lookup included): (the answer, "") or (None, why not)."""
+    import threading
+
+    import redis
+
+    answer: list[dict[str, Any] | BaseException] = []
+
+    def ask() -> None:
+        try:
+            client = redis.Redis.from_url(
+                url, socket_connect_timeout=timeout, socket_timeout=timeout
+            )
+            try:
+                answer.append(client.info())
+            finally:
+                client.close()
+        except Exception as e:  # any failure is "does not answer", said with its reason
+            answer.append(e)
+
+    thread = threading.Thread(target=ask, name="socksd-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not answer:
+        return None, f"no answer within {timeout:g}s"
+    result = answer[0]
+    if isinstance(result, BaseException):
+        return None, str(result) or type(result).__name__
+    return result, ""
+
+
+def _limits_store_summary(config: Config) -> str:
+    """What ``limits_store`` shares, for check-config; for Redis, whether it answers now (within
+    ``PROBE_TIMEOUT``). ConfigError for a Redis Cluster, which the store cannot use."""
+    from socksd.limitstore import CLUSTER_UNSUPPORTED, is_cluster, split_lease, without_password
+    from socksd.server.process.workers import worker_count
+
+    spec = config.limits_store
+    if spec == "local":
+        return "local (each process counts its own sessions and failed logins)"
+    if spec == "host":
+        return f"host (shared by the {worker_count(config)} workers of this host)"
+    url, lease = split_lease(spec)
+    shown = without_password(url)
+    info, error = probe_redis(url, PROBE_TIMEOUT)
+    if info is not None and is_cluster(info):
+        raise ConfigError(f"limits_store: {shown} is {CLUSTER_UNSUPPORTED}")
+    where = f"{shown} (shared by every node using it; lease {lease:g}s)"
+    if info is None:
+        return f"{where}: does not answer now ({error}); serve admits on local limits until it does"
+    return f"{where}: answers (Redis {info.get('redis_version', '?')})"
+
+
 def check_config_command(args: argparse.Namespace) -> int:
     """Validate ``args.file`` and print what ``serve`` would apply (derived as serve does)."""
     from socksd.server.process.context import derive
@@ -588,6 +654,7 @@ def check_config_command(args: argparse.Namespace) -> int:
     parts = derive(config)  # the user file, keytab, access log and rules, as serve builds them
     parts.close()
     control = _control_summary(config)  # checks control_group
+    store = _limits_store_summary(config)  # asks a Redis store, bounded
     print(f"{path}: valid")
     print(f"listen: {', '.join(str(a) for a in config.listen)}")
     if config.protocols != ("socks5",):
@@ -620,6 +687,7 @@ def check_config_command(args: argparse.Namespace) -> int:
         f"idle_timeout={config.idle_timeout:g}s" if config.idle_timeout else "idle_timeout=none",
     ]
     print(f"limits: {' '.join(limits)}")
+    print(f"limits store: {store}")
     if config.proxy_protocol_from:
         print(
             f"proxy_protocol_from: {', '.join(config.proxy_protocol_from)} (a PROXY protocol "

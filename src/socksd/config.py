@@ -12,6 +12,7 @@ import importlib.util
 import ipaddress
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -533,21 +534,53 @@ def _splice(value: Any) -> str:
     return choice
 
 
+LIMITS_STORE_FIX = (
+    'give "local", "host" or redis://HOST:PORT/DB (rediss:// with TLS, unix:///PATH?db=N; '
+    "?lease=S) in limits_store or --limits-store"
+)
+
+
+def _redis_url_error(url: str) -> str | None:
+    """What is wrong with a Redis URL of ``limits_store`` (its scheme already checked), or
+    None. Checked here, not left to the client: it would take a bad port or database as the
+    default and count in another Redis than meant."""
+    from socksd.limitstore import split_lease
+
+    try:
+        url, _ = split_lease(url)
+    except ValueError as e:
+        return str(e) if str(e).startswith("lease=") else "lease: expected a number of seconds"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return None if parts.path else "a unix:// URL needs the socket's path (unix:///PATH)"
+    if not parts.hostname:
+        return "no host in the URL"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return f"port {parts.netloc.rpartition(':')[2]!r} is not a number from 1 to 65535"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"database {db!r} is not a number (redis://HOST:PORT/0)"
+    return None
+
+
 def _limits_store(value: Any) -> str:
+    """``limits_store`` (the file key and ``--limits-store``): local, host or a Redis URL."""
     if not isinstance(value, str) or not (
         value in ("local", "host") or value.startswith(("redis://", "rediss://", "unix://"))
     ):
         raise ConfigError(
-            f'limits_store: {value!r} is not "local", "host" or a redis://HOST:PORT/DB URL'
+            f'limits_store: {value!r} is not "local", "host" or a Redis URL; ' + LIMITS_STORE_FIX
         )
-    if value.startswith(("redis", "unix")):
-        from socksd.limitstore import split_lease
-
-        try:
-            split_lease(value)
-        except ValueError as e:
-            raise ConfigError(f"limits_store: {e}") from None
-    if value.startswith(("redis", "unix")) and importlib.util.find_spec("redis") is None:
+    if value in ("local", "host"):
+        return value
+    error = _redis_url_error(value)
+    if error is not None:
+        raise ConfigError(f"limits_store: {error}; {LIMITS_STORE_FIX}")
+    if importlib.util.find_spec("redis") is None:
         raise ConfigError(
             "limits_store: a Redis store needs the Python package 'redis' (>=5); install it "
             "with pip install 'socksd[redis]'"
@@ -669,10 +702,10 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
     _compile_access(merged)
     config = Config(**merged)
     if "max_sessions" not in merged:  # the default, lowered to what the open-files limit holds
-        from socksd.server.process.workers import worker_count
+        from socksd.server.process.workers import sessions_split
 
         config = dataclasses.replace(
-            config, max_sessions=default_max_sessions(worker_count(config))
+            config, max_sessions=default_max_sessions(sessions_split(config))
         )
     check_methods(config)
     check_safety(config)

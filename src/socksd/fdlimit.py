@@ -18,7 +18,9 @@ select(), not the administrator's policy; the hard limit is. Then:
 - ``max_sessions`` set above what the limit holds: kept (the admin may mean it), with a warning at
   start saying how many files it needs; sessions past the limit would fail at accept (EMFILE).
 
-With ``workers`` each process has its own limit and its share of ``max_sessions``.
+With ``workers`` each process has its own limit and its share of ``max_sessions``; with a
+``limits_store`` each process may hold all of ``max_sessions`` (the store counts the total), so
+each needs the files for all of it (``workers.sessions_split``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ shared store (``socksd.limitstore``) can add a second check over all workers or 
 
 Per-user bandwidth (``[bandwidth]``): a user's own entry wins, else the lowest rate among the
 groups holding the user, else ``"*"`` (every authenticated user). All sessions of a user share one
-bucket per direction, so the rate is the user's total. 0 means unlimited.
+bucket per direction, so the rate is the user's total. 0 means unlimited. With a shared store
+the rate is the user's total over every process that shares it: this process's buckets get the
+part ``rate * local / total`` (:meth:`Limits.share`), ``local`` the user's sessions here and
+``total`` the store's count of them everywhere; the full rate when the store cannot say.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ _K = TypeVar("_K")
 class LimitSettings(Protocol):
     """The config keys limits read (``socksd.config.Config`` has them)."""
 
+    @property
+    def max_sessions(self) -> int: ...
     @property
     def max_sessions_per_ip(self) -> int: ...
     @property
@@ -345,6 +350,7 @@ class Limits:
         "_rates",
         "max_per_ip",
         "max_per_user",
+        "max_total",
         "per_ip",
         "per_user",
         "store",
@@ -362,6 +368,8 @@ class Limits:
         self.throttle = LoginThrottle()
         self.max_per_ip = 0
         self.max_per_user = 0
+        self.max_total = 0
+        """``max_sessions``, checked in the shared store over every process that shares it."""
         self._rates: dict[str, int] = {}
         self._default_rate = 0
         self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
@@ -370,6 +378,7 @@ class Limits:
 
     def configure(self, settings: LimitSettings, now: float) -> None:
         """Take new settings (a reload); counters and buckets of current users stay."""
+        self.max_total = settings.max_sessions
         self.max_per_ip = settings.max_sessions_per_ip
         self.max_per_user = settings.max_sessions_per_user
         self.throttle.max_failures = settings.max_auth_failures
@@ -380,7 +389,7 @@ class Limits:
         self.throttle.block = settings.auth_block
         self._rates, self._default_rate = bandwidth_rates(settings.bandwidth, settings.groups)
         for user, buckets in list(self._buckets.items()):
-            rate = self.rate_for(user)
+            rate = self.shared_rate(user)
             for bucket in buckets:  # running sessions keep their buckets: lift or change them
                 bucket.set_rate(rate or LIFTED_RATE, now)
             if not rate:
@@ -391,6 +400,33 @@ class Limits:
         if user is None:
             return 0
         return self._rates.get(user, self._default_rate)
+
+    def shared_rate(self, user: str | None) -> float:
+        """This process's part of ``user``'s rate (0: unlimited): all of it without a store or
+        when the store cannot say, else ``rate * local / total`` (sessions here, everywhere)."""
+        rate = self.rate_for(user)
+        if not rate or self.store is None or user is None:
+            return rate
+        local = self.per_user[user]
+        total = self.store.total("user", user)
+        if not local or total is None or total <= local:
+            return rate
+        return rate * local / total
+
+    def share(self, user: str, now: float) -> None:
+        """Give ``user``'s buckets this process's part of the rate now (a session of the user
+        began or ended here, or the totals were refreshed)."""
+        buckets = self._buckets.get(user)
+        if buckets is None:
+            return
+        rate = self.shared_rate(user)
+        if rate and abs(rate - buckets[0].rate) > buckets[0].rate / 100:
+            for bucket in buckets:
+                bucket.set_rate(rate, now)
+
+    def shared_users(self) -> list[str]:
+        """The users whose rate is shared now: with buckets and sessions here (``share``)."""
+        return [user for user in self._buckets if self.per_user[user]]
 
     def buckets_for(self, user: str | None, now: float) -> tuple[TokenBucket, TokenBucket] | None:
         """The (client to target, target to client) buckets of ``user``, None when unlimited.
@@ -407,7 +443,8 @@ class Limits:
             return None
         if len(self._buckets) >= PRUNE_BUCKETS_AT:
             self._prune(now)
-        buckets = (TokenBucket(rate, now), TokenBucket(rate, now))
+        share = self.shared_rate(user)
+        buckets = (TokenBucket(share, now), TokenBucket(share, now))
         self._buckets[user] = buckets
         return buckets
 

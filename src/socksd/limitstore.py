@@ -20,9 +20,13 @@ and limit are checked first; a session the local check admits is then checked in
 store, with the address's failed-login block in the same call. A synchronous store (host)
 answers at once; Redis answers within ``TIMEOUT`` (50 ms), the session's reading paused
 meanwhile. A store that cannot answer (Redis down or slow, the host table full) answers
-``None``: the session is admitted on the local limits. ``max_sessions_per_user`` is checked
-the same way at the request. ``max_sessions`` stays per process (it guards the process's own
-descriptors and memory); the per-user bandwidth stays per process (see the README).
+``None``: the session is admitted on the local limits. ``max_sessions`` is checked in the same
+call (the store's total of all sessions, key ``all``), before the address's count.
+``max_sessions_per_user`` is checked the same way at the request. The store's per-user counts
+also share a user's ``[bandwidth]`` rate: each process gives its buckets for the user the part
+``rate * (its sessions of the user) / (the shared total)`` (``socksd.limits.Limits.share``),
+the total read from :meth:`LimitStore.total` (refreshed by :meth:`LimitStore.refresh` about once
+a second for the users with a rate and live sessions).
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ import struct
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from socksd.limits import Limits
 
 log = logging.getLogger("socksd")
 
@@ -50,9 +57,14 @@ REFUSE = 0
 """Verdict: the shared count is at the limit (nothing counted)."""
 BLOCKED = -1
 """Verdict: the address is blocked after failed logins (``auth_block``; nothing counted)."""
+FULL = -2
+"""Verdict: the total of all sessions is at ``max_sessions`` (nothing counted)."""
+
+TOTAL = ("all", "")
+"""The (kind, key) under which a store counts every session (``max_sessions``)."""
 
 Verdict = int | None
-"""ADMIT, REFUSE, BLOCKED, or None: the store cannot answer now (decide on local limits)."""
+"""ADMIT, REFUSE, BLOCKED, FULL, or None: the store cannot answer now (decide on local limits)."""
 
 READY_TIMEOUT = 2.0
 """Seconds a starting server waits at most for its store to answer before it serves (then on
@@ -75,15 +87,22 @@ connection error counts at once)."""
 RETRY = 0.5
 """Seconds between attempts to reach Redis while it is away."""
 
+SHARE_EVERY = 1.0
+"""Seconds between refreshes of the shared bandwidth parts (:func:`refresh_shares`)."""
+
 
 class LimitStore:
     """The interface every shared store offers (a base: the local store is no store at all).
 
     ``acquire`` counts one session of ``key`` (``kind`` "ip" or "user") if the shared total is
     below ``limit`` (0: no limit, always counted) and, for an address, if ``block_key`` is not
-    blocked after ``max_failures`` failed logins within ``block_time`` (0: no block check). It
+    blocked after ``max_failures`` failed logins within ``block_time`` (0: no block check).
+    With ``total`` (not None) the session is also counted in the store's total of all sessions
+    (``TOTAL``), which must be below ``total`` (0: no limit; FULL otherwise), checked first. It
     returns a verdict, or an awaitable of one for a store on the network. ``release`` gives a
-    session back (never waits), ``failed`` counts a failed login of ``block_key``.
+    session back (never waits; ``total``: from the total too), ``failed`` counts a failed login
+    of ``block_key``. ``total`` says the shared count of a key as last known (None: unknown,
+    the store is down); ``refresh`` updates what ``total`` knows of some keys.
     """
 
     name = "local"
@@ -97,11 +116,20 @@ class LimitStore:
         block_key: str | None = None,
         max_failures: int = 0,
         block_time: float = 0.0,
+        total: int | None = None,
     ) -> Verdict | Awaitable[Verdict]:
         raise NotImplementedError
 
-    def release(self, kind: str, key: str) -> None:
+    def release(self, kind: str, key: str, *, total: bool = False) -> None:
         raise NotImplementedError
+
+    def total(self, kind: str, key: str) -> int | None:
+        raise NotImplementedError
+
+    def refresh(self, kind: str, keys: list[str]) -> Awaitable[None] | None:
+        """Bring what :meth:`total` knows of ``keys`` up to date (bounded); None: nothing to
+        wait for (the host store reads its table at each ``total``)."""
+        return None
 
     def failed(self, block_key: str, block_time: float) -> None:
         raise NotImplementedError
@@ -125,6 +153,26 @@ def open_limit_store(spec: str) -> LimitStore | None:
     if spec == "host":
         return HostStore(1)
     return RedisStore(spec)
+
+
+async def refresh_shares(limits: Limits, every: float = SHARE_EVERY) -> None:
+    """Until cancelled: every ``every`` seconds, bring the store's totals of the users whose
+    rate is shared here up to date (one call, bounded by the store) and give each user's
+    buckets this process's part (``Limits.share``): sessions of the user that began or ended
+    in other processes change it within ``every``."""
+    store = limits.store
+    assert store is not None
+    while True:
+        await asyncio.sleep(every)
+        users = limits.shared_users()
+        if not users:
+            continue
+        pending = store.refresh("user", users)
+        if pending is not None:
+            await pending
+        now = time.monotonic()
+        for user in users:
+            limits.share(user, now)
 
 
 # -- host: shared memory ----------------------------------------------------------------------
@@ -219,11 +267,20 @@ class HostStore(LimitStore):
         block_key: str | None = None,
         max_failures: int = 0,
         block_time: float = 0.0,
+        total: int | None = None,
     ) -> Verdict:
         with self._locked():
             blocking = block_key is not None and max_failures > 0
             if blocking and self._blocked(str(block_key), max_failures, block_time):
                 return BLOCKED
+            all_at = None
+            if total is not None:
+                all_at = self._find(_key_hash(*TOTAL), True)
+                if all_at is None:
+                    return None
+                all_counts = list(self._counts.unpack_from(self._map, all_at + _HEAD.size))
+                if total and sum(all_counts) >= total:
+                    return FULL
             offset = self._find(_key_hash(kind, key), True)
             if offset is None:
                 return None
@@ -232,18 +289,26 @@ class HostStore(LimitStore):
                 return REFUSE
             counts[self.column] += 1
             self._counts.pack_into(self._map, offset + _HEAD.size, *counts)
+            if all_at is not None:
+                all_counts[self.column] += 1
+                self._counts.pack_into(self._map, all_at + _HEAD.size, *all_counts)
             return ADMIT
 
-    def release(self, kind: str, key: str) -> None:
+    def release(self, kind: str, key: str, *, total: bool = False) -> None:
         with self._locked():
-            offset = self._find(_key_hash(kind, key), False)
-            if offset is None:
-                return
-            counts = list(self._counts.unpack_from(self._map, offset + _HEAD.size))
-            counts[self.column] = max(0, counts[self.column] - 1)
-            self._counts.pack_into(self._map, offset + _HEAD.size, *counts)
-            if not any(counts):
-                self._map[offset : offset + 8] = _TOMB.to_bytes(8, "little")
+            self._release(kind, key)
+            if total:
+                self._release(*TOTAL)
+
+    def _release(self, kind: str, key: str) -> None:
+        offset = self._find(_key_hash(kind, key), False)
+        if offset is None:
+            return
+        counts = list(self._counts.unpack_from(self._map, offset + _HEAD.size))
+        counts[self.column] = max(0, counts[self.column] - 1)
+        self._counts.pack_into(self._map, offset + _HEAD.size, *counts)
+        if not any(counts):
+            self._map[offset : offset + 8] = _TOMB.to_bytes(8, "little")
 
     def failed(self, block_key: str, block_time: float) -> None:
         now = time.monotonic()
@@ -283,32 +348,64 @@ class HostStore(LimitStore):
 
 # -- Redis ------------------------------------------------------------------------------------
 
-# KEYS[1]: the count hash of a key; KEYS[2]: the failure counter of the address (or "").
-# ARGV: node, limit, lease key prefix, max_failures (0: no block check), hash ttl (ms).
-# Sums the counts of live nodes (their lease key exists), dropping dead nodes' fields.
-_ACQUIRE = """
+# The live total of a count hash: the counts of live nodes (their lease key exists), dropping
+# dead nodes' fields.
+_LIVE = """
+local function live(key, leases)
+  local total = 0
+  local h = redis.call('HGETALL', key)
+  for i = 1, #h, 2 do
+    if redis.call('EXISTS', leases .. h[i]) == 1 then
+      total = total + tonumber(h[i + 1])
+    else
+      redis.call('HDEL', key, h[i])
+    end
+  end
+  return total
+end
+"""
+
+# KEYS[1]: the count hash of a key; KEYS[2]: the failure counter of the address (or "");
+# KEYS[3]: the total of all sessions (or "": not counted).
+# ARGV: node, limit, lease key prefix, max_failures (0: no block check), hash ttl (ms),
+# limit of the total (0: none), whether to answer the key's total (1) even without a limit.
+# Answers {verdict, the key's live total after this session (0 unless a limit or ARGV[7])}.
+_ACQUIRE = (
+    _LIVE
+    + """
 local maxf = tonumber(ARGV[4])
 if maxf > 0 then
   local f = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if f >= maxf then return -1 end
+  if f >= maxf then return {-1, 0} end
 end
+local all = KEYS[3] ~= ''
+local most = tonumber(ARGV[6])
+if all and most > 0 and live(KEYS[3], ARGV[3]) >= most then return {-2, 0} end
 local limit = tonumber(ARGV[2])
-if limit > 0 then
-  local total = 0
-  local h = redis.call('HGETALL', KEYS[1])
-  for i = 1, #h, 2 do
-    if redis.call('EXISTS', ARGV[3] .. h[i]) == 1 then
-      total = total + tonumber(h[i + 1])
-    else
-      redis.call('HDEL', KEYS[1], h[i])
-    end
-  end
-  if total >= limit then return 0 end
+local total = 0
+if limit > 0 or ARGV[7] == '1' then
+  total = live(KEYS[1], ARGV[3])
+  if limit > 0 and total >= limit then return {0, total} end
 end
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
+if all then
+  redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+end
+return {1, total + 1}
 """
+)
+
+# KEYS: count hashes; ARGV[1]: lease key prefix. Answers their live totals.
+_TOTALS = (
+    _LIVE
+    + """
+local out = {}
+for i = 1, #KEYS do out[i] = live(KEYS[i], ARGV[1]) end
+return out
+"""
+)
 
 # KEYS[1]: a count hash; ARGV: node, delta, hash ttl (ms).
 _ADD = """
@@ -349,6 +446,26 @@ def split_lease(url: str) -> tuple[str, float]:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest))), lease
 
 
+def without_password(url: str) -> str:
+    """``url`` with its password (if any) shown as ``***``: how a store's URL is logged."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+CLUSTER_UNSUPPORTED = (
+    "a Redis Cluster node: not supported (the counting script reads keys it learns as it runs, "
+    "which a Cluster may keep on other nodes); use a standalone Redis"
+)
+
+
+def is_cluster(info: dict[str, Any]) -> bool:
+    """Whether Redis's ``INFO cluster`` answer says it runs in Cluster mode."""
+    return str(info.get("cluster_enabled", 0)) == "1"
+
+
 class RedisStore(LimitStore):
     """Counts shared by a fleet, in Redis (``redis://HOST:PORT/DB``; the ``redis`` package).
 
@@ -378,12 +495,18 @@ class RedisStore(LimitStore):
 
     def __init__(self, url: str, *, lease: float | None = None, timeout: float = TIMEOUT) -> None:
         self.url, url_lease = split_lease(url)
+        self.shown = without_password(self.url)
+        """The URL as logs show it (no password)."""
         self.lease = lease or url_lease
         self.timeout = timeout
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.prefix = "socksd:"
         self.held: dict[str, int] = {}
         """This node's open sessions per count hash key."""
+        self.totals: dict[str, int] = {}
+        """The fleet's total of a count hash key as last answered (``want_total`` kinds only)."""
+        self.want_total: set[str] = {"user"}
+        """The kinds whose totals ``acquire`` answers even without a limit (bandwidth shares)."""
         self.up = False
         self._deltas: dict[str, int] = {}
         self._dirty: set[str] = set()
@@ -414,7 +537,12 @@ class RedisStore(LimitStore):
             socket_timeout=1.0,
             health_check_interval=0,
         )
-        for name, text in (("acquire", _ACQUIRE), ("add", _ADD), ("set", _SET)):
+        for name, text in (
+            ("acquire", _ACQUIRE),
+            ("add", _ADD),
+            ("set", _SET),
+            ("totals", _TOTALS),
+        ):
             self._scripts[name] = self._client.register_script(text)
         self._scripts["failed"] = self._client.register_script(_FAILED)
         self._wake = asyncio.Event()
@@ -443,7 +571,7 @@ class RedisStore(LimitStore):
             self._warned = True
             log.warning(
                 "limits store %s unreachable (%s): admitting on local limits until it is back",
-                self.url,
+                self.shown,
                 str(error) or type(error).__name__,
             )
             if self._on_state is not None:
@@ -463,32 +591,53 @@ class RedisStore(LimitStore):
         block_key: str | None = None,
         max_failures: int = 0,
         block_time: float = 0.0,
+        total: int | None = None,
     ) -> Verdict | Awaitable[Verdict]:
         hkey = self._hash_key(kind, key)
+        akey = self._hash_key(*TOTAL) if total is not None else ""
         if not self.up:
-            self.held[hkey] = self.held.get(hkey, 0) + 1
-            self._dirty.add(hkey)
+            for counted in (hkey, akey) if akey else (hkey,):
+                self.held[counted] = self.held.get(counted, 0) + 1
+                self._dirty.add(counted)
             return None
-        return self._acquire(hkey, limit, block_key, max_failures)
+        return self._acquire(
+            hkey,
+            akey,
+            limit=limit,
+            most=total or 0,
+            want_total=kind in self.want_total,
+            block_key=block_key,
+            max_failures=max_failures,
+        )
 
     async def _acquire(
-        self, hkey: str, limit: int, block_key: str | None, max_failures: int
+        self,
+        hkey: str,
+        akey: str,
+        *,
+        limit: int,
+        most: int,
+        want_total: bool,
+        block_key: str | None,
+        max_failures: int,
     ) -> Verdict:
         fkey = f"{self.prefix}f:{block_key}" if block_key is not None and max_failures else ""
         args = (self.node, limit, f"{self.prefix}lease:", max_failures if fkey else 0)
+        counted = (hkey, akey) if akey else (hkey,)
         try:
-            verdict = int(
-                await asyncio.wait_for(
-                    self._scripts["acquire"](
-                        keys=[hkey, fkey or hkey], args=[*args, int(self.lease * 3000)]
-                    ),
-                    self.timeout,
-                )
+            answer = await asyncio.wait_for(
+                self._scripts["acquire"](
+                    keys=[hkey, fkey or hkey, akey],
+                    args=[*args, int(self.lease * 3000), most, int(want_total)],
+                ),
+                self.timeout,
             )
+            verdict, total = int(answer[0]), int(answer[1])
         except Exception as e:  # local limits decide
-            # The script may have run: this node's count of the key is written again (absolute).
-            self.held[hkey] = self.held.get(hkey, 0) + 1
-            self._dirty.add(hkey)
+            # The script may have run: this node's counts are written again (absolute).
+            for k in counted:
+                self.held[k] = self.held.get(k, 0) + 1
+                self._dirty.add(k)
             self._slow = slow = self._slow + 1 if isinstance(e, TimeoutError) else SLOW_LIMIT
             if slow >= SLOW_LIMIT:
                 self._down(e)
@@ -496,23 +645,64 @@ class RedisStore(LimitStore):
                 self._wake.set()
             return None
         self._slow = 0
+        if want_total and total:
+            self.totals[hkey] = total
         if verdict == ADMIT:
-            self.held[hkey] = self.held.get(hkey, 0) + 1
+            for k in counted:
+                self.held[k] = self.held.get(k, 0) + 1
         return verdict
 
-    def release(self, kind: str, key: str) -> None:
-        hkey = self._hash_key(kind, key)
+    def release(self, kind: str, key: str, *, total: bool = False) -> None:
+        self._release(self._hash_key(kind, key))
+        if total:
+            self._release(self._hash_key(*TOTAL))
+        if self._wake is not None:
+            self._wake.set()
+
+    def _release(self, hkey: str) -> None:
         count = self.held.get(hkey, 0) - 1
         if count > 0:
             self.held[hkey] = count
         else:
             self.held.pop(hkey, None)
+        known = self.totals.get(hkey)
+        if known is not None:  # this node's end is in the total at once (written within 5 ms)
+            if count > 0:
+                self.totals[hkey] = max(count, known - 1)
+            else:
+                del self.totals[hkey]
         if self.up:
             self._deltas[hkey] = self._deltas.get(hkey, 0) - 1
         else:
             self._dirty.add(hkey)
-        if self._wake is not None:
-            self._wake.set()
+
+    def total(self, kind: str, key: str) -> int | None:
+        """The fleet's count of ``key`` as last answered (None: not known, or the store is down)."""
+        if not self.up:
+            return None
+        return self.totals.get(self._hash_key(kind, key))
+
+    def refresh(self, kind: str, keys: list[str]) -> Awaitable[None] | None:
+        if not self.up or not keys:
+            return None
+        return self._refresh([self._hash_key(kind, key) for key in keys])
+
+    async def _refresh(self, hkeys: list[str]) -> None:
+        """One round trip for all of ``hkeys``, bounded by ``timeout`` (a late answer is
+        dropped: the totals known stay)."""
+        try:
+            answer = await asyncio.wait_for(
+                self._scripts["totals"](keys=hkeys, args=[f"{self.prefix}lease:"]), self.timeout
+            )
+        except Exception as e:
+            if not isinstance(e, TimeoutError):
+                self._down(e)
+            return
+        for hkey, total in zip(hkeys, answer, strict=True):
+            if int(total) > 0:
+                self.totals[hkey] = int(total)
+            else:
+                self.totals.pop(hkey, None)
 
     def failed(self, block_key: str, block_time: float) -> None:
         if not self.up or self._client is None:
@@ -591,7 +781,10 @@ class RedisStore(LimitStore):
         await self._flush()
 
     async def _reconnect(self) -> None:
-        """Take the lease and write all of this node's counts (absolute), then go up."""
+        """Take the lease and write all of this node's counts (absolute), then go up (never
+        with a Redis Cluster: see ``CLUSTER_UNSUPPORTED``)."""
+        if is_cluster(await asyncio.wait_for(self._client.info("cluster"), 1.0)):
+            raise RuntimeError(CLUSTER_UNSUPPORTED)
         await asyncio.wait_for(
             self._client.set(self.lease_key, "1", px=int(self.lease * 1000)), 1.0
         )
@@ -600,6 +793,6 @@ class RedisStore(LimitStore):
         was_down = self._warned and not self.up
         self.up = True
         if was_down:
-            log.warning("limits store %s is back: sharing counts again", self.url)
+            log.warning("limits store %s is back: sharing counts again", self.shown)
         if self._on_state is not None:
             self._on_state(True)

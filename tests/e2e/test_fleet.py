@@ -5,9 +5,13 @@ redis-server on loopback (``limits_store = "redis://..."``; the test starts and 
 - failed logins count across nodes: two on each node block the address on both (``auth_block``);
 - Redis killed mid-run: both nodes keep admitting (on local limits, one warning per worker), and
   once it is back the shared count is each node's sessions again;
-- a node killed (SIGKILL): its sessions stop counting within the lease time.
+- a node killed (SIGKILL): its sessions stop counting within the lease time;
+- ``max_sessions = 10`` holds exactly 10 sessions over the fleet (each worker may hold all 10);
+- a user's ``[bandwidth]`` rate is the total over two nodes (each node's sessions get their part).
 
-The host store (the workers of one host, no service) is checked the same way for one node.
+The host store (the workers of one host, no service) is checked the same way for one node:
+``max_sessions`` with all 10 sessions held by one of the two workers, and alice's rate over a
+download on each worker.
 """
 
 from __future__ import annotations
@@ -15,13 +19,20 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.admin_support import closed_before_negotiation, config_server, connect_from
-from tests.e2e.support import add_user, read_reply, recv_exact, userpass
+from tests.e2e.admin_support import (
+    closed_before_negotiation,
+    config_server,
+    connect_from,
+    socks_reply,
+)
+from tests.e2e.support import SourceServer, add_user, read_reply, recv_exact, userpass
 from tests.helpers import wait_for
 from tests.servers import EchoServer, RedisServer, ServerProcess
 
@@ -206,3 +217,175 @@ def test_host_store_shares_the_limit_between_workers(
 
     assert wait_for(freed, 10, interval=0.1)
     assert _open([node], 2, echo.port, held) == (0, 2)
+
+
+# -- max_sessions and bandwidth through the store -------------------------------------------------
+
+
+def _worker_of(server: ServerProcess, sock: socket.socket) -> int:
+    """The PID of the worker holding the server's side of ``sock`` (from /proc)."""
+    port = sock.getsockname()[1]
+    inode = ""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server.port and int(remote.split(":")[1], 16) == port:
+            inode = fields[9]
+    assert inode, "no server side for the session"
+    for pid in _children(server.proc.pid):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError("no worker holds the session")
+
+
+def test_host_store_max_sessions_counts_both_workers(
+    socksd: Callable[..., ServerProcess],
+    tmp_path: Path,
+    echo: EchoServer,
+    held: list[socket.socket],
+) -> None:
+    """All 10 sessions on one worker (without the store each worker holds at most 5), then the
+    11th refused on either worker."""
+    node = _node(socksd, tmp_path, "host", 'limits_store = "host"\nmax_sessions = 10\n')
+    first: int | None = None
+    for _ in range(120):  # sessions landing on the other worker are closed again
+        sock = _session(node, echo.port)
+        if sock is None:
+            time.sleep(0.05)  # the other worker's closed sessions are being given back
+            continue
+        worker = _worker_of(node, sock)
+        first = first or worker
+        if worker == first:
+            held.append(sock)
+            if len(held) == 10:
+                break
+        else:
+            sock.close()
+    assert len(held) == 10, f"one worker held {len(held)} sessions"
+    time.sleep(0.3)  # the other worker's last closed session is given back
+    assert _open([node], 6, echo.port, held) == (0, 6)  # either worker: the total is 10
+    held.pop().close()
+
+    def freed() -> bool:
+        sock = _session(node, echo.port)
+        if sock is not None:
+            held.append(sock)
+        return len(held) == 10
+
+    assert wait_for(freed, 10, interval=0.1)
+    assert "(max_sessions)" in node.log()
+
+
+def test_max_sessions_holds_across_the_fleet(
+    socksd: Callable[..., ServerProcess],
+    tmp_path: Path,
+    redis_server: RedisServer,
+    echo: EchoServer,
+    held: list[socket.socket],
+) -> None:
+    body = f'limits_store = "{redis_server.url}"\nmax_sessions = 10\n'
+    nodes = [_node(socksd, tmp_path, n, body) for n in ("a", "b")]
+    assert _open(nodes, 14, echo.port, held) == (10, 4)  # four workers, 10 sessions in all
+    held.pop().close()
+
+    def freed() -> bool:
+        sock = _session(nodes[1], echo.port)
+        if sock is not None:
+            held.append(sock)
+        return len(held) == 10
+
+    assert wait_for(freed, 10, interval=0.1)
+    assert _open(nodes, 2, echo.port, held) == (0, 2)
+
+
+RATE = 200_000
+"""alice's ``[bandwidth]`` rate (bytes/s) in the bandwidth test."""
+
+
+def _shared_rate(socks: list[socket.socket]) -> float:
+    """Read every download of ``socks`` at once; their total bytes/s over a window that starts
+    once the shares settled (the processes refresh them every second)."""
+    settle, window = 1.5, 3.0
+    got: list[int] = []
+    start = time.monotonic()
+
+    def download(sock: socket.socket) -> None:
+        sock.settimeout(10)
+        while time.monotonic() < start + settle:
+            sock.recv(65536)
+        counted = 0
+        while time.monotonic() < start + settle + window:
+            counted += len(sock.recv(65536))
+        got.append(counted)
+
+    threads = [threading.Thread(target=download, args=(sock,)) for sock in socks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == len(socks)
+    return sum(got) / window
+
+
+def _alice_config(tmp_path: Path, store: str) -> str:
+    users = tmp_path / "users"
+    add_user(users, "alice", "pw")
+    return (
+        f'limits_store = "{store}"\nusers = "{users}"\nmethods = ["userpass"]\n'
+        f"[bandwidth]\nalice = {RATE}\n"
+    )
+
+
+def _alice_download(node: ServerProcess, source: SourceServer) -> socket.socket:
+    code, sock = socks_reply(node, "127.0.0.1", source.port, user="alice", password="pw")
+    assert code == 0
+    return sock
+
+
+def test_bandwidth_rate_is_shared_across_nodes(
+    socksd: Callable[..., ServerProcess],
+    tmp_path: Path,
+    redis_server: RedisServer,
+    held: list[socket.socket],
+) -> None:
+    """One download of alice on each of two nodes: together about RATE, not 2 * RATE (each
+    node alone would give its session all of it). Wide bounds: a check of the sharing, not a
+    benchmark."""
+    body = _alice_config(tmp_path, redis_server.url)
+    nodes = [config_server(socksd, tmp_path, body, name=f"{n}.toml")[0] for n in ("a", "b")]
+    source = SourceServer(b"x" * (RATE * 10))
+    try:
+        held.extend(_alice_download(node, source) for node in nodes)
+        rate = _shared_rate(held)
+    finally:
+        source.close()
+    assert 0.5 * RATE < rate <= 1.5 * RATE, f"{rate:.0f} B/s over both nodes for a rate of {RATE}"
+
+
+def test_bandwidth_rate_is_shared_between_workers(
+    socksd: Callable[..., ServerProcess], tmp_path: Path, held: list[socket.socket]
+) -> None:
+    """The host store: one download of alice on each of the two workers, together about RATE."""
+    node = _node(socksd, tmp_path, "host", _alice_config(tmp_path, "host"))
+    source = SourceServer(b"x" * (RATE * 10))
+    try:
+        workers: set[int] = set()
+        for _ in range(40):  # until the two downloads are on different workers
+            sock = _alice_download(node, source)
+            worker = _worker_of(node, sock)
+            if worker in workers:
+                sock.close()
+                continue
+            workers.add(worker)
+            held.append(sock)
+            if len(held) == 2:
+                break
+        assert len(held) == 2
+        rate = _shared_rate(held)
+    finally:
+        source.close()
+    assert 0.5 * RATE < rate <= 1.5 * RATE, f"{rate:.0f} B/s over two workers for a rate of {RATE}"

@@ -29,13 +29,16 @@ the reason for the log.
 The rule set in force is passed at each checkpoint, so a reload applies to the next checkpoint;
 a request waiting for its addresses keeps the rule set it started with.
 
-With a shared limit store (``limits_store``; ``socksd.limitstore``) the two session limits are
+With a shared limit store (``limits_store``; ``socksd.limitstore``) the session limits are
 checked a second time, over every worker or node, once the local check said yes:
-:meth:`Admission.shared_accept` (the address's count and its ``auth_block``) and
+:meth:`Admission.shared_accept` (``max_sessions``, the address's count and its ``auth_block``,
+in one call) and
 :meth:`Admission.shared_request` (the user's count). Each gives a verdict at once (host store)
 or an awaitable one (Redis, bounded by a timeout); :meth:`Admission.shared_outcome` turns the
 verdict into a refusal or notes what the store counts, which :meth:`Admission.release` gives
-back. A store that cannot answer (None) leaves the decision to the local limits.
+back. A store that cannot answer (None) leaves the decision to the local limits. Each time the
+store counts or gives back a session of a user, the user's bandwidth share here is recomputed
+(``Limits.share``).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from socksd.limits import Limits, LoginFailure, throttle_key
-from socksd.limitstore import BLOCKED, REFUSE, Verdict
+from socksd.limitstore import BLOCKED, FULL, REFUSE, Verdict
 from socksd.protocol import Address, Command, ReplyCode, Request
 from socksd.protocol.udp import is_unspecified
 from socksd.resolver import AddrInfo
@@ -93,6 +96,9 @@ BLOCKED_REFUSAL = Refusal(None, "blocked after failed logins (auth_block)", limi
 """An address blocked after failed logins (``auth_block``), here or on any worker or node."""
 IP_LIMIT_REFUSAL = Refusal(None, "max_sessions_per_ip", limit="max_sessions_per_ip")
 """An address at ``max_sessions_per_ip``, here or on every worker and node together."""
+TOTAL_REFUSAL = Refusal(None, "max_sessions", limit="max_sessions")
+"""All the sessions that share the limit store are at ``max_sessions`` (the session's process
+refuses beyond it on its own count before any checkpoint, ``Session.connection_made``)."""
 
 
 def rule_field(decision: Decision) -> str:
@@ -191,8 +197,9 @@ class Admission:
     # -- shared store ---------------------------------------------------------------------------
 
     def shared_accept(self) -> Verdict | Awaitable[Verdict]:
-        """The accept checkpoint in the shared store (``limits.store`` is set): the address's
-        sessions on every worker or node, and its hard block (``auth_block``)."""
+        """The accept checkpoint in the shared store (``limits.store`` is set): the sessions
+        on every worker or node (``max_sessions``), the address's, and its hard block
+        (``auth_block``)."""
         limits = self.limits
         assert limits.store is not None
         throttle = limits.throttle
@@ -204,6 +211,7 @@ class Admission:
             block_key=throttle_key(self.host) if block else None,
             max_failures=throttle.max_failures if block else 0,
             block_time=throttle.block_time,
+            total=limits.max_total,
         )
 
     def shared_request(self) -> Verdict | Awaitable[Verdict]:
@@ -218,6 +226,13 @@ class Admission:
         if verdict == BLOCKED:
             log.debug("refusing %s: blocked after failed logins (auth_block)", self.client)
             return BLOCKED_REFUSAL
+        if verdict == FULL:
+            log.warning(
+                "refusing %s: %d sessions open on all workers and nodes (max_sessions)",
+                self.client,
+                self.limits.max_total,
+            )
+            return TOTAL_REFUSAL
         if verdict == REFUSE:
             if kind == "ip":
                 log.warning(
@@ -243,6 +258,8 @@ class Admission:
             self.shared_ip = True
         else:
             self.shared_user = True
+            if self.user is not None:
+                self.limits.share(self.user, time.monotonic())
         return None
 
     # -- request ------------------------------------------------------------------------------
@@ -438,7 +455,8 @@ class Admission:
             return
         if self.shared_ip:
             self.shared_ip = False
-            store.release("ip", self.host)
+            store.release("ip", self.host, total=True)
         if self.shared_user and self.user is not None:
             self.shared_user = False
             store.release("user", self.user)
+            self.limits.share(self.user, time.monotonic())

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 
 from socksd.config import Config, ConfigError
+from socksd.limitstore import without_password
 from socksd.server.process.context import Derived, ServerContext, derive
 
 log = logging.getLogger("socksd")
@@ -54,14 +55,22 @@ def load_checked(source: ConfigSource) -> Config:
         raise ReloadError(f"{e.strerror or e} ({getattr(e, 'filename', '') or 'config'})") from None
 
 
+def _shown(key: str, value: object) -> str:
+    """A restart-only setting as the log shows it (a Redis URL without its password)."""
+    if key == "listen" and isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    if key == "limits_store":
+        return without_password(str(value))
+    return str(value)
+
+
 def restart_only_changes(old: Config, new: Config) -> list[str]:
     """``key: old -> new`` for settings a running process cannot apply."""
     out = []
     for key in RESTART_ONLY:
         before, after = getattr(old, key), getattr(new, key)
         if before != after:
-            show = (lambda v: ", ".join(map(str, v))) if key == "listen" else str
-            out.append(f"{key}: {show(before)} -> {show(after)}")
+            out.append(f"{key}: {_shown(key, before)} -> {_shown(key, after)}")
     return out
 
 

@@ -22,14 +22,14 @@ from typing import Any
 from socksd import fdlimit
 from socksd.accesslog import iso_time
 from socksd.config import Config, ConfigError
-from socksd.limitstore import READY_TIMEOUT
+from socksd.limitstore import READY_TIMEOUT, refresh_shares
 from socksd.protocol import format_hostport
 from socksd.server.process import notify, serverlog
 from socksd.server.process.context import ServerContext
 from socksd.server.process.control import ControlPlane, local_control
 from socksd.server.process.listener import Server
 from socksd.server.process.reload import ConfigSource, reload
-from socksd.server.process.workers import Supervisor, worker_count
+from socksd.server.process.workers import Supervisor, sessions_split, worker_count
 
 log = logging.getLogger("socksd")
 
@@ -90,6 +90,7 @@ async def serve(
         name = store.name
         store.start(None if metrics is None else lambda up: metrics.limits_store_up(name, up))
         await store.ready(READY_TIMEOUT)  # bounded: a store that is away is warned about
+        shares = loop.create_task(refresh_shares(ctx.limits))
     stop = asyncio.Event()
     # Installed before the first "listening on" line, so a signal sent as soon as a script sees
     # that line already means "shut down gracefully" (not asyncio.Runner's KeyboardInterrupt).
@@ -122,6 +123,7 @@ async def serve(
     if control is not None:
         control.close()
     if store is not None:
+        shares.cancel()
         await store.close()
     ctx.access_log.close()
 
@@ -196,7 +198,7 @@ def run(
         setup_logging(config)
     except OSError as e:
         raise ConfigError(f"log_file: cannot open {config.log_file}: {e.strerror or e}") from None
-    fdlimit.check(config.max_sessions, worker_count(config))
+    fdlimit.check(config.max_sessions, sessions_split(config))
     factory = loop_factory(config.loop)
     tune_gc()
     log.info("socksd starting (%s loop)", "uvloop" if factory else "asyncio")

@@ -2,10 +2,11 @@
 
 The supervisor binds, for each worker, one SO_REUSEPORT socket per listen address (the kernel
 spreads new connections over them), then forks the workers. Each worker runs its own event loop
-and its own sessions; ``max_sessions`` is split between them (the per-IP and per-user limits
-and the failed-login guard are each worker's own unless ``limits_store`` shares them: with
-``host`` the supervisor makes the shared table before forking and clears a dead worker's counts
-when it reaps it; bandwidth buckets are each worker's own). The supervisor forwards
+and its own sessions; ``max_sessions`` is split between them unless ``limits_store`` shares
+it (then each worker may hold all of it and the store counts the total; the per-IP and per-user
+limits, the failed-login guard and the bandwidth rates are each worker's own unless
+``limits_store`` shares them: with ``host`` the supervisor makes the shared table before
+forking and clears a dead worker's counts when it reaps it). The supervisor forwards
 SIGTERM and SIGINT to the workers, which drain as a single server would, and restarts a worker
 that dies unexpectedly (giving up when workers keep dying). On SIGHUP it checks the new config
 first (a broken one is logged once and no worker is disturbed), then forwards SIGHUP to every
@@ -68,6 +69,12 @@ def worker_count(config: Config) -> int:
     return config.workers or usable_cpus()
 
 
+def sessions_split(config: Config) -> int:
+    """The processes of a host ``max_sessions`` is split between: the workers, or 1 when a
+    limit store shares it (the store counts the total; each process may hold all of it)."""
+    return 1 if config.limits_store != "local" else worker_count(config)
+
+
 def usable_cpus() -> int:
     """The CPUs this process may use: its CPU affinity (``taskset``, a cpuset), capped by a
     cgroup v2 CPU quota (a container given 1.5 CPUs counts 2); at least 1."""
@@ -124,8 +131,9 @@ class Supervisor:
         self.host_store = HostStore(self.count) if config.limits_store == "host" else None
 
     def for_worker(self, config: Config) -> Config:
-        """``config`` with each worker's share of ``max_sessions``, and the running listen."""
-        per_worker = -(-config.max_sessions // self.count)
+        """``config`` with each worker's share of ``max_sessions`` (all of it with a limit
+        store: the store counts the total), and the running listen."""
+        per_worker = -(-config.max_sessions // sessions_split(self.config))
         return dataclasses.replace(
             config, max_sessions=per_worker, listen=self.config.listen, workers=self.config.workers
         )
