@@ -9,16 +9,17 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from socksd.auth.stores import WRONG
 from socksd.limits import LoginFailure
 from socksd.server.handshake.admission import LoginRefusal
-
-UNAVAILABLE = LoginRefusal("users", "the user store is unavailable")
-"""The refusal of a login the user store could not check (not a failed login)."""
 
 if TYPE_CHECKING:
     from socksd.server.handshake.session import Session
 
 log = logging.getLogger("socksd.session")
+
+UNAVAILABLE = LoginRefusal("users", "the user store is unavailable")
+"""The refusal of a login the user store could not check (not a failed login)."""
 
 
 def failure_note(failure: LoginFailure | None) -> str:
@@ -45,19 +46,19 @@ async def check_login(
     outage must not block every client's address. A verified login's directory groups (cached
     with it) go to the session's admission, for ``@ldap:NAME`` in rules."""
     auth = session.ctx.authenticator
-    if auth is None:
-        session.admission.login_done(user, False)
-        return False
     record = session.record
-    verdict = auth.cached(username, password)
+    verdict = auth.cached(username, password) if auth is not None else None
     if verdict is None:
-        shared = auth.checking(username, password)
+        shared = auth is not None and auth.checking(username, password)
         refusal = None if shared else session.login_start()
         if refusal is not None:
             log.warning("refusing the login of %r from %s: %s", user, record.client, refusal)
             return refusal
-        verdict = await auth.verify(username, password, session.admission.host)
-        if verdict.unavailable is not None:
+        if auth is None:  # users dropped by a reload during the handshake
+            verdict = WRONG
+        else:
+            verdict = await auth.verify(username, password, session.admission.host)
+        if auth is not None and verdict.unavailable is not None:
             log.error(
                 "refusing the login of %r from %s: the user store is unavailable (%s): %s; "
                 "not counted as a failed login",
