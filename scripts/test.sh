@@ -3,7 +3,8 @@
 # System packages: curl, iproute2 (ip, for the network-namespace tests), HAProxy (the PROXY
 # protocol tests put socksd nodes behind it), Redis (the fleet tests share limits through a
 # redis-server they start), logrotate (the contrib/logrotate config is run for real), ncat, htpasswd,
-# db_load (db-util: the PAM tests' pam_userdb database)
+# db_load (db-util: the PAM tests' pam_userdb database), OpenLDAP (slapd and ldap-utils: the LDAP
+# tests start a throwaway directory)
 # (apache2-utils), Dante (server and socksify client), gcc
 # (it builds the small C programs socksify runs), and MIT Kerberos for the GSSAPI tests (a KDC and
 # its admin tools for k5test's throwaway realm, kinit, and libkrb5-dev with a C compiler, which the
@@ -35,6 +36,8 @@ command -v openssl >/dev/null || need+=(openssl)  # the self-signed certificate 
 command -v db_load >/dev/null || command -v db5.3_load >/dev/null || need+=(db-util)  # the PAM tests: pam_userdb's Berkeley DB
 ls /usr/lib/*/security/pam_userdb.so >/dev/null 2>&1 || need+=(libpam-modules)  # pam_userdb, pam_exec for the PAM tests
 command -v redis-server >/dev/null || need+=(redis-server)  # the fleet tests: a shared limit store, started by the tests
+[ -x /usr/sbin/slapd ] || need+=(slapd)  # the LDAP user-store tests run a throwaway OpenLDAP directory
+command -v ldapadd >/dev/null || need+=(ldap-utils)  # ldapadd/ldapdelete load and change it
 if ((${#need[@]})); then
     echo "test.sh: installing system packages: ${need[*]}"
     sudo=""

@@ -44,9 +44,10 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--users",
-        metavar="PATH|pam:SERVICE",
-        help="htpasswd file (bcrypt), or pam:SERVICE for the system's PAM stack of SERVICE "
-        "(/etc/pam.d/SERVICE); when given, username/password is required",
+        metavar="PATH|pam:SERVICE|ldap[s]://...",
+        help="htpasswd file (bcrypt), pam:SERVICE for the system's PAM stack of SERVICE "
+        "(/etc/pam.d/SERVICE), or an LDAP directory ldap[s]://HOST/BASE?ATTR?SCOPE?FILTER "
+        "(with [ldap] in the config file); when given, username/password is required",
     )
     p.add_argument(
         "--users-cache-ttl",

@@ -18,6 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from socksd.auth.ldapconfig import (
+    LdapConfigError,
+    LdapSettings,
+    check_ldap,
+    is_ldap_url,
+    parse_ldap_settings,
+    parse_ldap_url,
+)
 from socksd.auth.stores import is_directory
 from socksd.fdlimit import DEFAULT_MAX_SESSIONS, default_max_sessions
 from socksd.outgoing import SourceAddresses, parse_source_addresses
@@ -97,9 +105,12 @@ class Config:
 
     listen: tuple[ListenAddress, ...] = (ListenAddress.parse(DEFAULT_LISTEN),)
     users: Path | str | None = None
-    """An htpasswd file (a Path), or a directory of users (a str: ``pam:SERVICE``)."""
+    """An htpasswd file (a Path), or a directory of users (a str: ``pam:SERVICE``,
+    ``ldap[s]://...``)."""
+    ldap: LdapSettings = field(default_factory=LdapSettings)
+    """``[ldap]`` (file only): how the directory of ``users = "ldap://..."`` is used."""
     users_cache_ttl: float = 300.0
-    """Seconds a login verified by a directory (PAM) is trusted without a new check."""
+    """Seconds a login verified by a directory (PAM, LDAP) is trusted without a new check."""
     allow_open: bool = False
     log_format: str = "text"
     log_level: str = "info"
@@ -597,13 +608,21 @@ def _flag(key: str) -> Callable[[Any], bool]:
 
 
 def _users(value: Any) -> Path | str | None:
-    """``users``: an htpasswd file's path, or ``pam:SERVICE``."""
+    """``users``: an htpasswd file's path, ``pam:SERVICE`` or ``ldap[s]://...``."""
     if value is None or value == "":
         return None
     if isinstance(value, Path):
         return value
     if not isinstance(value, str):
-        raise ConfigError('users: expected the path of an htpasswd file or "pam:SERVICE"')
+        raise ConfigError(
+            'users: expected the path of an htpasswd file, "pam:SERVICE" or "ldap[s]://..."'
+        )
+    if is_ldap_url(value):
+        try:
+            parse_ldap_url(value)
+        except LdapConfigError as e:
+            raise ConfigError(str(e)) from None
+        return value
     if value.startswith("pam:"):
         from socksd.auth.pam import service_error
 
@@ -614,7 +633,16 @@ def _users(value: Any) -> Path | str | None:
     return Path(value)
 
 
+def _ldap(value: Any) -> LdapSettings:
+    """``[ldap]``."""
+    try:
+        return parse_ldap_settings(value)
+    except LdapConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "ldap": _ldap,
     "metrics": _metrics,
     "splice": _splice,
     "limits_store": _limits_store,
@@ -638,8 +666,8 @@ def check_methods(config: Config) -> None:
     methods = config.auth_methods
     if "userpass" in methods and config.users is None:
         raise ConfigError(
-            "methods: userpass needs a user file or directory; give users (--users FILE or "
-            "pam:SERVICE)"
+            "methods: userpass needs a user file or directory; give users (--users FILE, "
+            "pam:SERVICE or ldap://...)"
         )
     if config.methods:
         if config.users is not None and "userpass" not in methods:
@@ -695,11 +723,36 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
     check_safety(config)
     check_metrics(config)
     check_auth_delay(config)
+    check_user_store(config)
     try:
         check_not_self(config.upstreams, ((a.host, a.port) for a in config.listen))
     except UpstreamError as e:
         raise ConfigError(str(e)) from None
     return config
+
+
+def check_user_store(config: Config) -> None:
+    """``[ldap]`` and ``@ldap:NAME`` rules go with ``users = "ldap://..."``, and fit its URL."""
+    if not is_ldap_url(config.users):
+        for rule in config.rules.rules:
+            if rule.user_groups:
+                group = sorted(rule.user_groups)[0]
+                raise ConfigError(
+                    f"rule {rule.number}.users: @{group} is a directory group, but users is "
+                    'not an LDAP directory; give users = "ldap://..." or drop it'
+                )
+        if config.ldap != LdapSettings():
+            raise ConfigError('ldap: set but users is not an LDAP URL ("ldap://..."); drop [ldap]')
+        return
+    try:
+        check_ldap(parse_ldap_url(str(config.users)), config.ldap)
+    except LdapConfigError as e:
+        raise ConfigError(str(e)) from None
+    if config.ldap.timeout >= config.handshake_timeout:
+        raise ConfigError(
+            f"ldap.timeout: must be less than handshake_timeout ({config.handshake_timeout:g}s), "
+            f"got {config.ldap.timeout:g}"
+        )
 
 
 def check_auth_delay(config: Config) -> None:
@@ -774,6 +827,12 @@ def load_file(path: Path) -> dict[str, Any]:
             continue
         if isinstance(value, str) and value not in ("", "off") and not Path(value).is_absolute():
             data[key] = str(path.parent / value)
+    ldap = data.get("ldap")
+    if isinstance(ldap, dict):
+        for key in ("bind_password_file", "ca_file"):
+            value = ldap.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                ldap[key] = str(path.parent / value)
     upstreams = data.get("upstreams")
     if isinstance(upstreams, dict):
         for entry in upstreams.values():

@@ -23,7 +23,7 @@ from socksd.auth.pam import (
     libpam,
     service_error,
 )
-from socksd.auth.stores import UserStoreError
+from socksd.auth.stores import WRONG, UserStoreError
 from socksd.config import ConfigError, build_config, load_file
 
 PAM_BINARY_PROMPT = 7
@@ -129,7 +129,7 @@ def test_utf8_names_and_passwords_are_checked(store: PamStore) -> None:
 def test_a_real_pam_call_for_an_unknown_user_fails(store: PamStore) -> None:
     """pam_start, pam_authenticate and pam_end through ctypes, for real (the fallback stack:
     pam_unix on Debian, or a denial), for a user no system has."""
-    assert store.check("nobody-socksd-test", store.token("x"), b"pw") is False
+    assert store.check("nobody-socksd-test", store.token("x"), b"pw", "127.0.0.1") == WRONG
 
 
 def test_service_names() -> None:
@@ -161,7 +161,7 @@ def test_users_key_takes_a_pam_service() -> None:
     [
         ({"users": "pam:"}, "users: pam:: a PAM service name is"),
         ({"users": "pam:../x"}, "users: pam:../x: a PAM service name is"),
-        ({"users": 5}, 'users: expected the path of an htpasswd file or "pam:SERVICE"'),
+        ({"users": 5}, 'users: expected the path of an htpasswd file, "pam:SERVICE" or'),
         ({"users_cache_ttl": -1}, "users_cache_ttl: must be at least 0"),
         ({"users_cache_ttl": "long"}, "users_cache_ttl: expected a number"),
     ],
@@ -178,3 +178,59 @@ def test_a_pam_service_in_a_config_file_is_not_a_relative_path(tmp_path: Path) -
     assert load_file(path)["users"] == "pam:socksd"
     path.write_text('users = "users.htpasswd"\n')
     assert load_file(path)["users"] == str(tmp_path / "users.htpasswd")
+
+
+class FakeLibpam:
+    """libpam's functions as ``authenticate`` calls them: records the items set, answers
+    pam_authenticate with ``status``."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.items: dict[int, bytes] = {}
+
+    def start(self, service: bytes, user: bytes, conv: object, handle: object) -> int:
+        return pam.PAM_SUCCESS
+
+    def set_item(self, handle: object, item: int, value: int | None) -> int:
+        if item == pam.PAM_RHOST and value is not None:
+            self.items[item] = ctypes.string_at(value)
+        return pam.PAM_SUCCESS
+
+    def authenticate(self, handle: object, flags: int) -> int:
+        return self.status
+
+    def acct_mgmt(self, handle: object, flags: int) -> int:
+        return pam.PAM_SUCCESS
+
+    def end(self, handle: object, status: int) -> int:
+        return pam.PAM_SUCCESS
+
+    def error(self, handle: object, status: int) -> str:
+        return f"status {status}"
+
+
+@pytest.mark.parametrize(
+    ("status", "ok", "unavailable"),
+    [
+        (pam.PAM_SUCCESS, True, None),
+        (pam.PAM_AUTH_ERR, False, None),
+        (pam.PAM_USER_UNKNOWN, False, None),
+        (pam.PAM_AUTHINFO_UNAVAIL, False, "pam_authenticate: status 9"),
+        (pam.PAM_SYSTEM_ERR, False, "pam_authenticate: status 4"),
+    ],
+)
+def test_a_stack_that_cannot_decide_is_unavailable_not_a_wrong_password(
+    store: PamStore,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    ok: bool,
+    unavailable: str | None,
+) -> None:
+    """PAM_AUTHINFO_UNAVAIL (a module's server unreachable) and PAM_SYSTEM_ERR say nothing of
+    the password: the login path must not count them as failed logins. The client's address
+    goes to the stack as PAM_RHOST."""
+    lib = FakeLibpam(status)
+    monkeypatch.setattr(store, "_lib", lib)
+    verdict = store.check("alice", store.token("alice"), b"pw", "192.0.2.7")
+    assert (verdict.ok, verdict.unavailable) == (ok, unavailable)
+    assert lib.items == {pam.PAM_RHOST: b"192.0.2.7"}

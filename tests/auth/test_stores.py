@@ -12,7 +12,15 @@ import pytest
 
 from socksd.auth.htpasswd import UserFile
 from socksd.auth.pam import PamStore
-from socksd.auth.stores import UserStoreError, is_directory, open_user_store
+from socksd.auth.stores import (
+    NO_GROUPS,
+    WRONG,
+    CheckResult,
+    UserStoreError,
+    is_directory,
+    open_user_store,
+    unavailable,
+)
 from socksd.auth.userpass import CheckPool, HtpasswdStore, UserPassAuthenticator
 from tests.helpers import FakeClock, await_for, wait_for
 
@@ -31,6 +39,9 @@ class Directory:
         self.release = threading.Event()
         self.started = threading.Semaphore(0)
         self.calls: list[str | None] = []
+        self.clients: list[str | None] = []
+        self.groups: dict[str, frozenset[str]] = {}
+        self.closed = False
 
     def describe(self) -> str:
         return "a test directory"
@@ -41,14 +52,24 @@ class Directory:
     def token(self, name: str | None) -> bytes:
         return b"directory"
 
-    def check(self, name: str | None, token: bytes | None, password: bytes) -> bool:
+    def check(
+        self, name: str | None, token: bytes | None, password: bytes, client: str | None
+    ) -> CheckResult:
         self.calls.append(name)
+        self.clients.append(client)
         self.started.release()
         if name in self.hang:
             self.release.wait(30)
         if name == "broken":
             raise OSError("the directory is on fire")
-        return name is not None and self.passwords.get(name) == password
+        if name == "down":
+            return unavailable("the directory is down")
+        if name is not None and self.passwords.get(name) == password:
+            return CheckResult(True, self.groups.get(name, NO_GROUPS))
+        return WRONG
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @pytest.fixture
@@ -59,7 +80,7 @@ def directory() -> Iterator[Directory]:
 
 
 def verify(auth: UserPassAuthenticator, username: bytes, password: bytes) -> bool:
-    return asyncio.run(auth.verify(username, password))
+    return bool(asyncio.run(auth.verify(username, password)))
 
 
 def test_a_verified_login_is_trusted_for_the_cache_lifetime_only(directory: Directory) -> None:
@@ -69,12 +90,12 @@ def test_a_verified_login_is_trusted_for_the_cache_lifetime_only(directory: Dire
         assert verify(auth, b"alice", b"wonderland") is True
         del directory.passwords["alice"]  # removed from the directory
         clock.advance(299)
-        assert auth.cached(b"alice", b"wonderland") is True
+        assert auth.cached(b"alice", b"wonderland") is not None
         assert verify(auth, b"alice", b"wonderland") is True  # served from the cache
-        assert auth.cached(b"alice", b"wrong") is False
+        assert auth.cached(b"alice", b"wrong") is None
         assert directory.calls == ["alice"]
         clock.advance(1)  # 300 s after the check: the lifetime is over
-        assert auth.cached(b"alice", b"wonderland") is False
+        assert auth.cached(b"alice", b"wonderland") is None
         assert verify(auth, b"alice", b"wonderland") is False  # asked again: refused
         assert directory.calls == ["alice", "alice"]
     finally:
@@ -87,10 +108,10 @@ def test_a_shorter_lifetime_after_a_reload_applies_to_cached_logins(directory: D
     try:
         assert verify(auth, b"alice", b"wonderland") is True
         clock.advance(20)
-        assert auth.cached(b"alice", b"wonderland") is True
+        assert auth.cached(b"alice", b"wonderland") is not None
         shorter = Directory(cache_ttl=10)
         auth.replace_users(shorter)
-        assert auth.cached(b"alice", b"wonderland") is False
+        assert auth.cached(b"alice", b"wonderland") is None
     finally:
         auth.close()
 
@@ -100,7 +121,7 @@ def test_no_caching_with_a_zero_lifetime() -> None:
     auth = UserPassAuthenticator(store)
     try:
         assert verify(auth, b"alice", b"wonderland") is True
-        assert auth.cached(b"alice", b"wonderland") is False
+        assert auth.cached(b"alice", b"wonderland") is None
         assert verify(auth, b"alice", b"wonderland") is True
         assert store.calls == ["alice", "alice"]
     finally:
@@ -122,14 +143,16 @@ def test_a_check_that_hangs_fails_at_the_timeout_and_others_go_on(directory: Dir
     directory.hang.add("slow")
     auth = UserPassAuthenticator(directory)
 
-    async def run() -> tuple[bool, bool]:
+    async def run() -> tuple[CheckResult, CheckResult]:
         slow = asyncio.ensure_future(auth.verify(b"slow", b"tortoise"))
         await asyncio.to_thread(directory.started.acquire)  # the slow check is running
         alice = await auth.verify(b"alice", b"wonderland")  # its thread hangs till the end
         return alice, await slow
 
     try:
-        assert asyncio.run(run()) == (True, False)
+        alice, slow = asyncio.run(run())
+        assert alice.ok and not slow.ok
+        assert slow.unavailable == "no answer within 0.3s"  # not a wrong password
         assert directory.calls == ["slow", "alice"]
     finally:
         auth.close()
@@ -144,12 +167,12 @@ def test_hung_checks_keep_their_slots_until_their_threads_return(directory: Dire
 
     async def run() -> list[bool]:
         slow = [auth.verify(b"slow", b"guess-%d" % n) for n in range(2)]  # distinct: 2 checks
-        results = list(await asyncio.gather(*slow))  # both time out, their threads hang on
-        results.append(await auth.verify(b"alice", b"wonderland"))  # no slot within its timeout
+        results = [bool(v) for v in await asyncio.gather(*slow)]  # both time out, threads hang
+        results.append(bool(await auth.verify(b"alice", b"wonderland")))  # no slot in time
         calls = list(directory.calls)
         directory.release.set()
         assert await await_for(lambda: not auth._slots.locked(), timeout=30)
-        results.append(await auth.verify(b"alice", b"wonderland"))  # slots back: checked
+        results.append(bool(await auth.verify(b"alice", b"wonderland")))  # slots back: checked
         assert calls == ["slow", "slow"]  # alice's first login never reached the pool
         return results
 
@@ -159,16 +182,62 @@ def test_hung_checks_keep_their_slots_until_their_threads_return(directory: Dire
         auth.close()
 
 
-def test_a_check_that_raises_is_a_failed_login(
+def test_a_check_that_raises_is_the_store_unavailable(
     directory: Directory, caplog: pytest.LogCaptureFixture
 ) -> None:
     auth = UserPassAuthenticator(directory)
     try:
-        assert verify(auth, b"broken", b"x") is False
+        verdict = asyncio.run(auth.verify(b"broken", b"x"))
+        assert not verdict.ok
+        assert verdict.unavailable == "the check failed: OSError('the directory is on fire')"
         assert verify(auth, b"alice", b"wonderland") is True
     finally:
         auth.close()
     assert "a test directory: the check of user 'broken' failed" in caplog.text
+
+
+def test_an_unavailable_answer_is_passed_on_and_never_cached(directory: Directory) -> None:
+    auth = UserPassAuthenticator(directory)
+    try:
+        for _ in range(2):
+            verdict = asyncio.run(auth.verify(b"down", b"x"))
+            assert (verdict.ok, verdict.unavailable) == (False, "the directory is down")
+            assert auth.cached(b"down", b"x") is None
+        assert directory.calls == ["down", "down"]
+    finally:
+        auth.close()
+
+
+def test_groups_come_with_the_login_and_stay_while_it_is_cached(directory: Directory) -> None:
+    """A directory's groups reach the login path with the verdict, and a cached login keeps
+    the groups its check found for the cache's lifetime."""
+    clock = FakeClock()
+    directory.groups["alice"] = frozenset({"ldap:staff"})
+    auth = UserPassAuthenticator(directory, clock=clock)
+    try:
+        verdict = asyncio.run(auth.verify(b"alice", b"wonderland", "192.0.2.7"))
+        assert verdict.groups == {"ldap:staff"}
+        assert directory.clients == ["192.0.2.7"]  # the client's address reaches the check
+        directory.groups["alice"] = frozenset({"ldap:other"})  # changed in the directory
+        clock.advance(299)
+        cached = auth.cached(b"alice", b"wonderland")
+        assert cached is not None and cached.groups == {"ldap:staff"}
+        again = asyncio.run(auth.verify(b"alice", b"wonderland"))
+        assert again.groups == {"ldap:staff"} and directory.calls == ["alice"]
+        clock.advance(1)  # expired: checked again, the new groups
+        assert asyncio.run(auth.verify(b"alice", b"wonderland")).groups == {"ldap:other"}
+    finally:
+        auth.close()
+
+
+def test_a_replaced_store_is_handed_back_and_closing_closes_the_store(
+    directory: Directory,
+) -> None:
+    auth = UserPassAuthenticator(directory)
+    newer = Directory()
+    assert auth.replace_users(newer) is directory
+    auth.close()
+    assert newer.closed and not directory.closed
 
 
 def test_pool_threads_are_daemons_and_queued_calls_can_be_cancelled() -> None:
@@ -227,3 +296,17 @@ def test_pam_store_from_users(tmp_path: Path) -> None:
     store = PamStore("socksd", cache_ttl=60, timeout=2, pam_dir=tmp_path)
     assert store.describe() == f"PAM service socksd ({tmp_path / 'socksd'})"
     assert (store.kind, store.cache_ttl, store.timeout) == ("pam", 60, 2)
+
+
+def test_a_store_fits_an_authenticator_of_its_kind_and_pool_size(directory: Directory) -> None:
+    """A reload keeps the authenticator (its pool, its cache) only for a store of the same kind
+    and number of threads (LDAP's pool_size): otherwise the server makes a new one."""
+    auth = UserPassAuthenticator(directory)
+    try:
+        assert auth.fits(Directory())
+        bigger = Directory()
+        bigger.threads = 3
+        assert not auth.fits(bigger)
+        assert not auth.fits(HtpasswdStore(UserFile(), source="f"))
+    finally:
+        auth.close()

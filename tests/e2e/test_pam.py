@@ -74,6 +74,11 @@ class PamService:
     hashes: dict[str, str]
 
     @property
+    def rhosts(self) -> Path:
+        """``USER RHOST`` per check, as pam_exec saw PAM_USER and PAM_RHOST."""
+        return self.db.parent / "rhosts"
+
+    @property
     def users(self) -> str:
         return f"pam:{self.name}"
 
@@ -96,6 +101,7 @@ def pam_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PamService
     hold = work / "hold.sh"
     hold.write_text(
         "#!/bin/sh\n"
+        f'echo "$PAM_USER $PAM_RHOST" >> "{work / "rhosts"}"\n'
         '[ "$PAM_USER" = slow ] || exit 0\n'
         "n=0\n"
         f'while [ ! -e "{gate}" ] && [ "$n" -lt 1200 ]; do sleep 0.05; n=$((n + 1)); done\n'
@@ -209,6 +215,41 @@ def test_a_wrong_password_is_refused_and_counted(
 
 
 @needs_pam
+def test_the_client_address_reaches_pam_as_rhost(
+    socksd: Callable[..., ServerProcess], tmp_path: Path, pam_service: PamService
+) -> None:
+    server = pam_server(socksd, tmp_path, pam_service, "users_cache_ttl = 0")
+    assert raw_login(server, "carol", PASSWORDS["carol"]) == b"\x05\x02\x01\x00"
+    assert "carol 127.0.0.1" in pam_service.rhosts.read_text().splitlines()
+
+
+@needs_pam
+def test_a_stack_that_cannot_decide_refuses_without_counting(
+    socksd: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """pam_exec of a command that fails answers PAM_SYSTEM_ERR: the store is unavailable. The
+    logins are refused with the reason, and more of them than max_auth_failures block nobody."""
+    name = f"socksd-test-{secrets.token_hex(4)}"
+    path = Path("/etc/pam.d") / name
+    path.write_text("auth required pam_exec.so quiet /bin/false\naccount required pam_permit.so\n")
+    try:
+        server, _ = config_server(
+            socksd,
+            tmp_path,
+            f'users = "pam:{name}"\nmax_auth_failures = 2\nauth_block_time = 600\n'
+            "auth_delay = 0.01\nmax_auth_delay = 0.05\n",
+        )
+        for n in range(4):
+            assert raw_login(server, "alice", f"guess {n}") == b"\x05\x02\x01\x01"
+        log = wait_for_log(server, "pam_authenticate: System error; not counted as a failed login")
+        assert "the user store is unavailable (PAM service" in log
+        assert "authentication failed" not in log
+        assert "blocking" not in log
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@needs_pam
 def test_a_removed_user_is_served_from_the_cache_until_its_lifetime_ends(
     socksd: Callable[..., ServerProcess],
     tmp_path: Path,
@@ -235,7 +276,7 @@ def test_a_removed_user_is_served_from_the_cache_until_its_lifetime_ends(
 
 
 @needs_pam
-def test_a_hanging_pam_check_fails_at_its_timeout_and_stalls_nobody(
+def test_a_hanging_pam_check_is_refused_at_its_timeout_uncounted_and_stalls_nobody(
     socksd: Callable[..., ServerProcess],
     tmp_path: Path,
     pam_service: PamService,
@@ -251,9 +292,14 @@ def test_a_hanging_pam_check_fails_at_its_timeout_and_stalls_nobody(
         assert curl_socks(server, http, "alice", PASSWORDS["alice"])
         assert curl_socks(server, http, "bob", PASSWORDS["bob"])
         assert not pam_service.gate.exists()
-        # the check gets no answer within half the handshake timeout: the login fails
+        # the check gets no answer within half the handshake timeout: the store is unavailable,
+        # the login refused and not counted as a failed login
         assert recv_exact(slow, 2) == b"\x01\x01"
-    wait_for_log(server, "no answer for user 'slow' within 2s; the login fails")
+    text = wait_for_log(server, "refusing the login of 'slow'")
+    line = next(ln for ln in text.splitlines() if "refusing the login of 'slow'" in ln)
+    assert f"the user store is unavailable (PAM service {pam_service.name}" in line
+    assert line.endswith("no answer within 2s; not counted as a failed login")
+    assert "authentication failed for user 'slow'" not in server.log()
     # PAM still holds the check's thread: the server exits on SIGTERM all the same
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(30) == 0

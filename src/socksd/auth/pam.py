@@ -8,7 +8,8 @@
 # own sleep after a failure. Calling the four functions needed directly is shorter than working
 # around those.
 #
-# One check: pam_start(SERVICE, user) -> set PAM_FAIL_DELAY -> pam_authenticate ->
+# One check: pam_start(SERVICE, user) -> set PAM_FAIL_DELAY and PAM_RHOST (the client's
+# address, which pam_access, pam_faillock and the logs use) -> pam_authenticate ->
 # pam_acct_mgmt (an expired or locked account is refused, as login(1) would refuse it) ->
 # pam_end. Flags PAM_SILENT | PAM_DISALLOW_NULL_AUTHTOK. No pam_setcred, no session: the proxy
 # does not log the user into this host.
@@ -31,6 +32,12 @@
 # (``socksd.auth.userpass``), which bounds them, times them out, shares identical logins in
 # flight and caches verified logins for ``users_cache_ttl``: PAM cannot say that a password
 # changed, so a cached login is trusted for that long after its check.
+#
+# A result that says the stack could not decide rather than that the login is wrong
+# (PAM_AUTHINFO_UNAVAIL: a module's server is unreachable; PAM_SYSTEM_ERR, PAM_SERVICE_ERR,
+# PAM_BUF_ERR, PAM_ABORT, a module that cannot be loaded) is answered as "the store is
+# unavailable", as a check the timeout ends is: the login is refused, logged, and not counted as a
+# failed login (``socksd.server.handshake.login``).
 
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from socksd.auth.stores import UserStoreError
+from socksd.auth.stores import RIGHT, WRONG, CheckResult, UserStoreError, unavailable
 
 log = logging.getLogger("socksd.auth")
 
@@ -54,9 +61,16 @@ _SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # Linux-PAM's values (security/_pam_types.h)
 PAM_SUCCESS = 0
+PAM_OPEN_ERR = 1
+PAM_SYMBOL_ERR = 2
+PAM_SERVICE_ERR = 3
+PAM_SYSTEM_ERR = 4
 PAM_BUF_ERR = 5
 PAM_AUTH_ERR = 7
+PAM_AUTHINFO_UNAVAIL = 9
 PAM_USER_UNKNOWN = 10
+PAM_ABORT = 26
+PAM_RHOST = 4
 PAM_CONV_ERR = 19
 PAM_PROMPT_ECHO_OFF = 1
 PAM_PROMPT_ECHO_ON = 2
@@ -72,6 +86,17 @@ MAX_NAME_BYTES = 255
 
 _FAILURES = {PAM_AUTH_ERR, PAM_USER_UNKNOWN}
 """Results that only mean a wrong login (others are logged: a broken stack, a server down)."""
+_UNAVAILABLE = {
+    PAM_OPEN_ERR,
+    PAM_SYMBOL_ERR,
+    PAM_SERVICE_ERR,
+    PAM_SYSTEM_ERR,
+    PAM_BUF_ERR,
+    PAM_AUTHINFO_UNAVAIL,
+    PAM_ABORT,
+}
+"""Results that say the stack could not decide (a server down, a broken module): the store is
+unavailable, not the password wrong."""
 
 
 def service_error(service: str) -> str | None:
@@ -227,9 +252,12 @@ def _converse(lib: _Libpam, password: bytes, count: int, messages: Any, response
     return PAM_SUCCESS
 
 
-def authenticate(lib: _Libpam, service: str, user: str, password: bytes) -> tuple[int, str]:
-    """Check ``user``/``password`` with PAM ``service`` (blocks): PAM's result (PAM_SUCCESS:
-    the login is good) and, for any other, the step that gave it and PAM's text."""
+def authenticate(
+    lib: _Libpam, service: str, user: str, password: bytes, rhost: str | None = None
+) -> tuple[int, str]:
+    """Check ``user``/``password`` with PAM ``service`` (blocks), from ``rhost`` (PAM_RHOST,
+    when known): PAM's result (PAM_SUCCESS: the login is good) and, for any other, the step that
+    gave it and PAM's text."""
     converse = conversation(lib, password)
     conv = _Conv(converse, None)
     handle = ctypes.c_void_p()
@@ -238,6 +266,9 @@ def authenticate(lib: _Libpam, service: str, user: str, password: bytes) -> tupl
         return status, f"pam_start: {lib.error(handle, status)}"
     try:
         lib.set_item(handle, PAM_FAIL_DELAY, ctypes.cast(_NO_DELAY, ctypes.c_void_p))
+        if rhost is not None:
+            host = ctypes.create_string_buffer(rhost.encode())  # PAM copies it
+            lib.set_item(handle, PAM_RHOST, ctypes.cast(host, ctypes.c_void_p))
         flags = PAM_SILENT | PAM_DISALLOW_NULL_AUTHTOK
         step = "pam_authenticate"
         status = lib.authenticate(handle, flags)
@@ -293,17 +324,26 @@ class PamStore:
         """The service: a reload that keeps it keeps the cached logins."""
         return self._token
 
-    def check(self, name: str | None, token: bytes | None, password: bytes) -> bool:
-        """Run the PAM stack for ``name``/``password``."""
+    def check(
+        self, name: str | None, token: bytes | None, password: bytes, client: str | None
+    ) -> CheckResult:
+        """Run the PAM stack for ``name``/``password``, from ``client`` (PAM_RHOST)."""
         if name is None:
-            return False
+            return WRONG
         try:
-            status, reason = authenticate(self._lib, self.service, name, password)
-        except Exception:  # a ctypes failure: never let it out of the thread unlogged
+            status, reason = authenticate(self._lib, self.service, name, password, client)
+        except Exception as e:  # a ctypes failure: never let it out of the thread unlogged
             log.exception("PAM service %s: the check of user %r failed", self.service, name)
-            return False
+            return unavailable(f"the check failed: {e!r}")
+        if status == PAM_SUCCESS:
+            return RIGHT
+        if status in _UNAVAILABLE:  # a server down, a broken stack: logged by the login path
+            return unavailable(reason)
         if status in _FAILURES:
             log.debug("PAM service %s, user %r: %s", self.service, name, reason)
-        elif status != PAM_SUCCESS:  # an expired account, a broken stack, a server down...
+        else:  # an expired or locked account, a prompt socksd does not answer...
             log.warning("PAM service %s, user %r: %s", self.service, name, reason)
-        return status == PAM_SUCCESS
+        return WRONG
+
+    def close(self) -> None:
+        """Nothing held open."""

@@ -1,6 +1,6 @@
 # RFC 1929 username/password checking (and HTTP Basic, through the same login path:
 # ``socksd.server.handshake.login``) against a user store (``socksd.auth.stores``): an htpasswd
-# file (bcrypt, ``HtpasswdStore`` below) or PAM (``socksd.auth.pam``).
+# file (bcrypt, ``HtpasswdStore`` below), PAM (``socksd.auth.pam``) or LDAP (``socksd.auth.ldap``).
 #
 # The RFC's fields are opaque bytes, so the exact bytes sent are checked. The store first says
 # which logins fail at once, without a check (``refuse``): for htpasswd, a password bcrypt cannot
@@ -12,18 +12,24 @@
 # to a small pool of the store's threads (``CheckPool``), and a semaphore bounds how many are
 # submitted at once, so a flood of logins cannot grow the pool's queue without bound; the
 # coroutines waiting for a slot are bounded by the listener's connection limit and handshake
-# timeout. A store may give a timeout (PAM): a check not answered in time fails the login. A
-# blocking call cannot be interrupted, so a slot is released when its thread returns, not when
-# its caller stops waiting: checks that hang keep their threads and slots, and new checks wait
-# for a slot (within their timeout) instead of queuing behind them without bound. The pool's
-# threads are daemon threads, so a hung check does not hold up the process's exit.
+# timeout. A store may give a timeout (PAM, LDAP). A blocking call cannot be interrupted, so a
+# slot is released when its thread returns, not when its caller stops waiting: checks that hang
+# keep their threads and slots, and new checks wait for a slot (within their timeout) instead of
+# queuing behind them without bound. The pool's threads are daemon threads, so a hung check does
+# not hold up the process's exit.
+#
+# A check not answered within the store's timeout is answered "the store is unavailable" (a
+# ``CheckResult`` with ``unavailable`` set, as a store answers itself when its directory is down), and
+# so is a check that raises (a bug, a surprise of a client library): neither says anything of the
+# password, and the login path refuses such a login without counting it as a failed login.
 #
 # An unknown htpasswd user still costs one bcrypt check against a dummy hash of the users' usual
 # cost, so response time does not tell which names exist.
 #
 # A successful check is cached per user as HMAC-SHA256(per-instance random key, password) next
 # to the store's token for the user (htpasswd: the stored hash; PAM: the service) and the time of
-# the check. A later login with the same password matches the HMAC (constant-time compare) and
+# the check, with the user's directory groups (LDAP) the check found: a cached login brings the
+# same groups to the rules for the cache's lifetime. A later login with the same password matches the HMAC (constant-time compare) and
 # skips the check while the token is unchanged and the check is younger than the store's cache
 # lifetime: for htpasswd unlimited, since a reload that changes or removes the user changes the
 # token; for PAM ``users_cache_ttl``, since PAM cannot say that a password changed. The key never
@@ -56,6 +62,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import bcrypt
 
 from socksd.auth.htpasswd import DEFAULT_ROUNDS, MAX_PASSWORD_BYTES, UserFile
+from socksd.auth.stores import NO_GROUPS, RIGHT, WRONG, CheckResult, unavailable
 
 if TYPE_CHECKING:
     from socksd.auth.stores import UserStore
@@ -109,12 +116,17 @@ class HtpasswdStore:
         """The user's stored hash."""
         return None if name is None else self.users.get(name)
 
-    def check(self, name: str | None, token: bytes | None, password: bytes) -> bool:
+    def check(
+        self, name: str | None, token: bytes | None, password: bytes, client: str | None
+    ) -> CheckResult:
         """bcrypt against ``token`` (the dummy hash for an unknown user: the same cost)."""
         if token is None:
             _checkpw(password, self._dummy)
-            return False
-        return _checkpw(password, token)
+            return WRONG
+        return RIGHT if _checkpw(password, token) else WRONG
+
+    def close(self) -> None:
+        """Nothing held open."""
 
 
 class CheckPool(concurrent.futures.Executor):
@@ -201,57 +213,76 @@ class UserPassAuthenticator:
         if max_pending < 1:
             raise ValueError("max_pending must be >= 1")
         self._own_executor = executor is None
+        self._threads = users.threads
         self._executor = executor or CheckPool(users.threads, f"socksd-{users.kind}")
         self._slots = asyncio.Semaphore(max_pending)
         self._key = secrets.token_bytes(32)
         self._cache_size = cache_size
         self._clock = clock
-        # user name -> (token checked against, HMAC of the password that matched, time of the check)
-        self._cache: OrderedDict[str, tuple[bytes, bytes, float]] = OrderedDict()
+        # user name -> (token checked against, HMAC of the password that matched, time of the
+        # check, the user's groups)
+        self._cache: OrderedDict[str, tuple[bytes, bytes, float, frozenset[str]]] = OrderedDict()
         # keyed hash of (user name, password) -> the check in flight for that login
-        self._pending: dict[bytes, asyncio.Future[bool]] = {}
+        self._pending: dict[bytes, asyncio.Future[CheckResult]] = {}
         self._store = users
-        self.replace_users(users)
 
     @property
     def kind(self) -> str:
         """The kind of store this authenticator checks against (its pool is sized for it)."""
         return self._store.kind
 
-    def replace_users(self, users: UserStore) -> None:
+    def fits(self, users: UserStore) -> bool:
+        """True if ``users`` can replace the store (``replace_users``): the same kind, and the
+        same number of threads as the pool was made for."""
+        return users.kind == self._store.kind and users.threads == self._threads
+
+    def describe(self) -> str:
+        """The store checked against, for log lines."""
+        return self._store.describe()
+
+    def replace_users(self, users: UserStore) -> UserStore:
         """Switch to a new store of the same kind (live reload); cache entries whose token changed
-        stop matching."""
-        self._store = users
+        stop matching. Returns the store replaced (close it once checks in flight are done)."""
+        old, self._store = self._store, users
         # Matching would fail anyway; dropping stale entries just frees their memory.
-        for name, (token, _, _) in list(self._cache.items()):
+        for name, (token, *_) in list(self._cache.items()):
             if users.token(name) != token:
                 del self._cache[name]
+        return old
 
-    def cached(self, username: bytes, password: bytes) -> bool:
-        """True if the login matches one verified before (no check: answered at once)."""
+    def cached(self, username: bytes, password: bytes) -> CheckResult | None:
+        """The verdict of a login that matches one verified before (no check: answered at
+        once), with the groups found then; None if it does not."""
         if self._store.refuse(username, password):
-            return False
+            return None
         name = _name(username)
         token = self._store.token(name)
-        return name is not None and token is not None and self._cache_hit(name, token, password)
+        if name is None or token is None:
+            return None
+        return self._cache_hit(name, token, password)
 
     def checking(self, username: bytes, password: bytes) -> bool:
         """True if the same login is being checked now: ``verify`` shares that check's result."""
         return bool(self._pending) and self._pending_key(username, password) in self._pending
 
-    async def verify(self, username: bytes, password: bytes) -> bool:
-        """True if ``username``/``password`` (raw RFC 1929 fields) are a valid login."""
+    async def verify(
+        self, username: bytes, password: bytes, client: str | None = None
+    ) -> CheckResult:
+        """Whether ``username``/``password`` (raw RFC 1929 fields) are a valid login, asked from
+        ``client`` (its address; a check shared by identical logins has the first one's)."""
         store = self._store
         if store.refuse(username, password):
-            return False
+            return WRONG
         name = _name(username)
         token = store.token(name)
-        if name is not None and token is not None and self._cache_hit(name, token, password):
-            return True
+        if name is not None and token is not None:
+            hit = self._cache_hit(name, token, password)
+            if hit is not None:
+                return hit
         key = self._pending_key(username, password)
         task = self._pending.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._verify(store, name, token, password))
+            task = asyncio.ensure_future(self._verify(store, name, token, password, client))
             self._pending[key] = task
             task.add_done_callback(lambda _: self._pending.pop(key, None))
         # shielded: a caller that goes away leaves the check to those sharing it
@@ -263,44 +294,53 @@ class UserPassAuthenticator:
         return hmac.new(self._key, login, hashlib.sha256).digest()
 
     async def _verify(
-        self, store: UserStore, name: str | None, token: bytes | None, password: bytes
-    ) -> bool:
+        self,
+        store: UserStore,
+        name: str | None,
+        token: bytes | None,
+        password: bytes,
+        client: str | None,
+    ) -> CheckResult:
         """One check by ``store``; caches a success."""
-        if not await self._check(store, name, token, password):
-            return False
-        if self._cache_size and name is not None and token is not None:
+        verdict = await self._check(store, name, token, password, client)
+        if verdict.ok and self._cache_size and name is not None and token is not None:
             mac = hmac.new(self._key, password, hashlib.sha256).digest()
-            self._cache[name] = (token, mac, self._clock())
+            self._cache[name] = (token, mac, self._clock(), verdict.groups)
             self._cache.move_to_end(name)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return True
+        return verdict
 
-    def _cache_hit(self, name: str, token: bytes, password: bytes) -> bool:
-        """True when ``password`` is the one last verified against ``token`` for ``name``, less
-        than the store's cache lifetime ago."""
+    def _cache_hit(self, name: str, token: bytes, password: bytes) -> CheckResult | None:
+        """The verdict (right, with its groups) when ``password`` is the one last verified
+        against ``token`` for ``name``, less than the store's cache lifetime ago; else None."""
         cached = self._cache.get(name)
         if cached is None or cached[0] != token:
-            return False
+            return None
         if not self._clock() - cached[2] < self._store.cache_ttl:
             del self._cache[name]  # expired: the next login is checked again
-            return False
+            return None
         mac = hmac.new(self._key, password, hashlib.sha256).digest()
         if not hmac.compare_digest(cached[1], mac):
-            return False
+            return None
         self._cache.move_to_end(name)
-        return True
+        return RIGHT if cached[3] is NO_GROUPS else CheckResult(True, cached[3])
 
     async def _check(
-        self, store: UserStore, name: str | None, token: bytes | None, password: bytes
-    ) -> bool:
+        self,
+        store: UserStore,
+        name: str | None,
+        token: bytes | None,
+        password: bytes,
+        client: str | None,
+    ) -> CheckResult:
         """Run one check on the executor, at most ``max_pending`` submitted at a time, within
-        the store's timeout; a check that raises or times out is a failed login."""
+        the store's timeout; a check that raises or times out is the store unavailable."""
         try:
             async with asyncio.timeout(store.timeout):
                 await self._slots.acquire()
                 try:
-                    future = self._executor.submit(store.check, name, token, password)
+                    future = self._executor.submit(store.check, name, token, password, client)
                 except BaseException:
                     self._slots.release()
                     raise
@@ -309,18 +349,14 @@ class UserPassAuthenticator:
                 future.add_done_callback(lambda _: _release(loop, self._slots))
                 return await asyncio.wrap_future(future)
         except TimeoutError:
-            log.warning(
-                "%s: no answer for user %r within %gs; the login fails",
-                store.describe(),
-                name,
-                store.timeout,
-            )
-        except Exception:
+            return unavailable(f"no answer within {store.timeout:g}s")
+        except Exception as e:
             log.exception("%s: the check of user %r failed", store.describe(), name)
-        return False
+            return unavailable(f"the check failed: {e!r}")
 
     def close(self) -> None:
-        """Shut down the thread pool if this authenticator created it."""
+        """Close the store; shut down the thread pool if this authenticator created it."""
+        self._store.close()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 

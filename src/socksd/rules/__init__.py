@@ -33,7 +33,9 @@ from socksd.rules.load import (
 )
 from socksd.rules.match import (
     DIRECT,
+    DIRECTORY_GROUP_PREFIXES,
     IP,
+    NO_GROUPS,
     Action,
     Decision,
     DomainSet,
@@ -49,9 +51,11 @@ __all__ = [
     "CLIENT_CACHE_SIZE",
     "COMMAND_NAMES",
     "DIRECT",
+    "DIRECTORY_GROUP_PREFIXES",
     "IP",
     "LOCAL_NETWORKS",
     "LOOPBACK_NETWORKS",
+    "NO_GROUPS",
     "RULE_KEYS",
     "Action",
     "Decision",

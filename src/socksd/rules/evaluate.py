@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from socksd.rules.match import (
     DIRECT,
     IP,
+    NO_GROUPS,
     Action,
     Decision,
     Network,
@@ -161,7 +162,9 @@ class RuleSet:
                 return _ACCEPTED
         return self._default
 
-    def check_open_request(self, client: IP, user: str | None, command: int) -> Decision:
+    def check_open_request(
+        self, client: IP, user: str | None, command: int, *, groups: frozenset[str] = NO_GROUPS
+    ) -> Decision:
         """Request checkpoint when the destinations are not known yet: a UDP ASSOCIATE (DST is
         the client's own address), a BIND for any peer (DST ``0.0.0.0`` / ``::``).
 
@@ -173,7 +176,7 @@ class RuleSet:
         if self.allow_all:
             return self._default
         for rule in self.rules_for(client):
-            if not rule.matches_request(user, command, None):
+            if not rule.matches_request(user, command, None, groups):
                 continue
             if rule.deny and (rule.has_to or rule.ports is not None):
                 continue
@@ -181,19 +184,28 @@ class RuleSet:
         return self._default
 
     def check_request(
-        self, client: IP, user: str | None, command: int, host: str, port: int
+        self,
+        client: IP,
+        user: str | None,
+        command: int,
+        host: str,
+        port: int,
+        *,
+        groups: frozenset[str] = NO_GROUPS,
     ) -> Decision | NeedAddresses:
         """Request checkpoint for ``host`` (an IP literal or a domain name) and ``port``."""
         if self.allow_all:
             return self._default
         ip = parse_ip(host)
         if ip is not None:
-            return self._decide(client, user, command, port, name=None, ip=ip, start=0)
+            return self._decide(
+                client, user, command, port, name=None, ip=ip, start=0, groups=groups
+            )
         name = normalize_name(host)
         guard = self.protect_local and client not in _LOOPBACK
         rules = self.rules_for(client)
         for i, rule in enumerate(rules):
-            if not rule.matches_request(user, command, port):
+            if not rule.matches_request(user, command, port, groups):
                 continue
             if rule.has_to and not (rule.to_domains is not None and rule.to_domains.matches(name)):
                 if rule.to_networks is not None:
@@ -218,13 +230,21 @@ class RuleSet:
         address: str,
         port: int,
         start: int = 0,
+        groups: frozenset[str] = NO_GROUPS,
     ) -> Decision:
         """Request checkpoint for one address that the domain ``name`` resolved to."""
         ip = parse_ip(address)
         if ip is None:
             raise ValueError(f"not an IP address: {address!r}")
         return self._decide(
-            client, user, command, port, name=normalize_name(name), ip=ip, start=start
+            client,
+            user,
+            command,
+            port,
+            name=normalize_name(name),
+            ip=ip,
+            start=start,
+            groups=groups,
         )
 
     def _decide(
@@ -237,13 +257,14 @@ class RuleSet:
         name: str | None,
         ip: IP,
         start: int,
+        groups: frozenset[str],
     ) -> Decision:
         guard = self.protect_local and ip in self.protected and client not in _LOOPBACK
         passed_over = False
         rules = self.rules_for(client)
         for i in range(start, len(rules)):
             rule = rules[i]
-            if not rule.matches_request(user, command, port):
+            if not rule.matches_request(user, command, port, groups):
                 continue
             by_network = False
             if rule.has_to:
@@ -279,12 +300,16 @@ class RuleSet:
         """The requests ``rule`` allows go through an upstream proxy."""
         return rule.upstream != DIRECT and (rule.upstream or self.upstream) is not None
 
-    def open_route(self, client: IP, user: str | None, command: int) -> str | None:
+    def open_route(
+        self, client: IP, user: str | None, command: int, *, groups: frozenset[str] = NO_GROUPS
+    ) -> str | None:
         """The route of an allowed request with no destination yet (UDP ASSOCIATE, BIND for any
         peer): that of :meth:`open_decision`."""
-        return self.route(self.open_decision(client, user, command))
+        return self.route(self.open_decision(client, user, command, groups=groups))
 
-    def open_decision(self, client: IP, user: str | None, command: int) -> Decision:
+    def open_decision(
+        self, client: IP, user: str | None, command: int, *, groups: frozenset[str] = NO_GROUPS
+    ) -> Decision:
         """The decision whose route (``upstream``, ``via``) an allowed request with no
         destination yet takes: the first allow rule for its user and command naming no
         destination (neither ``to`` nor ``ports``), else the default (the global ``upstream``
@@ -294,7 +319,7 @@ class RuleSet:
             if (
                 rule.has_to
                 or rule.ports is not None
-                or not rule.matches_request(user, command, None)
+                or not rule.matches_request(user, command, None, groups)
             ):
                 continue
             if rule.deny:

@@ -3,7 +3,9 @@ and compiled into a :class:`RuleSet`. No I/O: the caller hands over the parsed T
 
 Each rule key has a parser in ``_FIELDS`` that turns its values into the :class:`Rule` fields
 (``socksd.rules.match``) and into the text ``check-config`` shows; ``@group`` names in ``users``
-are expanded here, so matching never sees a group. Every mistake is a :class:`RuleError` whose
+are expanded here, so matching never sees a ``[groups]`` group. A directory group
+(``@ldap:NAME``) cannot be expanded before a login brings the user's groups: it goes to the
+rule's ``user_groups``, matched against them. Every mistake is a :class:`RuleError` whose
 message names the rule and key (``rule 3.ports``) and says how to write it instead.
 """
 
@@ -19,6 +21,7 @@ from socksd.protocol import Command
 from socksd.rules.evaluate import RuleSet
 from socksd.rules.match import (
     DIRECT,
+    DIRECTORY_GROUP_PREFIXES,
     Action,
     DomainSet,
     Network,
@@ -30,6 +33,7 @@ from socksd.rules.match import (
 )
 
 _GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_DIRECTORY_GROUPS = tuple("@" + p for p in DIRECTORY_GROUP_PREFIXES)
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DOMAIN = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
 
@@ -78,10 +82,15 @@ def parse_groups(raw: Any) -> dict[str, tuple[str, ...]]:
 def expand_users(
     names: Iterable[str], groups: Mapping[str, Sequence[str]], where: str
 ) -> frozenset[str]:
-    """User names with each ``@group`` replaced by its members."""
+    """User names with each ``@group`` replaced by its members; a directory group
+    (``@ldap:NAME``, see ``DIRECTORY_GROUP_PREFIXES``) stays as written, lower-cased."""
     users: set[str] = set()
     for name in names:
-        if name.startswith("@"):
+        if name.lower().startswith(_DIRECTORY_GROUPS):
+            if ":" not in name or not name.partition(":")[2].strip():
+                raise RuleError(f"{where}: {name!r} names no group; write @ldap:GROUP")
+            users.add(name.lower())
+        elif name.startswith("@"):
             members = groups.get(name[1:])
             if members is None:
                 known = ", ".join(f"@{g}" for g in groups) or "none"
@@ -190,7 +199,12 @@ def _clients(items: list[Any], where: str, groups: Mapping[str, Sequence[str]]) 
 def _users(items: list[Any], where: str, groups: Mapping[str, Sequence[str]]) -> FieldParse:
     if not all(items):
         raise RuleError(f"{where}: empty user name")
-    return {"users": expand_users(items, groups, where)}, tuple(items)
+    users = expand_users(items, groups, where)
+    directory = frozenset(u for u in users if u.lower().startswith(_DIRECTORY_GROUPS))
+    fields: dict[str, Any] = {"users": users - directory}
+    if directory:  # a [groups] member may name one too
+        fields["user_groups"] = frozenset(g[1:].lower() for g in directory)
+    return fields, tuple(items)
 
 
 def _commands(items: list[Any], where: str, groups: Mapping[str, Sequence[str]]) -> FieldParse:

@@ -168,6 +168,13 @@ class DomainSet:
 DIRECT = "direct"
 """The ``upstream`` of a rule that connects directly, whatever the global ``upstream`` says."""
 
+NO_GROUPS: frozenset[str] = frozenset()
+"""A user in no directory group (a user from a file, or no user)."""
+
+DIRECTORY_GROUP_PREFIXES = ("ldap:",)
+"""``@ldap:NAME`` in ``users`` names a group of the user directory (``socksd.auth.ldap``),
+matched against the groups a login brought, not expanded from ``[groups]``."""
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -198,6 +205,9 @@ class Rule:
     action: Action
     clients: NetworkSet | None = None
     users: frozenset[str] | None = None
+    user_groups: frozenset[str] | None = None
+    """Directory groups (``ldap:NAME``, written ``@ldap:NAME``) whose members match too; with
+    them ``users`` holds the names listed besides (maybe none)."""
     commands: frozenset[Command] | None = None
     to_networks: NetworkSet | None = None
     to_domains: DomainSet | None = None
@@ -231,11 +241,25 @@ class Rule:
             self.users is None and self.commands is None and not self.has_to and self.ports is None
         )
 
-    def matches_request(self, user: str | None, command: int, port: int | None) -> bool:
+    def matches_request(
+        self, user: str | None, command: int, port: int | None, groups: frozenset[str] = NO_GROUPS
+    ) -> bool:
         """The user, command and port fields (the client's and the destination's are apart);
-        ``port`` None (no destination yet) matches any ``ports``."""
+        ``port`` None (no destination yet) matches any ``ports``; ``groups`` are the user's
+        directory groups."""
         return (
-            (self.users is None or (user is not None and user in self.users))
+            (
+                self.users is None
+                or (
+                    user is not None
+                    and (
+                        user in self.users
+                        or (
+                            self.user_groups is not None and not self.user_groups.isdisjoint(groups)
+                        )
+                    )
+                )
+            )
             and (self.commands is None or command in self.commands)
             and (self.ports is None or port is None or port in self.ports)
         )

@@ -54,7 +54,7 @@ from socksd.limitstore import BLOCKED, FULL, REFUSE, Verdict
 from socksd.protocol import Address, Command, ReplyCode, Request
 from socksd.protocol.udp import is_unspecified
 from socksd.resolver import AddrInfo
-from socksd.rules import IP, Decision, NeedAddresses, RuleSet, parse_ip
+from socksd.rules import IP, NO_GROUPS, Decision, NeedAddresses, RuleSet, parse_ip
 
 if TYPE_CHECKING:
     from socksd.outgoing import SourceAddresses
@@ -150,6 +150,7 @@ class Admission:
         "checking",
         "client",
         "command",
+        "groups",
         "host",
         "idle_timeout",
         "ip",
@@ -173,6 +174,9 @@ class Admission:
         self.user: str | None = None
         """The user counted for ``max_sessions_per_user``, once the request is in."""
         self.command = 0
+        self.groups = NO_GROUPS
+        """The user's directory groups (``ldap:NAME``), set by a verified login; the rules
+        match ``@ldap:NAME`` against them."""
         self.pending: NeedAddresses | None = None
         self.pending_rules: RuleSet | None = None
         self.idle_timeout: float | None = None
@@ -271,9 +275,11 @@ class Admission:
                 command == Command.BIND and is_unspecified(address)
             )
             if open_request:  # destinations not known yet: checked per datagram, or the peer
-                decision = rules.check_open_request(self.ip, user, command)
+                decision = rules.check_open_request(self.ip, user, command, groups=self.groups)
             else:
-                decision = rules.check_request(self.ip, user, command, address.host, address.port)
+                decision = rules.check_request(
+                    self.ip, user, command, address.host, address.port, groups=self.groups
+                )
             if isinstance(decision, NeedAddresses):
                 self.pending_rules, self.pending = rules, decision
                 self.upstream = None  # decided with the addresses (allowed_addresses)
@@ -282,7 +288,7 @@ class Admission:
             else:
                 self._allowed(rules, decision)
                 if open_request:  # routed by a rule naming no destination (open_decision)
-                    routing = rules.open_decision(self.ip, user, command)
+                    routing = rules.open_decision(self.ip, user, command, groups=self.groups)
                     self.upstream = rules.route(routing)
                     self.via = routing.via
         if user is not None:
@@ -330,6 +336,7 @@ class Admission:
                 address=str(info[4][0]),
                 port=target.port,
                 start=pending.start,
+                groups=self.groups,
             )
             if decision.allowed:
                 allowed.append(info)
@@ -357,7 +364,7 @@ class Admission:
     def peer_decision(self, rules: RuleSet, user: str | None, host: str, port: int) -> Decision:
         """The rules for the peer that connected to a BIND for any peer (command ``bind``, the
         peer's address and port as the destination), as the request's destination would be."""
-        decision = rules.check_request(self.ip, user, Command.BIND, host, port)
+        decision = rules.check_request(self.ip, user, Command.BIND, host, port, groups=self.groups)
         assert isinstance(decision, Decision)  # an IP address needs no lookup
         return decision
 
@@ -367,7 +374,7 @@ class Admission:
         """The rules for one UDP datagram's destination: its address, and the name the client
         gave for it if any (command ``udp``)."""
         command = Command.UDP_ASSOCIATE
-        decision = rules.check_request(self.ip, user, command, name or ip, port)
+        decision = rules.check_request(self.ip, user, command, name or ip, port, groups=self.groups)
         if isinstance(decision, NeedAddresses):
             decision = rules.check_address(
                 self.ip,
@@ -377,6 +384,7 @@ class Admission:
                 address=ip,
                 port=port,
                 start=decision.start,
+                groups=self.groups,
             )
         return decision
 

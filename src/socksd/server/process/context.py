@@ -131,9 +131,10 @@ def user_store(config: Config) -> UserStore | None:
             config.users,
             cache_ttl=config.users_cache_ttl,
             timeout=config.handshake_timeout / 2,
+            ldap=config.ldap,
         )
     except UserStoreError as e:
-        raise ConfigError(f"users: {e}") from None
+        raise ConfigError(str(e) if e.keyed else f"users: {e}") from None
 
 
 def check_outgoing(config: Config) -> None:
@@ -238,9 +239,11 @@ class ServerContext:
         old_auth = self.authenticator
         if parts.users is None:
             self.authenticator = None
-        elif old_auth is not None and old_auth.kind == parts.users.kind:
-            old_auth.replace_users(parts.users)
-        else:  # a first store, or one of another kind: its own pool
+        elif old_auth is not None and old_auth.fits(parts.users):
+            old_store = old_auth.replace_users(parts.users)
+            if old_store is not parts.users:
+                retired.append(old_store.close)
+        else:  # a first store, or one of another kind or pool size: its own pool
             self.authenticator = UserPassAuthenticator(parts.users)
         if old_auth is not None and self.authenticator is not old_auth:
             retired.append(old_auth.close)
