@@ -1,5 +1,5 @@
 """Sequential RFC 1929 logins/s through socksd with users from a throwaway slapd
-(``tests.e2e.ldap``, port PORT_BASE + 4): ``users_cache_ttl = 0`` (a search and a bind each) against
+(``tests.e2e.ldap``, on free loopback ports): ``users_cache_ttl = 0`` (a search and a bind each) against
 cached logins, in one run. Indicative; run under the shared lock::
 
     PYTHONPATH=$PWD/src flock /tmp/socksd-bench.lock python3 bench/ldap_logins.py
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.e2e.ldap import PORT_BASE, Slapd
+from tests.e2e.ldap import Slapd, slapd_port
 from tests.e2e.test_ldap import PASSWORD, ldap_config, login
 from tests.servers import start_server
 
@@ -23,7 +23,7 @@ N = 300
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="socksd-ldap-bench-"))
-    slapd = Slapd(root / "slapd", PORT_BASE + 4)
+    slapd = Slapd(root / "slapd", slapd_port())
     slapd.start()
     try:
         slapd.load_base()

@@ -11,6 +11,7 @@ port they got, and a port meant to refuse is held by a socket that never accepts
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -76,3 +77,24 @@ def refused_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int
         sock.connect((host, 9))
     _HELD.append(sock)
     return int(sock.getsockname()[1])
+
+
+def _ports_free(base: int, count: int) -> bool:
+    for port in range(base, base + count):
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    return False
+    return True
+
+
+def free_port_base(count: int = 10) -> int:
+    """A base port with ``count`` consecutive ports free on 127.0.0.1 (TCP and UDP)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(22000, 32000, 10)  # below the ephemeral range, above the benches
+        if _ports_free(base, count):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")

@@ -14,38 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
-import socket
 from pathlib import Path
 from typing import Any
 
 from k5test.realm import MITRealm
 
+from tests.helpers import free_port_base
+
 REALM = "KRBTEST.COM"
 USER = f"user@{REALM}"
 HOST = "localhost"
 SERVICES = ("rcmd", "socks", "host")
-
-
-def _ports_free(base: int, count: int) -> bool:
-    for port in range(base, base + count):
-        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-            with socket.socket(socket.AF_INET, kind) as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    return False
-    return True
-
-
-def free_port_base(count: int = 10) -> int:
-    """A base port with ``count`` consecutive ports free on 127.0.0.1 (TCP and UDP)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(22000, 32000, 10)  # below the ephemeral range, above the benches
-        if _ports_free(base, count):
-            return base
-    raise RuntimeError("no 10 consecutive free ports for the test KDC")
 
 
 class _LoopbackRealm(MITRealm):  # type: ignore[misc]

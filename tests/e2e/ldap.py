@@ -19,7 +19,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.helpers import wait_for
+from tests.helpers import free_port_base, wait_for
 
 SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"
 SUFFIX = "dc=example,dc=test"
@@ -31,8 +31,10 @@ TEAMS = f"ou=teams,{SUFFIX}"
 SERVICE_DN = f"cn=socksd,ou=services,{SUFFIX}"
 SERVICE_PASSWORD = "service-Secret"
 
-PORT_BASE = 21150
-"""The tests' ports: 21150-21174 (plain LDAP on even offsets, ldaps on the next one)."""
+
+def slapd_port() -> int:
+    """A free pair of loopback ports for one slapd: plain LDAP on the first, ldaps on the next."""
+    return free_port_base(2)
 
 
 def missing() -> str | None:

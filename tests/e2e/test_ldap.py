@@ -28,12 +28,12 @@ from python_socks.sync import Proxy
 from tests.e2e.admin_support import config_server
 from tests.e2e.ldap import (
     GROUPS,
-    PORT_BASE,
     SERVICE_DN,
     SERVICE_PASSWORD,
     TEAMS,
     Slapd,
     missing,
+    slapd_port,
 )
 from tests.e2e.support import (
     HttpServer,
@@ -59,7 +59,7 @@ CURL = shutil.which("curl") or "/usr/bin/curl"
 def directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
     """slapd on 21975 (ldaps 21976): alice in proxy-users, carol in the team staff (outside
     group_base: only memberOf knows), bob in no group; dave and erin to be deleted."""
-    slapd = Slapd(tmp_path_factory.mktemp("slapd"), PORT_BASE)
+    slapd = Slapd(tmp_path_factory.mktemp("slapd"), slapd_port())
     slapd.start()
     try:
         slapd.load_base()
@@ -75,7 +75,7 @@ def directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
 @pytest.fixture
 def lone_directory(tmp_path: Path) -> Iterator[Slapd]:
     """A slapd of the test's own (21977, ldaps 21978), to be killed or paused: alice only."""
-    slapd = Slapd(tmp_path / "slapd", PORT_BASE + 2)
+    slapd = Slapd(tmp_path / "slapd", slapd_port())
     slapd.start()
     try:
         slapd.load_base()
