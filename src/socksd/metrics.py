@@ -165,6 +165,13 @@ class SessionMetrics:
             ("method",),
             registry=reg,
         )
+        self._store_unavailable = Counter(
+            "socksd_user_store_unavailable",
+            "Logins refused because the user store (PAM, LDAP) could not answer (down, too slow); "
+            "not counted as failed logins. By the store's kind (pam, ldap, htpasswd).",
+            ("store",),
+            registry=reg,
+        )
         self._throttled = Counter(
             "socksd_throttled_logins",
             "Logins slowed or refused by the login throttle, by the setting: auth_delay (a "
@@ -307,6 +314,9 @@ class SessionMetrics:
 
     def auth_failed(self, method: str) -> None:
         self._child(self._auth_failures, method).inc()
+
+    def user_store_unavailable(self, store: str) -> None:
+        self._child(self._store_unavailable, store).inc()
 
     def throttled(self, limit: str) -> None:
         self._child(self._throttled, limit).inc()

@@ -46,6 +46,7 @@ from tests.e2e.support import (
     userpass,
     wait_for,
 )
+from tests.e2e.test_metrics import key, metrics_url, scrape
 from tests.servers import EchoServer, ServerProcess
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
@@ -289,7 +290,7 @@ def test_directory_down_refuses_logins_not_sessions(
 ) -> None:
     body = ldap_config(lone_directory, tmp_path, ttl=300)
     body = "max_auth_failures = 2\nauth_block_time = 600\n" + body
-    server, _ = config_server(socksd, tmp_path, body)
+    server, _ = config_server(socksd, tmp_path, body, "--metrics", "127.0.0.1:0")
     proxy = Proxy.from_url(f"socks5://alice:{PASSWORD}@127.0.0.1:{server.port}")
     with proxy.connect("127.0.0.1", module_echo.port, timeout=15) as open_session:
         lone_directory.kill()
@@ -311,6 +312,9 @@ def test_directory_down_refuses_logins_not_sessions(
     # not counted as wrong passwords: no failed-login line, the address is not blocked
     assert "authentication failed for user 'alice'" not in server.log()
     assert "blocking" not in server.log()
+    samples = scrape(metrics_url(server))  # counted as the store's outage, not as failures
+    assert samples[key("socksd_user_store_unavailable_total", store="ldap")] == 4
+    assert samples.get(key("socksd_auth_failures_total", method="userpass"), 0) == 0
     lone_directory.start()  # back: the next wrong password is checked, not refused as blocked
     assert login(server, "alice", "wrong") == b"\x01\x01"
     assert wait_for(lambda: "authentication failed for user 'alice'" in server.log())

@@ -68,6 +68,8 @@ async def check_login(
                 verdict.unavailable,
             )
             session.admission.login_done(user, False)
+            if session.ctx.metrics is not None:
+                session.ctx.metrics.user_store_unavailable(auth.kind)
             return UNAVAILABLE
         if not verdict:
             failure = session.login_failed("userpass", user)
