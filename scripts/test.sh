@@ -43,7 +43,7 @@ if ((${#need[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null  # env: sudo would drop the variable (slapd and krb5 ask debconf questions)
 fi
 
 # Debian's own python3 refuses pip installs outside a venv (PEP 668); this machine is a test box.
