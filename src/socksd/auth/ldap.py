@@ -67,7 +67,7 @@ from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import parse_dn
 
 from socksd.auth.ldapconfig import LdapSettings, LdapUrl, check_ldap
-from socksd.auth.stores import NO_GROUPS, WRONG, CheckResult, unavailable
+from socksd.auth.stores import NO_GROUPS, WRONG, CheckResult, unavailable, unusable_login
 
 log = logging.getLogger("socksd.auth.ldap")
 
@@ -178,17 +178,7 @@ class LdapStore:
     def refuse(self, username: bytes, password: bytes) -> bool:
         """An empty password (an unauthenticated bind would succeed), a name or password with a
         NUL byte or too long, a name that is not UTF-8 or is empty."""
-        if not username or not password:
-            return True
-        if len(username) > MAX_NAME_BYTES or len(password) > MAX_PASSWORD_BYTES:
-            return True
-        if b"\0" in username or b"\0" in password:
-            return True
-        try:
-            username.decode("utf-8")
-        except UnicodeDecodeError:
-            return True
-        return False
+        return unusable_login(username, password, MAX_NAME_BYTES, MAX_PASSWORD_BYTES)
 
     def token(self, name: str | None) -> bytes:
         """The directory's identity: a reload that keeps it keeps the cached logins."""

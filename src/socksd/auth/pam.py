@@ -50,7 +50,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from socksd.auth.stores import RIGHT, WRONG, CheckResult, UserStoreError, unavailable
+from socksd.auth.stores import (
+    RIGHT,
+    WRONG,
+    CheckResult,
+    UserStoreError,
+    unavailable,
+    unusable_login,
+)
 
 log = logging.getLogger("socksd.auth")
 
@@ -311,14 +318,7 @@ class PamStore:
 
     def refuse(self, username: bytes, password: bytes) -> bool:
         """A name or password PAM cannot take whole: a NUL byte, not UTF-8, empty, too long."""
-        for field, limit in ((username, MAX_NAME_BYTES), (password, PAM_MAX_RESP_SIZE - 1)):
-            if not field or len(field) > limit or b"\0" in field:
-                return True
-            try:
-                field.decode("utf-8")
-            except UnicodeDecodeError:
-                return True
-        return False
+        return unusable_login(username, password, MAX_NAME_BYTES, PAM_MAX_RESP_SIZE - 1)
 
     def token(self, name: str | None) -> bytes:
         """The service: a reload that keeps it keeps the cached logins."""

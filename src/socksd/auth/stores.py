@@ -70,6 +70,20 @@ def unavailable(reason: str) -> CheckResult:
     return CheckResult(False, unavailable=reason)
 
 
+def unusable_login(username: bytes, password: bytes, max_name: int, max_password: int) -> bool:
+    """True for a login a directory cannot take whole, refused without a check: an empty name or
+    password (an empty one would be an unauthenticated LDAP bind), a NUL byte (C strings would
+    cut it), longer than the limits, not UTF-8."""
+    for field, limit in ((username, max_name), (password, max_password)):
+        if not field or len(field) > limit or b"\0" in field:
+            return True
+        try:
+            field.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+    return False
+
+
 class UserStore(Protocol):
     """What the authenticator needs from a user store."""
 
