@@ -81,7 +81,15 @@ def test_check_config_shows_local_and_host(
 ) -> None:
     assert _store_line(tmp_path, capsys, "").startswith("local (each process counts")
     line = _store_line(tmp_path, capsys, 'limits_store = "host"\nworkers = 3\n')
-    assert line == "host (shared by the 3 workers of this host)"
+    assert line == "host (shared by the 3 workers of this host); no limit set that it would count"
+    body = (
+        'limits_store = "host"\nworkers = 3\nmax_sessions = 90\nmax_sessions_per_ip = 5\n'
+        "auth_block = true\n[bandwidth]\nalice = 1000\n"
+    )
+    assert _store_line(tmp_path, capsys, body) == (
+        "host (shared by the 3 workers of this host); counts max_sessions=90 in all, "
+        "max_sessions_per_ip, auth_block, [bandwidth]"
+    )
 
 
 def test_check_config_says_redis_answers(
@@ -90,7 +98,9 @@ def test_check_config_says_redis_answers(
     port = redis_server.port
     body = f'limits_store = "redis://u:secret@127.0.0.1:{port}/0?lease=4"\n'
     line = _store_line(tmp_path, capsys, body.replace("u:secret@", ""))
-    assert line.startswith(f"redis://127.0.0.1:{port}/0 (shared by every node using it; lease 4s)")
+    assert line.startswith(
+        f"redis://127.0.0.1:{port}/0 (shared by every node using it; lease 4s; no limit set"
+    )
     assert ": answers (Redis " in line
     line = _store_line(tmp_path, capsys, body)  # the password is not shown (nor accepted here)
     assert line.startswith(f"redis://u:***@127.0.0.1:{port}/0 ") and "secret" not in line

@@ -623,6 +623,22 @@ def probe_redis(url: str, timeout: float) -> tuple[dict[str, Any] | None, str]:
     return result, ""
 
 
+def _shared(config: Config) -> str:
+    """Which of the configured limits a shared store counts (the others are per process)."""
+    shared = []
+    if config.shared_max_sessions:
+        shared.append(f"max_sessions={config.shared_max_sessions} in all")
+    if config.max_sessions_per_ip:
+        shared.append("max_sessions_per_ip")
+    if config.max_sessions_per_user:
+        shared.append("max_sessions_per_user")
+    if config.auth_block and config.max_auth_failures:
+        shared.append("auth_block")
+    if config.bandwidth:
+        shared.append("[bandwidth]")
+    return f"counts {', '.join(shared)}" if shared else "no limit set that it would count"
+
+
 def _limits_store_summary(config: Config) -> str:
     """What ``limits_store`` shares, for check-config; for Redis, whether it answers now (within
     ``PROBE_TIMEOUT``). ConfigError for a Redis Cluster, which the store cannot use."""
@@ -633,13 +649,15 @@ def _limits_store_summary(config: Config) -> str:
     if spec == "local":
         return "local (each process counts its own sessions and failed logins)"
     if spec == "host":
-        return f"host (shared by the {worker_count(config)} workers of this host)"
+        return (
+            f"host (shared by the {worker_count(config)} workers of this host); {_shared(config)}"
+        )
     url, lease = split_lease(spec)
     shown = without_password(url)
     info, error = probe_redis(url, PROBE_TIMEOUT)
     if info is not None and is_cluster(info):
         raise ConfigError(f"limits_store: {shown} is {CLUSTER_UNSUPPORTED}")
-    where = f"{shown} (shared by every node using it; lease {lease:g}s)"
+    where = f"{shown} (shared by every node using it; lease {lease:g}s; {_shared(config)})"
     if info is None:
         return f"{where}: does not answer now ({error}); serve admits on local limits until it does"
     return f"{where}: answers (Redis {info.get('redis_version', '?')})"
