@@ -11,7 +11,6 @@ the password); the server talks to the upstream with the client library's own ha
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 from socksd.client.gssapi import GssapiOptions
 from socksd.client.proxy import Proxy
+from socksd.secret import SecretError, read_secret
 
 DIRECT = "direct"
 """The upstream name that means "no upstream": connect to the target directly."""
@@ -81,27 +81,12 @@ class UpstreamSpec:
 
     def proxy(self) -> Proxy:
         """The client library's Proxy, with the password read now; UpstreamError if it cannot be."""
-        password: str | None = None
-        if self.password_file is not None:
-            key = f"upstreams.{self.name}.password_file"
-            try:
-                text = self.password_file.read_text(encoding="utf-8")
-            except OSError as e:
-                raise UpstreamError(
-                    f"{key}: cannot read {self.password_file}: {e.strerror or e}"
-                ) from None
-            except UnicodeDecodeError:
-                raise UpstreamError(f"{key}: {self.password_file} is not UTF-8 text") from None
-            password = text.split("\n", 1)[0].removesuffix("\r")
-            if not password:
-                raise UpstreamError(f"{key}: the first line of {self.password_file} is empty")
-        elif self.password_env is not None:
-            password = os.environ.get(self.password_env)
-            if not password:
-                raise UpstreamError(
-                    f"upstreams.{self.name}.password_env: ${self.password_env} is not set "
-                    "(or empty) in socksd's environment"
-                )
+        try:
+            password = read_secret(
+                f"upstreams.{self.name}.password", self.password_file, self.password_env
+            )
+        except SecretError as e:
+            raise UpstreamError(str(e)) from None
         gssapi = None
         if self.gssapi_service is not None:
             try:

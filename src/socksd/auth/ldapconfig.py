@@ -21,13 +21,14 @@ network is trusted.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
+
+from socksd.secret import SecretError, read_secret
 
 SCHEMES = ("ldap", "ldaps")
 SCOPES = ("sub", "one", "base")
@@ -199,33 +200,12 @@ class LdapSettings:
 
     def bind_password(self) -> str | None:
         """The search bind's password, read now; LdapConfigError if it cannot be."""
-        if self.bind_password_file is not None:
-            key = "ldap.bind_password_file"
-            try:
-                text = self.bind_password_file.read_text(encoding="utf-8")
-            except OSError as e:
-                raise LdapConfigError(
-                    f"{key}: cannot read {self.bind_password_file}: {e.strerror or e}"
-                ) from None
-            except UnicodeDecodeError:
-                raise LdapConfigError(
-                    f"{key}: {self.bind_password_file} is not UTF-8 text"
-                ) from None
-            password = text.split("\n", 1)[0].removesuffix("\r")
-            if not password:
-                raise LdapConfigError(
-                    f"{key}: the first line of {self.bind_password_file} is empty"
-                )
-            return password
-        if self.bind_password_env is not None:
-            value = os.environ.get(self.bind_password_env)
-            if not value:
-                raise LdapConfigError(
-                    f"ldap.bind_password_env: ${self.bind_password_env} is not set (or empty) "
-                    "in socksd's environment"
-                )
-            return value
-        return None
+        try:
+            return read_secret(
+                "ldap.bind_password", self.bind_password_file, self.bind_password_env
+            )
+        except SecretError as e:
+            raise LdapConfigError(str(e)) from None
 
 
 def parse_ldap_settings(raw: Any) -> LdapSettings:
