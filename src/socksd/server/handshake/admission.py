@@ -58,6 +58,7 @@ from socksd.rules import IP, NO_GROUPS, Decision, NeedAddresses, RuleSet, parse_
 
 if TYPE_CHECKING:
     from socksd.outgoing import SourceAddresses
+    from socksd.server.handshake.refusals import RefusalLog
 
 log = logging.getLogger("socksd.session")
 
@@ -119,8 +120,10 @@ def admit(
     *,
     host: str,
     client: str,
+    refusals: RefusalLog,
 ) -> Admission | Refusal:
-    """Accept checkpoint for a connection from ``host`` (``client`` is HOST:PORT, for logs)."""
+    """Accept checkpoint for a connection from ``host`` (``client`` is HOST:PORT, for logs;
+    ``refusals`` logs a limit's refusal)."""
     if limits.throttle.blocked(host, time.monotonic()):
         log.debug("refusing %s: blocked after failed logins (auth_block)", client)
         return BLOCKED_REFUSAL
@@ -134,13 +137,15 @@ def admit(
     count = limits.per_ip.add(host)
     if limits.max_per_ip and count > limits.max_per_ip:
         limits.per_ip.remove(host)
-        log.warning(
+        refusals.refused(
+            "max_sessions_per_ip",
+            host,
             "refusing %s: %d sessions open from this address (max_sessions_per_ip)",
             client,
             count - 1,
         )
         return IP_LIMIT_REFUSAL
-    return Admission(limits, host, ip, client)
+    return Admission(limits, host, ip, client, refusals)
 
 
 class Admission:
@@ -157,6 +162,7 @@ class Admission:
         "limits",
         "pending",
         "pending_rules",
+        "refusals",
         "rule",
         "shared_ip",
         "shared_user",
@@ -165,8 +171,12 @@ class Admission:
         "via",
     )
 
-    def __init__(self, limits: Limits, host: str, ip: IP, client: str) -> None:
+    def __init__(
+        self, limits: Limits, host: str, ip: IP, client: str, refusals: RefusalLog
+    ) -> None:
         self.limits = limits
+        self.refusals = refusals
+        """Where a limit's refusal of this session is logged."""
         self.host = host
         """The client's address, as counted for ``max_sessions_per_ip``."""
         self.ip = ip
@@ -227,7 +237,9 @@ class Admission:
             log.debug("refusing %s: blocked after failed logins (auth_block)", self.client)
             return BLOCKED_REFUSAL
         if verdict == FULL:
-            log.warning(
+            self.refusals.refused(
+                "max_sessions",
+                self.host,
                 "refusing %s: %d sessions open on all workers and nodes (max_sessions)",
                 self.client,
                 self.limits.max_total,
@@ -235,14 +247,18 @@ class Admission:
             return TOTAL_REFUSAL
         if verdict == REFUSE:
             if kind == "ip":
-                log.warning(
+                self.refusals.refused(
+                    "max_sessions_per_ip",
+                    self.host,
                     "refusing %s: %d sessions open from this address on all workers and nodes "
                     "(max_sessions_per_ip)",
                     self.client,
                     self.limits.max_per_ip,
                 )
                 return IP_LIMIT_REFUSAL
-            log.warning(
+            self.refusals.refused(
+                "max_sessions_per_user",
+                self.host,
                 "refusing user %r from %s: %d sessions open on all workers and nodes "
                 "(max_sessions_per_user)",
                 self.user,
@@ -296,7 +312,9 @@ class Admission:
             count = limits.per_user.add(user)
             self.user = user
             if limits.max_per_user and count > limits.max_per_user:
-                log.warning(
+                self.refusals.refused(
+                    "max_sessions_per_user",
+                    self.host,
                     "refusing user %r from %s: %d sessions open (max_sessions_per_user)",
                     user,
                     self.client,
