@@ -39,6 +39,10 @@ verdict into a refusal or notes what the store counts, which :meth:`Admission.re
 back. A store that cannot answer (None) leaves the decision to the local limits. Each time the
 store counts or gives back a session of a user, the user's bandwidth share here is recomputed
 (``Limits.share``).
+
+A limit's refusal is logged through the process's
+:class:`~socksd.server.handshake.refusals.RefusalLog` (each line within a budget, the rest summed
+up), never with a plain warning per connection.
 """
 
 from __future__ import annotations
