@@ -21,6 +21,7 @@ from socksd.protocol import (
 )
 from socksd.server.handshake.admission import Admission, LoginRefusal
 from socksd.server.handshake.gssapi import GssapiHandshake
+from socksd.server.handshake.refusals import RefusalLog
 
 
 class BrokenContext:
@@ -66,7 +67,9 @@ class FakeSession:
     timer_cancelled: bool = False
 
     def __post_init__(self) -> None:
-        self.admission = Admission(self.ctx.limits, "192.0.2.7", (4, 0), "192.0.2.7:5")
+        self.admission = Admission(
+            self.ctx.limits, "192.0.2.7", (4, 0), "192.0.2.7:5", self.ctx.refusals
+        )
 
     def close(self, error: str | None = None) -> None:
         self.closed, self.error = True, error
@@ -85,6 +88,7 @@ class FakeSession:
 class Ctx:
     config: Config = field(default_factory=Config)
     limits: Limits = field(default_factory=lambda: Limits(Config(auth_delay=0.01)))
+    refusals: RefusalLog = field(default_factory=RefusalLog)
 
 
 def run(error: Exception, ctx: Ctx | None = None) -> FakeSession:

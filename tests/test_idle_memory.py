@@ -25,6 +25,7 @@ from socksd.server.dataplane import idle
 from socksd.server.dataplane.idle import ActivityMark, IdleSweep, watch_idle
 from socksd.server.dataplane.relay import Holding, Relay, RelayEndpoint
 from socksd.server.handshake.admission import Admission
+from socksd.server.handshake.refusals import RefusalLog
 from socksd.server.handshake.session import Session
 from socksd.server.process.context import ServerContext
 from socksd.server.process.listener import Server
@@ -53,7 +54,7 @@ def test_session_path_objects_have_no_dict() -> None:
         ServerConnection(),
         ClientConnection(),
         SessionRecord("127.0.0.1:1", 0.0),
-        Admission(Limits(), "127.0.0.1", (4, 1), "127.0.0.1:1"),
+        Admission(Limits(), "127.0.0.1", (4, 1), "127.0.0.1:1", RefusalLog()),
         Relay(SimpleNamespace()),
         RelayEndpoint(),
         Holding(),

@@ -29,6 +29,7 @@ from socksd.limitstore import (
 )
 from socksd.rules import RuleSet
 from socksd.server.handshake.admission import Admission, Refusal, admit
+from socksd.server.handshake.refusals import RefusalLog
 from tests.helpers import await_for
 from tests.servers import RedisServer
 
@@ -111,7 +112,7 @@ def test_host_store_full_table_answers_none() -> None:
 
 
 def _shared_admit(limits: Limits, host: str) -> Admission | Refusal:
-    outcome = admit(RuleSet(), limits, host=host, client=f"{host}:1")
+    outcome = admit(RuleSet(), limits, host=host, client=f"{host}:1", refusals=RefusalLog())
     if isinstance(outcome, Refusal):
         return outcome
     verdict = outcome.shared_accept()

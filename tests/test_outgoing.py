@@ -20,6 +20,7 @@ from socksd.rules import RuleError, parse_ip, parse_ruleset
 from socksd.server.commands.connect import open_target
 from socksd.server.commands.replycodes import reply_for_error
 from socksd.server.handshake.admission import Admission
+from socksd.server.handshake.refusals import RefusalLog
 from socksd.server.process.context import check_outgoing
 
 NOT_OURS = "192.0.2.99"
@@ -170,7 +171,8 @@ def test_targets_of_a_family_without_an_address_are_left_out() -> None:
 
 
 def _admission(rules: Any, command: Command, host: str) -> Admission:
-    admission = Admission(Limits(), "10.1.1.1", parse_ip("10.1.1.1") or (4, 0), "10.1.1.1:5")
+    ip = parse_ip("10.1.1.1") or (4, 0)
+    admission = Admission(Limits(), "10.1.1.1", ip, "10.1.1.1:5", RefusalLog())
     assert admission.authorize(rules, None, Request(command, Address.of(host, 0))) is None
     return admission
 

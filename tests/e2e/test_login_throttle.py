@@ -121,10 +121,11 @@ def failures_logged(server: ServerProcess, user: str, source: str) -> int:
 def test_flood_from_one_address_neither_starves_others_nor_overcounts(
     socksd: Callable[..., ServerProcess], users: Path, echo: EchoServer
 ) -> None:
-    # a failure holds its check for at least 2 s: the whole flood arrives within that
+    # a failure holds its check for at least 2 s: the whole flood arrives within that. At debug
+    # level each refusal has its line, also those beyond the warning budget (refusals.py)
     server = socksd(
         "--users", str(users), "--max-auth-checks-per-ip", "2",
-        "--auth-delay", "2", "--max-auth-delay", "4",
+        "--auth-delay", "2", "--max-auth-delay", "4", "--log-level", "debug",
     )  # fmt: skip
     lone = login(server, echo, OTHER, "carol")  # uncached: one bcrypt check
 

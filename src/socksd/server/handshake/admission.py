@@ -39,6 +39,10 @@ verdict into a refusal or notes what the store counts, which :meth:`Admission.re
 back. A store that cannot answer (None) leaves the decision to the local limits. Each time the
 store counts or gives back a session of a user, the user's bandwidth share here is recomputed
 (``Limits.share``).
+
+A limit's refusal is logged through the process's
+:class:`~socksd.server.handshake.refusals.RefusalLog` (each line within a budget, the rest summed
+up), never with a plain warning per connection.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from socksd.rules import IP, NO_GROUPS, Decision, NeedAddresses, RuleSet, parse_
 
 if TYPE_CHECKING:
     from socksd.outgoing import SourceAddresses
+    from socksd.server.handshake.refusals import RefusalLog
 
 log = logging.getLogger("socksd.session")
 
@@ -119,8 +124,10 @@ def admit(
     *,
     host: str,
     client: str,
+    refusals: RefusalLog,
 ) -> Admission | Refusal:
-    """Accept checkpoint for a connection from ``host`` (``client`` is HOST:PORT, for logs)."""
+    """Accept checkpoint for a connection from ``host`` (``client`` is HOST:PORT, for logs;
+    ``refusals`` logs a limit's refusal)."""
     if limits.throttle.blocked(host, time.monotonic()):
         log.debug("refusing %s: blocked after failed logins (auth_block)", client)
         return BLOCKED_REFUSAL
@@ -134,13 +141,15 @@ def admit(
     count = limits.per_ip.add(host)
     if limits.max_per_ip and count > limits.max_per_ip:
         limits.per_ip.remove(host)
-        log.warning(
+        refusals.refused(
+            "max_sessions_per_ip",
+            host,
             "refusing %s: %d sessions open from this address (max_sessions_per_ip)",
             client,
             count - 1,
         )
         return IP_LIMIT_REFUSAL
-    return Admission(limits, host, ip, client)
+    return Admission(limits, host, ip, client, refusals)
 
 
 class Admission:
@@ -157,6 +166,7 @@ class Admission:
         "limits",
         "pending",
         "pending_rules",
+        "refusals",
         "rule",
         "shared_ip",
         "shared_user",
@@ -165,8 +175,12 @@ class Admission:
         "via",
     )
 
-    def __init__(self, limits: Limits, host: str, ip: IP, client: str) -> None:
+    def __init__(
+        self, limits: Limits, host: str, ip: IP, client: str, refusals: RefusalLog
+    ) -> None:
         self.limits = limits
+        self.refusals = refusals
+        """Where a limit's refusal of this session is logged."""
         self.host = host
         """The client's address, as counted for ``max_sessions_per_ip``."""
         self.ip = ip
@@ -227,7 +241,9 @@ class Admission:
             log.debug("refusing %s: blocked after failed logins (auth_block)", self.client)
             return BLOCKED_REFUSAL
         if verdict == FULL:
-            log.warning(
+            self.refusals.refused(
+                "max_sessions",
+                self.host,
                 "refusing %s: %d sessions open on all workers and nodes (max_sessions)",
                 self.client,
                 self.limits.max_total,
@@ -235,14 +251,18 @@ class Admission:
             return TOTAL_REFUSAL
         if verdict == REFUSE:
             if kind == "ip":
-                log.warning(
+                self.refusals.refused(
+                    "max_sessions_per_ip",
+                    self.host,
                     "refusing %s: %d sessions open from this address on all workers and nodes "
                     "(max_sessions_per_ip)",
                     self.client,
                     self.limits.max_per_ip,
                 )
                 return IP_LIMIT_REFUSAL
-            log.warning(
+            self.refusals.refused(
+                "max_sessions_per_user",
+                self.host,
                 "refusing user %r from %s: %d sessions open on all workers and nodes "
                 "(max_sessions_per_user)",
                 self.user,
@@ -296,7 +316,9 @@ class Admission:
             count = limits.per_user.add(user)
             self.user = user
             if limits.max_per_user and count > limits.max_per_user:
-                log.warning(
+                self.refusals.refused(
+                    "max_sessions_per_user",
+                    self.host,
                     "refusing user %r from %s: %d sessions open (max_sessions_per_user)",
                     user,
                     self.client,

@@ -61,7 +61,7 @@ class GssapiHandshake:
             if isinstance(step, MechanismStep):
                 refusal = session.login_start()
                 if refusal is not None:
-                    self._fail(f"refused: {refusal}")
+                    self._fail(f"refused: {refusal}", refusal.limit)
                     return False
                 try:
                     output, complete = await self.context.step(step.token)
@@ -108,12 +108,18 @@ class GssapiHandshake:
             self.session.cancel_handshake_timer()  # the abort message comes, within the delay
             await asyncio.sleep(failure.delay)
 
-    def _fail(self, reason: str) -> None:
-        """Abort message, log line, close (unless the session has already ended)."""
+    def _fail(self, reason: str, limit: str | None = None) -> None:
+        """Abort message, log line, close (unless the session has already ended). ``limit``:
+        the login checkpoint refused it (its line bounded under a storm: ``refusals``)."""
         session = self.session
         if session.closed:
             return
         if session.conn.state is State.AUTH_GSSAPI:
             session.transport.write(session.conn.send(self.negotiation.abort()))
-        log.warning("GSSAPI authentication of %s failed: %s", session.record.client, reason)
+        message = "GSSAPI authentication of %s failed: %s"
+        if limit is None:
+            log.warning(message, session.record.client, reason)
+        else:
+            host = session.admission.host
+            session.ctx.refusals.refused(limit, host, message, session.record.client, reason)
         session.close(f"GSSAPI: {reason}")

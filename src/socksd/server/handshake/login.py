@@ -52,20 +52,30 @@ async def check_login(
         shared = auth is not None and auth.checking(username, password)
         refusal = None if shared else session.login_start()
         if refusal is not None:
-            log.warning("refusing the login of %r from %s: %s", user, record.client, refusal)
+            session.ctx.refusals.refused(
+                refusal.limit,
+                session.admission.host,
+                "refusing the login of %r from %s: %s",
+                user,
+                record.client,
+                refusal,
+            )
             return refusal
         if auth is None:  # users dropped by a reload during the handshake
             verdict = WRONG
         else:
             verdict = await auth.verify(username, password, session.admission.host)
         if auth is not None and verdict.unavailable is not None:
-            log.error(
+            session.ctx.refusals.refused(
+                "user store unavailable",
+                session.admission.host,
                 "refusing the login of %r from %s: the user store is unavailable (%s): %s; "
                 "not counted as a failed login",
                 user,
                 record.client,
                 auth.describe(),
                 verdict.unavailable,
+                level=logging.ERROR,
             )
             session.admission.login_done(user, False)
             if session.ctx.metrics is not None:

@@ -181,8 +181,12 @@ class Session(asyncio.Protocol):
             ctx.refused_sessions += 1
             if metrics is not None:
                 metrics.refused("max_sessions")
-            log.warning(
-                "refusing %s: %d sessions open (max_sessions)", record.client, len(ctx.sessions)
+            ctx.refusals.refused(
+                "max_sessions",
+                str(peer[0]) if isinstance(peer, tuple) else "",
+                "refusing %s: %d sessions open (max_sessions)",
+                record.client,
+                len(ctx.sessions),
             )
             self.closed = self._finished = True
             transport.abort()
@@ -211,7 +215,9 @@ class Session(asyncio.Protocol):
     def _admit(self, host: str) -> None:
         """The accept checkpoint, for the client at ``host`` (``record.client``)."""
         ctx, record, metrics = self.ctx, self.record, self.ctx.metrics
-        outcome = admit(ctx.rules, ctx.limits, host=host, client=record.client)
+        outcome = admit(
+            ctx.rules, ctx.limits, host=host, client=record.client, refusals=ctx.refusals
+        )
         if isinstance(outcome, Refusal):
             self._refused_at_accept(outcome)
             return
@@ -398,7 +404,13 @@ class Session(asyncio.Protocol):
                 error = f"protocol error: {e}"
                 if self._header_from_untrusted:
                     error += " (a PROXY protocol header from an address not in proxy_protocol_from)"
-                    log.warning("refusing %s: %s", self.record.client, error)
+                    self.ctx.refusals.refused(
+                        "proxy_protocol_from",
+                        self.admission.host,
+                        "refusing %s: %s",
+                        self.record.client,
+                        error,
+                    )
                 self.close(error)
                 return
             if event is NEED_DATA:

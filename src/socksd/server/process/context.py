@@ -39,6 +39,7 @@ from socksd.resolver import Resolver, make_resolver
 from socksd.rules import RuleSet
 from socksd.server.handshake.deadlines import DeadlineQueue, K
 from socksd.server.handshake.proxied import TrustedProxies
+from socksd.server.handshake.refusals import RefusalLog
 from socksd.server.process.hostaddrs import effective_rules
 from socksd.server.process.serverlog import check_log_file
 from socksd.upstreams import UpstreamError
@@ -196,6 +197,9 @@ class ServerContext:
     metrics: SessionMetrics | None = None
     """Prometheus metrics the sessions update (``socksd.metrics``); None: metrics are off. Set by
     what runs the server (``run``, or a worker), which also serves or exports them."""
+    refusals: RefusalLog = field(default_factory=RefusalLog)
+    """The log lines of refused connections and logins, bounded under a storm (one per
+    process; it outlives reloads)."""
     _deadlines: dict[tuple[object, float], DeadlineQueue[Any]] = field(default_factory=dict)
 
     def deadlines(self, timeout: float, expire: Callable[[K], None]) -> DeadlineQueue[K]:

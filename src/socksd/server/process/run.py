@@ -125,6 +125,7 @@ async def serve(
     if store is not None:
         shares.cancel()
         await store.close()
+    ctx.refusals.close()  # the summary of refusals not logged yet, if any
     ctx.access_log.close()
 
 
