@@ -602,8 +602,10 @@ def probe_redis(url: str, timeout: float) -> tuple[dict[str, Any] | None, str]:
 
     def ask() -> None:
         try:
+            # the thread's own timeouts outlast the join: a silent Redis is always "no answer
+            # within", never a race between the two bounds
             client = redis.Redis.from_url(
-                url, socket_connect_timeout=timeout, socket_timeout=timeout
+                url, socket_connect_timeout=timeout * 2, socket_timeout=timeout * 2
             )
             try:
                 answer.append(client.info())
