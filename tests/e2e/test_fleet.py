@@ -89,6 +89,19 @@ def held() -> Iterator[list[socket.socket]]:
         sock.close()
 
 
+def _refill(node: ServerProcess, port: int, held: list[socket.socket], count: int) -> None:
+    """Open sessions through ``node`` until ``count`` are held: a freed slot is given back to the
+    store (Redis: within a batch), so it is retried for up to 10 s."""
+
+    def refilled() -> bool:
+        sock = _session(node, port)
+        if sock is not None:
+            held.append(sock)
+        return len(held) == count
+
+    assert wait_for(refilled, 10, interval=0.1)
+
+
 def _open(
     nodes: list[ServerProcess], count: int, port: int, held: list[socket.socket]
 ) -> tuple[int, int]:
@@ -209,13 +222,7 @@ def test_host_store_shares_the_limit_between_workers(
     for _ in range(2):
         held.pop().close()
 
-    def freed() -> bool:
-        sock = _session(node, echo.port)
-        if sock is not None:
-            held.append(sock)
-        return len(held) == 10
-
-    assert wait_for(freed, 10, interval=0.1)
+    _refill(node, echo.port, held, 10)
     assert _open([node], 2, echo.port, held) == (0, 2)
 
 
@@ -270,13 +277,7 @@ def test_host_store_max_sessions_counts_both_workers(
     assert _open([node], 6, echo.port, held) == (0, 6)  # either worker: the total is 10
     held.pop().close()
 
-    def freed() -> bool:
-        sock = _session(node, echo.port)
-        if sock is not None:
-            held.append(sock)
-        return len(held) == 10
-
-    assert wait_for(freed, 10, interval=0.1)
+    _refill(node, echo.port, held, 10)
     assert "(max_sessions)" in node.log()
 
 
@@ -292,13 +293,7 @@ def test_max_sessions_holds_across_the_fleet(
     assert _open(nodes, 14, echo.port, held) == (10, 4)  # four workers, 10 sessions in all
     held.pop().close()
 
-    def freed() -> bool:
-        sock = _session(nodes[1], echo.port)
-        if sock is not None:
-            held.append(sock)
-        return len(held) == 10
-
-    assert wait_for(freed, 10, interval=0.1)
+    _refill(nodes[1], echo.port, held, 10)
     assert _open(nodes, 2, echo.port, held) == (0, 2)
 
 
