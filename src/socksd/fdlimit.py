@@ -39,6 +39,8 @@ DEFAULT_MAX_SESSIONS = 10000
 FILES_PER_SESSION = 2
 FILE_RESERVE = 64
 
+ACCEPT_PAUSE = 1.0
+"""Seconds an accept loop out of descriptors waits before trying again (asyncio's own delay)."""
 SHORTAGE_LOG_INTERVAL = 60.0
 """Seconds between two "out of file descriptors" lines about the same place."""
 
@@ -49,10 +51,22 @@ _shortages: dict[str, tuple[float, int]] = {}
 """Per place: when its line was last logged, and the shortages since."""
 
 
-def is_shortage(exc: BaseException) -> bool:
+def _shortage(exc: BaseException | None) -> OSError | None:
+    """The EMFILE/ENFILE error ``exc`` is or was caused by (uvloop wraps it: "could not bind
+    to local_addr"), else None."""
+    for _ in range(3):
+        if isinstance(exc, OSError) and exc.errno in _SHORTAGE_ERRNOS:
+            return exc
+        if exc is None:
+            break
+        exc = exc.__cause__
+    return None
+
+
+def is_shortage(exc: BaseException | None) -> bool:
     """``exc`` says no file descriptor is left: the process's limit (EMFILE) or the system's
     (ENFILE)."""
-    return isinstance(exc, OSError) and exc.errno in _SHORTAGE_ERRNOS
+    return _shortage(exc) is not None
 
 
 def out_of_files(place: str, exc: BaseException, effect: str) -> None:
@@ -68,7 +82,7 @@ def out_of_files(place: str, exc: BaseException, effect: str) -> None:
     log.warning(
         "out of file descriptors (%s): %s: %s%s; the open-files limit is %s (ulimit -n): "
         "raise it or lower max_sessions",
-        getattr(exc, "strerror", None) or exc,
+        getattr(_shortage(exc) or exc, "strerror", None) or exc,
         place,
         effect,
         f" ({since} more in the last {now - last:.0f}s)" if since else "",

@@ -128,6 +128,7 @@ POOL = PipePool()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=POOL.forget)
 
+
 def _no_dup(exc: OSError) -> None:
     if is_shortage(exc):
         out_of_files("splice: no dup", exc, "the session stays on the copying relay")

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from socksd.config import Config, ConfigError
+from socksd.fdlimit import ACCEPT_PAUSE, is_shortage, out_of_files
 from socksd.sessionview import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -387,8 +388,12 @@ class ControlServer:
             except OSError as e:
                 if self._stop.is_set() or e.errno == errno.EBADF:
                     return
-                _log(logging.ERROR, "control socket: accept failed: %s", e.strerror or e)
-                self._stop.wait(1.0)
+                if is_shortage(e):
+                    with _FORK_GUARD:
+                        out_of_files("control socket", e, f"accepting again in {ACCEPT_PAUSE:g}s")
+                else:
+                    _log(logging.ERROR, "control socket: accept failed: %s", e.strerror or e)
+                self._stop.wait(ACCEPT_PAUSE)
                 continue
             if not self._slots.acquire(blocking=False):
                 with conn:

@@ -1,0 +1,243 @@
+"""Out of file descriptors, end to end, on uvloop and on asyncio.
+
+The server runs under ``prlimit --nofile=NOFILE:NOFILE`` (it cannot raise the limit) with
+``max_sessions`` far above what the limit holds. Greeted connections, each holding one of the
+server's descriptors, are opened until the server (counted in /proc/PID/fd) has ``spare`` left.
+Then: connections wait while none is left, and the server neither dies nor spins (its CPU time
+over two seconds, from /proc/PID/stat: a generous bound, not a benchmark); a request that cannot
+get its socket is answered 0x01 (CONNECT, BIND, UDP ASSOCIATE, whichever of its sockets is
+missing); each place logs one line, not one per attempt; once the connections close, new
+sessions are served. The splice relay's pipe shortage is in tests/test_splice_relay.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.admin_support import sleep_until, socks_reply
+from tests.e2e.support import (
+    IO_TIMEOUT,
+    UdpEchoServer,
+    assert_closed,
+    echo_roundtrip,
+    parse_udp,
+    recv_exact,
+    udp_associate_raw,
+    udp_header,
+)
+from tests.servers import EchoServer, ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+NOFILE = 64
+"""The server's open-files limit (soft and hard)."""
+WAITING = 30
+"""Connections that arrive while no descriptor is free."""
+LOOPS = ["uvloop", "asyncio"]
+SHORTAGE = "out of file descriptors"
+METRICS_ON = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def greeted(server: ServerProcess) -> socket.socket:
+    """A connection past the method negotiation (the server holds a descriptor for it)."""
+    sock = socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT)
+    sock.sendall(b"\x05\x01\x00")
+    assert recv_exact(sock, 2) == b"\x05\x00"
+    return sock
+
+
+@pytest.fixture
+def limited(socksd: Callable[..., ServerProcess]) -> Callable[..., ServerProcess]:
+    """Factory: socksd on LOOP with NOFILE descriptors and max_sessions 1000."""
+
+    def start(loop: str, *args: str) -> ServerProcess:
+        return socksd(
+            "--loop", loop, "--max-sessions", "1000", "--handshake-timeout", "120", *args,
+            launcher=("prlimit", f"--nofile={NOFILE}:{NOFILE}"),
+        )  # fmt: skip
+
+    return start
+
+
+@pytest.fixture
+def held() -> Iterator[list[socket.socket]]:
+    """Client connections a test holds open; closed at teardown."""
+    socks: list[socket.socket] = []
+    yield socks
+    for sock in socks:
+        sock.close()
+
+
+def fill(server: ServerProcess, held: list[socket.socket], spare: int, hidden: int = 0) -> None:
+    """Open greeted connections until the server has ``spare`` descriptors left. ``hidden``:
+    descriptors taken but not in /proc/PID/fd (a thread blocked in accept() holds one)."""
+    pid = server.proc.pid
+    full = NOFILE - hidden - spare
+    for _ in range(NOFILE):
+        if open_fds(pid) >= full:
+            break
+        held.append(greeted(server))
+    time.sleep(0.2)  # nothing else opens meanwhile
+    assert open_fds(pid) == full, (open_fds(pid), server.log()[-2000:])
+
+
+def release(held: list[socket.socket]) -> None:
+    for sock in held:
+        sock.close()
+    held.clear()
+
+
+def serves_connect(server: ServerProcess, echo: EchoServer) -> bool:
+    try:
+        code, sock = socks_reply(server, "127.0.0.1", echo.port)
+    except (AssertionError, OSError):
+        return False
+    with sock:
+        if code != 0:
+            return False
+        echo_roundtrip(sock, b"serving again")
+    return True
+
+
+def shortage_lines(server: ServerProcess, place: str) -> list[str]:
+    return [line for line in server.log().splitlines() if SHORTAGE in line and place in line]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_accept_waits_without_spinning(
+    limited: Callable[..., ServerProcess],
+    held: list[socket.socket],
+    echo: EchoServer,
+    tmp_path: Path,
+    loop: str,
+) -> None:
+    """No descriptor left: connections to the SOCKS port, the metrics port and the control
+    socket wait (asyncio) or are closed (uvloop: libuv); the process stays up and idle; one
+    line is logged; once connections close, new sessions are served."""
+    control = tmp_path / "control.sock"
+    server = limited(loop, "--metrics", "127.0.0.1:0", "--control-socket", str(control))
+    found = METRICS_ON.search(server.log())
+    assert found, server.log()
+    metrics = (found[1], int(found[2]))
+    pid = server.proc.pid
+    fill(server, held, 0, hidden=1)  # the control socket's thread waits in accept()
+    waiting = []
+    for _ in range(WAITING):
+        sock = socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT)
+        sock.sendall(b"\x05\x01\x00")
+        waiting.append(sock)
+    scrape = socket.create_connection(metrics, timeout=IO_TIMEOUT)
+    scrape.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+    asker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    asker.settimeout(IO_TIMEOUT)
+    asker.connect(str(control))
+    try:
+        time.sleep(0.5)
+        before, start = cpu_seconds(pid), time.monotonic()
+        time.sleep(2.0)
+        busy = (cpu_seconds(pid) - before) / (time.monotonic() - start)
+        assert server.alive(), server.log()[-3000:]
+        assert busy < 0.5, f"{busy:.0%} of a core while out of descriptors"
+
+        release(held)
+        sleep_until(lambda: serves_connect(server, echo), 20)
+        if loop == "asyncio":  # they waited in the listen queue and are served now
+            for sock in waiting:
+                assert recv_exact(sock, 2) == b"\x05\x00"
+            assert shortage_lines(server, "accept")
+        scrape.settimeout(IO_TIMEOUT)
+        answer = b""
+        while chunk := scrape.recv(65536):  # the scrape waited, or was closed (uvloop too:
+            answer += chunk  # the exporter is a thread of its own, not on the event loop)
+        assert answer.startswith(b"HTTP/1.0 200") or answer == b"", answer[:200]
+        log = server.log()
+        assert "Traceback" not in log, log[-3000:]
+        assert len(shortage_lines(server, "")) <= 3, log[-3000:]  # not one per attempt
+        assert log.count("control socket: accept failed") <= 5, log[-3000:]
+    finally:
+        for sock in (*waiting, scrape, asker):
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    ("cmd", "host"),
+    [(1, "127.0.0.1"), (1, "localhost"), (2, "127.0.0.1")],
+    ids=["connect", "connect-name", "bind"],
+)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_request_without_a_socket_is_answered(
+    limited: Callable[..., ServerProcess],
+    held: list[socket.socket],
+    echo: EchoServer,
+    loop: str,
+    cmd: int,
+    host: str,
+) -> None:
+    """The session got the last descriptor, so CONNECT's outgoing socket (BIND's listener; the
+    name lookup's /etc/hosts) cannot be had: reply 0x01 and close, one line logged; afterwards
+    sessions are served."""
+    if host == "localhost" and loop == "uvloop":
+        pytest.skip(
+            "libuv's getaddrinfo reports a lookup that could not open /etc/hosts as 'Name or "
+            "service not known' (EAI_NONAME): answered 0x04, the shortage not seen"
+        )
+    server = limited(loop)
+    fill(server, held, 1)
+    for _ in range(3):
+        code, sock = socks_reply(server, host, echo.port, cmd=cmd)
+        with sock:
+            assert code == 1, server.log()[-2000:]
+            assert_closed(sock)
+    assert server.alive()
+    place = "CONNECT" if cmd == 1 else "BIND"
+    assert len(shortage_lines(server, place)) == 1, server.log()[-3000:]
+    release(held)
+    sleep_until(lambda: serves_connect(server, echo), 20)
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("spare", [1, 2], ids=["no-client-socket", "no-target-socket"])
+@pytest.mark.parametrize("loop", LOOPS)
+def test_udp_associate_without_sockets_is_answered(
+    limited: Callable[..., ServerProcess],
+    held: list[socket.socket],
+    udp_echo: UdpEchoServer,
+    loop: str,
+    spare: int,
+) -> None:
+    """UDP ASSOCIATE short of a descriptor for its client-side socket (spare 1) or for its
+    target-side socket (spare 2): reply 0x01, not an association that drops every datagram;
+    afterwards associations relay."""
+    server = limited(loop)
+    fill(server, held, spare)
+    control, udp, _, raw = udp_associate_raw(server)
+    with control, udp:
+        assert raw[1] == 1, (raw, server.log()[-2000:])
+        assert_closed(control)
+    assert len(shortage_lines(server, "UDP ASSOCIATE")) == 1, server.log()[-3000:]
+    release(held)
+    time.sleep(0.3)
+    control, udp, relay, raw = udp_associate_raw(server)
+    with control, udp:
+        assert raw[1] == 0
+        udp.sendto(udp_header(udp_echo.host, udp_echo.port) + b"ping", relay)
+        _, _, _, data = parse_udp(udp.recv(65536))
+        assert data == b"ping"
+    assert "Traceback" not in server.log()
