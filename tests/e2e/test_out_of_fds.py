@@ -32,7 +32,7 @@ from tests.e2e.support import (
     udp_associate_raw,
     udp_header,
 )
-from tests.servers import EchoServer, ServerProcess
+from tests.servers import EchoServer, ServerProcess, StubDns
 
 pytestmark = pytest.mark.e2e
 
@@ -211,6 +211,31 @@ def test_request_without_a_socket_is_answered(
     release(held)
     sleep_until(lambda: serves_connect(server, echo), 20)
     assert "Traceback" not in server.log()
+
+
+def test_name_lookup_without_a_socket_is_answered(
+    limited: Callable[..., ServerProcess], held: list[socket.socket], echo: EchoServer
+) -> None:
+    """With ``dns``: the session got the last descriptor, so the query's UDP socket cannot be
+    made: 0x01 (the server is short, the name is not unknown), one line logged."""
+    dns = StubDns()  # would answer NXDOMAIN (0x04) to a query that got out
+    try:
+        server = limited("uvloop", "--dns", f"127.0.0.1:{dns.port}")
+        fill(server, held, 1)
+        for _ in range(2):
+            code, sock = socks_reply(server, "name.test", echo.port)
+            with sock:
+                assert code == 1, server.log()[-2000:]
+                assert_closed(sock)  # its descriptor is free again
+        assert len(shortage_lines(server, "CONNECT")) == 1, server.log()[-3000:]
+        assert dns.count("name.test") == 0
+        release(held)
+        time.sleep(0.3)
+        code, sock = socks_reply(server, "name.test", echo.port)
+        sock.close()
+        assert code == 4  # asked, and NXDOMAIN
+    finally:
+        dns.close()
 
 
 @pytest.mark.parametrize("spare", [1, 2], ids=["no-client-socket", "no-target-socket"])
