@@ -484,3 +484,34 @@ def test_no_pipe_copies_instead(
     lines = [r.getMessage() for r in caplog.records if "out of file descriptors" in r.getMessage()]
     assert len(lines) == 1, lines
     assert "splice: no pipe" in lines[0]
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_no_dup_stays_copying(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of fds at the move (os.dup fails with EMFILE): the session stays on the copying
+    relay, every byte arrives, nothing leaks, one log line."""
+
+    def no_dup(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(splice.os, "dup", no_dup)
+        monkeypatch.setattr(fdlimit, "_shortages", {})
+        rig = await spliced_rig()
+        data = pattern(1 << 20, 6)
+        await loop.sock_sendall(rig.client_app, data)
+        rig.client_app.shutdown(socket.SHUT_WR)
+        assert await read_all(rig.target_app) == data
+        rig.target_app.shutdown(socket.SHUT_WR)
+        assert await read_all(rig.client_app) == b"REPLY"
+        assert await asyncio.wait_for(rig.owner.finished, 10) is None
+        assert not rig.relay.spliced
+        rig.close()
+
+    with caplog.at_level(logging.WARNING, logger="socksd"):
+        run(loop_name, main)
+    lines = [r.getMessage() for r in caplog.records if "out of file descriptors" in r.getMessage()]
+    assert len(lines) == 1 and "splice: no dup" in lines[0], lines
