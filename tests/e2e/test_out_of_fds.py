@@ -85,11 +85,12 @@ def held() -> Iterator[list[socket.socket]]:
         sock.close()
 
 
-def fill(server: ServerProcess, held: list[socket.socket], spare: int, hidden: int = 0) -> None:
-    """Open greeted connections until the server has ``spare`` descriptors left. ``hidden``:
-    descriptors taken but not in /proc/PID/fd (a thread blocked in accept() holds one)."""
+def fill(server: ServerProcess, held: list[socket.socket], spare: int) -> None:
+    """Open greeted connections until the server has ``spare`` descriptors left (all of them
+    in /proc/PID/fd: no thread of the server waits in a blocking accept(), which takes one the
+    listing does not show)."""
     pid = server.proc.pid
-    full = NOFILE - hidden - spare
+    full = NOFILE - spare
     for _ in range(NOFILE):
         if open_fds(pid) >= full:
             break
@@ -137,7 +138,7 @@ def test_accept_waits_without_spinning(
     assert found, server.log()
     metrics = (found[1], int(found[2]))
     pid = server.proc.pid
-    fill(server, held, 0, hidden=1)  # the control socket's thread waits in accept()
+    fill(server, held, 0)
     waiting = []
     for _ in range(WAITING):
         sock = socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT)
