@@ -7,7 +7,9 @@ aborts what is left.
 
 Out of file descriptors (EMFILE, ENFILE): uvloop (libuv) accepts and closes the waiting
 connections at once (with a descriptor it keeps in reserve for that) and goes on serving; nothing
-is logged, libuv does not say. asyncio's selector loop stops accepting for one second
+is logged, libuv does not say. Should another thread take the reserve's slot at that instant,
+libuv cannot reopen it and the listener spins while no descriptor is free, so socksd's threads do
+not wait in a blocking accept() (which holds a descriptor: the control socket polls first). asyncio's selector loop stops accepting for one second
 (``ACCEPT_RETRY_DELAY``) and tries again, which is the right idea, but up to Python 3.14 it keeps
 calling ``accept()`` after the first failure, up to ``backlog`` times in the same burst, logging a
 traceback and scheduling one more retry each time: thousands of log lines and timers a second. On
