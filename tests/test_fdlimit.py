@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
 
@@ -88,3 +89,40 @@ def test_soft_limit_that_cannot_be_raised_is_reported(
     with caplog.at_level(logging.WARNING, "socksd"):
         fdlimit.check(9968, 1)
     assert "but the limit is 1024" in caplog.text
+
+
+# -- out of descriptors ----------------------------------------------------------------------------
+
+
+def test_is_shortage_sees_through_a_wrapper() -> None:
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    wrapped = OSError(None, "could not bind to local_addr")  # how uvloop reports it
+    wrapped.__cause__ = emfile
+    assert fdlimit.is_shortage(emfile)
+    assert fdlimit.is_shortage(OSError(errno.ENFILE, "Too many open files in system"))
+    assert fdlimit.is_shortage(wrapped)
+    assert not fdlimit.is_shortage(OSError(errno.ECONNREFUSED, "Connection refused"))
+    assert not fdlimit.is_shortage(ValueError("x"))
+    assert not fdlimit.is_shortage(None)
+
+
+def test_out_of_files_logs_once_a_minute_per_place(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(fdlimit.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(fdlimit, "_shortages", {})
+    exc = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level(logging.WARNING, logger="socksd"):
+        for _ in range(500):
+            fdlimit.out_of_files("CONNECT", exc, "answered 0x01")
+            now[0] += 0.01
+        fdlimit.out_of_files("accept", exc, "waiting")  # another place: its own line
+        now[0] = 1000.0 + fdlimit.SHORTAGE_LOG_INTERVAL
+        fdlimit.out_of_files("CONNECT", exc, "answered 0x01")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("out of file descriptors (Too many open files): CONNECT: answered")
+    assert "accept: waiting" in lines[1]
+    assert "(499 more in the last 60s)" in lines[2]
+    assert "ulimit -n" in lines[0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import socket
 import struct
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from socksd import fdlimit
 from socksd.config import Config, ConfigError, build_config
 from socksd.limits import TokenBucket
 from socksd.server.dataplane import splice
@@ -424,3 +427,91 @@ def test_splice_config_key() -> None:
     assert build_config({"splice": False}, {}).splice == "off"
     with pytest.raises(ConfigError, match="splice"):
         build_config({"splice": "sometimes"}, {})
+
+
+@pytest.mark.parametrize("shortage", ["always", "then_free"])
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_no_pipe_copies_instead(
+    loop_name: str, shortage: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of fds for pipes (os.pipe fails with EMFILE): a spliced session keeps relaying by
+    copying, every byte in order both ways with a slow reader, one log line; once pipes can be
+    had again it splices again."""
+    real_pipe = os.pipe
+    calls = {"n": 0}
+
+    def no_pipe() -> tuple[int, int]:
+        calls["n"] += 1
+        if shortage == "then_free" and calls["n"] > 20:
+            return real_pipe()
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        POOL.forget()
+        monkeypatch.setattr(splice.os, "pipe", no_pipe)
+        monkeypatch.setattr(fdlimit, "_shortages", {})
+        rig = await spliced_rig(small_buffers=True)
+        assert await await_for(lambda: rig.relay.spliced)
+        up, down = pattern(3 << 20, 3), pattern(5 << 20, 4)
+
+        async def send(sock: socket.socket, data: bytes) -> None:
+            await loop.sock_sendall(sock, data)
+            sock.shutdown(socket.SHUT_WR)
+
+        async def slow_read(sock: socket.socket) -> bytes:
+            await asyncio.sleep(0.3)  # the relay's buffer fills up and waits
+            return await read_all(sock)
+
+        tasks = [
+            loop.create_task(send(rig.client_app, up)),
+            loop.create_task(send(rig.target_app, down)),
+        ]
+        got_up, got_down = await asyncio.gather(read_all(rig.target_app), slow_read(rig.client_app))
+        await asyncio.gather(*tasks)
+        assert got_up == up
+        assert got_down == b"REPLY" + down
+        assert await asyncio.wait_for(rig.owner.finished, 10) is None
+        assert (rig.relay.up, rig.relay.down) == (len(up), len(down))
+        assert calls["n"] > 2  # asked again at reads
+        if shortage == "then_free":
+            assert POOL.live > 0  # spliced again once pipes could be had
+        rig.close()
+        POOL.forget()
+
+    with caplog.at_level(logging.WARNING, logger="socksd"):
+        run(loop_name, main)
+    lines = [r.getMessage() for r in caplog.records if "out of file descriptors" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "splice: no pipe" in lines[0]
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_no_dup_stays_copying(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of fds at the move (os.dup fails with EMFILE): the session stays on the copying
+    relay, every byte arrives, nothing leaks, one log line."""
+
+    def no_dup(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(splice.os, "dup", no_dup)
+        monkeypatch.setattr(fdlimit, "_shortages", {})
+        rig = await spliced_rig()
+        data = pattern(1 << 20, 6)
+        await loop.sock_sendall(rig.client_app, data)
+        rig.client_app.shutdown(socket.SHUT_WR)
+        assert await read_all(rig.target_app) == data
+        rig.target_app.shutdown(socket.SHUT_WR)
+        assert await read_all(rig.client_app) == b"REPLY"
+        assert await asyncio.wait_for(rig.owner.finished, 10) is None
+        assert not rig.relay.spliced
+        rig.close()
+
+    with caplog.at_level(logging.WARNING, logger="socksd"):
+        run(loop_name, main)
+    lines = [r.getMessage() for r in caplog.records if "out of file descriptors" in r.getMessage()]
+    assert len(lines) == 1 and "splice: no dup" in lines[0], lines

@@ -21,19 +21,73 @@ select(), not the administrator's policy; the hard limit is. Then:
 With ``workers`` each process has its own limit and its share of ``max_sessions``; with a
 ``limits_store`` each process may hold all of ``max_sessions`` (the store counts the total), so
 each needs the files for all of it (``workers.sessions_split``).
+
+Out of descriptors all the same (``max_sessions`` set above the limit, UDP associations, other
+files): whatever cannot get one fails alone and is answered (a SOCKS reply 0x01, an accept put
+off) while the rest goes on; :func:`out_of_files` logs it, one line per place a minute at most.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import resource
+import time
 
 DEFAULT_MAX_SESSIONS = 10000
 FILES_PER_SESSION = 2
 FILE_RESERVE = 64
 
+ACCEPT_PAUSE = 1.0
+"""Seconds an accept loop out of descriptors waits before trying again (asyncio's own delay)."""
+SHORTAGE_LOG_INTERVAL = 60.0
+"""Seconds between two "out of file descriptors" lines about the same place."""
+
 log = logging.getLogger("socksd")
+
+_SHORTAGE_ERRNOS = (errno.EMFILE, errno.ENFILE)
+_shortages: dict[str, tuple[float, int]] = {}
+"""Per place: when its line was last logged, and the shortages since."""
+
+
+def _shortage(exc: BaseException | None) -> OSError | None:
+    """The EMFILE/ENFILE error ``exc`` is or was caused by (uvloop wraps it: "could not bind
+    to local_addr"), else None."""
+    for _ in range(3):
+        if isinstance(exc, OSError) and exc.errno in _SHORTAGE_ERRNOS:
+            return exc
+        if exc is None:
+            break
+        exc = exc.__cause__
+    return None
+
+
+def is_shortage(exc: BaseException | None) -> bool:
+    """``exc`` says no file descriptor is left: the process's limit (EMFILE) or the system's
+    (ENFILE)."""
+    return _shortage(exc) is not None
+
+
+def out_of_files(place: str, exc: BaseException, effect: str) -> None:
+    """Log that ``place`` got no file descriptor (``exc``) and what follows (``effect``): one
+    warning per place per ``SHORTAGE_LOG_INTERVAL``, with how many more happened since."""
+    now = time.monotonic()
+    last, since = _shortages.get(place, (-SHORTAGE_LOG_INTERVAL, 0))
+    if now - last < SHORTAGE_LOG_INTERVAL:
+        _shortages[place] = (last, since + 1)
+        return
+    _shortages[place] = (now, 0)
+    soft = _limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    log.warning(
+        "out of file descriptors (%s): %s: %s%s; the open-files limit is %s (ulimit -n): "
+        "raise it or lower max_sessions",
+        getattr(_shortage(exc) or exc, "strerror", None) or exc,
+        place,
+        effect,
+        f" ({since} more in the last {now - last:.0f}s)" if since else "",
+        "unlimited" if soft is None else soft,
+    )
 
 
 def _limit(value: int) -> int | None:

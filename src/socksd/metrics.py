@@ -24,7 +24,9 @@ its counters stay in the totals, as they should.
 The endpoint (:class:`Endpoint`) is a small HTTP server on one daemon thread, serving one request
 at a time, each bounded by a timeout. In the supervisor it runs while workers are forked (a
 restarted worker): it never logs, never writes to stderr and takes no lock a worker uses, and the
-child closes the inherited listening socket at once (see docs/design-notes.md).
+child closes the inherited listening socket at once (see docs/design-notes.md). Out of file
+descriptors, it stops accepting for ``ACCEPT_PAUSE`` (the scraper's connection waits in the listen
+queue) instead of retrying at once: ``socketserver`` would go round its loop at full speed.
 
 Labels are bounded: commands, protocols, reply codes, directions, methods, drop reasons, rule labels of the
 configuration and setting names; never a client address or a user name. ``prometheus_client`` is
@@ -48,6 +50,7 @@ from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from socksd import __version__
+from socksd.fdlimit import ACCEPT_PAUSE, is_shortage
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -511,6 +514,15 @@ class Endpoint:
 
             def handle_error(self, request: Any, client_address: Any) -> None:
                 """Nothing: a broken scrape connection is the scraper's business."""
+
+            def get_request(self) -> tuple[socket.socket, Any]:
+                """Accept; out of file descriptors, wait ``ACCEPT_PAUSE`` first (not logged)."""
+                try:
+                    return self.socket.accept()
+                except OSError as e:
+                    if is_shortage(e):
+                        time.sleep(ACCEPT_PAUSE)
+                    raise
 
         try:
             self.httpd = make_server(

@@ -221,6 +221,7 @@ class _Outcome:
     addresses: tuple[IPAddress, ...] = ()
     ttl: int = 0  # of the addresses; for an answer without any, how long that may be cached
     detail: str = ""
+    cause: BaseException | None = None  # of a failure: the last server's error, when one
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +357,7 @@ class DnsResolver:
             return [_addrinfo(ip, port, host) for ip in addresses]
         if not complete:
             failed = a if a.status is _Status.FAILED else aaaa
-            raise ResolutionError(host, failed.detail)
+            raise ResolutionError(host, failed.detail) from failed.cause
         if all(o.status is _Status.NXDOMAIN for o in outcomes):
             reason = "no such domain (NXDOMAIN)"
         else:
@@ -407,7 +408,13 @@ class DnsResolver:
         except dns.resolver.NXDOMAIN as exc:
             return _Outcome(_Status.NXDOMAIN, ttl=_negative_ttl(exc))
         except dns.resolver.NoNameservers as exc:
-            return _Outcome(_Status.FAILED, detail=self._server_failure(exc))
+            errors = exc.kwargs.get("errors") or []
+            cause = errors[-1][3] if errors else None  # e.g. no descriptor for the query's socket
+            return _Outcome(
+                _Status.FAILED,
+                detail=self._server_failure(exc),
+                cause=cause if isinstance(cause, BaseException) else None,
+            )
         except dns.exception.DNSException as exc:  # YXDOMAIN, and what dnspython adds later
             return _Outcome(_Status.FAILED, detail=f"{self._where}: {exc}")
         return _addresses(answer, 6 if rdtype == dns.rdatatype.AAAA else 4)

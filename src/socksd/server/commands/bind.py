@@ -44,7 +44,7 @@ from socksd.protocol import Address, AddressType, BindPeerFilter, Command, Reply
 from socksd.protocol.udp import is_unspecified
 from socksd.server.commands.base import bind_address, timed
 from socksd.server.commands.connect import open_to_upstream
-from socksd.server.commands.replycodes import reply_for_error
+from socksd.server.commands.replycodes import answer_failure
 from socksd.server.commands.upstream import (
     UpstreamFailure,
     open_upstream,
@@ -177,7 +177,7 @@ async def bind_here(session: CommandSession, address: Address) -> None:
     except asyncio.CancelledError:
         raise
     except Exception as e:  # every failure is a reply code, never a crash
-        session.fail(reply_for_error(e), f"BIND: {e or type(e).__name__}")
+        answer_failure(session, "BIND", e, f"BIND: {e or type(e).__name__}")
         return
     accepted: socket.socket | None = None
     try:
@@ -206,7 +206,7 @@ async def bind_here(session: CommandSession, address: Address) -> None:
             )
             return
         except OSError as e:
-            session.fail(reply_for_error(e), f"BIND: accept failed: {e}")
+            answer_failure(session, "BIND", e, f"BIND: accept failed: {e}")
             return
     finally:
         listener.close()

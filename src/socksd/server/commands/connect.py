@@ -35,7 +35,7 @@ from socksd.outgoing import unbound_port_socket
 from socksd.protocol import Address, AddressType, ReplyCode, format_hostport
 from socksd.resolver import AddrInfo
 from socksd.server.commands.base import timed
-from socksd.server.commands.replycodes import reply_for_error
+from socksd.server.commands.replycodes import answer_failure
 from socksd.server.commands.upstream import UpstreamFailure, connect_upstream
 from socksd.server.dataplane.relay import Holding
 from socksd.server.handshake.admission import Refusal
@@ -161,7 +161,7 @@ def _failed(session: CommandSession, exc: BaseException, timeout: float) -> None
     if isinstance(exc, UpstreamFailure):
         session.fail(exc.reply, str(exc))
     else:
-        session.fail(reply_for_error(exc), _describe(exc, timeout))
+        answer_failure(session, "CONNECT", exc, _describe(exc, timeout))
 
 
 def connect_direct(session: CommandSession, address: Address) -> DirectConnect | None:

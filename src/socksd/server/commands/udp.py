@@ -59,6 +59,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from socksd.accesslog import UdpStats
+from socksd.fdlimit import is_shortage
 from socksd.protocol import (
     UDP_HEADER_IPV4,
     Address,
@@ -73,7 +74,7 @@ from socksd.protocol import (
     udp_reply_header,
 )
 from socksd.server.commands.base import bind_address, timed
-from socksd.server.commands.replycodes import reply_for_error
+from socksd.server.commands.replycodes import answer_failure
 from socksd.server.dataplane.idle import ActivityMark, IdleSweep, watch_idle
 
 if TYPE_CHECKING:
@@ -365,9 +366,9 @@ class UdpAssociation:
                 continue  # bind_out/via has no address of this family: its targets drop
             try:
                 sock = _target_socket(fam, ip)
-            except OSError:  # no IPv6 (or no IPv4) on this host: targets of that family drop
-                if ip is not None:
-                    raise  # the bind_out/via address is gone: the request fails
+            except OSError as e:  # no IPv6 (or no IPv4) on this host: targets of that family drop
+                if ip is not None or is_shortage(e):
+                    raise  # the bind_out/via address is gone, or no descriptor: the request fails
                 continue
             try:
                 side_transport, side = await loop.create_datagram_endpoint(
@@ -631,7 +632,7 @@ async def udp_associate(session: CommandSession, address: Address) -> None:
         raise
     except Exception as e:  # every failure is a reply code, never a crash
         association.close_sockets()
-        session.fail(reply_for_error(e), f"UDP ASSOCIATE: {e or type(e).__name__}")
+        answer_failure(session, "UDP ASSOCIATE", e, f"UDP ASSOCIATE: {e or type(e).__name__}")
         return
     if session.closed:
         association.close_sockets()

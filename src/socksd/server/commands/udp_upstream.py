@@ -47,7 +47,7 @@ from socksd.protocol import (
 from socksd.rules import parse_ip
 from socksd.server.commands.base import bind_address
 from socksd.server.commands.connect import open_to_upstream
-from socksd.server.commands.replycodes import reply_for_error
+from socksd.server.commands.replycodes import answer_failure
 from socksd.server.commands.udp import (
     TargetSide,
     UdpAssociation,
@@ -242,7 +242,7 @@ async def udp_through(session: CommandSession, upstream: Upstream, address: Addr
         association.close_sockets()
         if held is not None:
             held.close()
-        session.fail(reply_for_error(e), f"UDP ASSOCIATE through {upstream}: {e}")
+        answer_failure(session, "UDP ASSOCIATE", e, f"UDP ASSOCIATE through {upstream}: {e}")
         return
     if session.closed or held.eof or held.lost:  # the client left, or the upstream did
         association.close_sockets()

@@ -12,12 +12,15 @@ Moving a socket: the transports own their fds and neither loop accepts ``add_rea
 transport's fd, so the relay ``dup``\\ s each fd, points the transport at a no-op protocol and
 aborts it (both loops deregister the fd before closing it; the dup keeps the connection open).
 From then on the relay drives the two raw non-blocking fds with ``add_reader``/``add_writer``;
-a failed ``dup`` or pipe leaves the session on the copying relay.
+a failed ``dup`` leaves the session on the copying relay.
 
 Each direction (the endpoint it is read from) takes a pipe from the process's :class:`PipePool`
 when data arrives and gives it back once empty, so an idle session holds none; a pipe still
 holding bytes when its destination went away is closed, not pooled. The pool keeps at most
-``POOL_IDLE`` spare pipes; pipes are resized to ``PIPE_SIZE`` (F_SETPIPE_SZ).
+``POOL_IDLE`` spare pipes; pipes are resized to ``PIPE_SIZE`` (F_SETPIPE_SZ). When no pipe can be
+had (out of file descriptors) the direction copies instead: ``recv`` of at most ``COPY_SIZE``
+bytes, ``send`` to the peer, the next ``recv`` once all of it is out (one buffer held, as one
+pipe would be); each read asks for a pipe again, so splicing resumes once descriptors are free.
 
 Same behaviour as the copying relay:
 
@@ -42,6 +45,7 @@ import os
 import socket
 
 from socksd.client.gssapi import EncapsulatingTransport
+from socksd.fdlimit import is_shortage, out_of_files
 from socksd.server.dataplane.idle import tcp_quiet_for
 from socksd.server.dataplane.relay import Holding, Relay, RelayEndpoint, RelayOwner
 
@@ -60,10 +64,13 @@ default) cost about twice the CPU per GB with 8 streams; 1 MiB was no better tha
 would spend the user's pipe budget (fs.pipe-user-pages-soft, 64 MiB) on 64 pipes."""
 POOL_IDLE = 64
 """Spare pipes one process keeps for the next session; more are closed."""
+COPY_SIZE = 64 * 1024
+"""Bytes one read takes when a direction copies for want of a pipe."""
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FD_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+_EMPTY = memoryview(b"")
 
 
 class PipePool:
@@ -86,6 +93,7 @@ class PipePool:
             r, w = os.pipe()
         except OSError as e:
             if e.errno in _FD_SHORTAGE:
+                out_of_files("splice: no pipe", e, "copying through user space instead")
                 return None
             raise
         try:
@@ -120,15 +128,22 @@ POOL = PipePool()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=POOL.forget)
 
+
+def _no_dup(exc: OSError) -> None:
+    if is_shortage(exc):
+        out_of_files("splice: no dup", exc, "the session stays on the copying relay")
+
+
 _DETACHED = asyncio.Protocol()
 """What an aborted transport reports to once its socket is the splice relay's."""
 
 
 class SplicingEndpoint(RelayEndpoint):
     """A side of a :class:`SpliceRelay`: copies until the move, then splices from its socket
-    (through ``pipe``, ``held`` bytes in it) into its peer's."""
+    (through ``pipe``, ``held`` bytes in it; without a pipe, ``copied`` holds them) into its
+    peer's."""
 
-    __slots__ = ("check_at", "fd", "held", "pipe", "reading", "sock", "writing")
+    __slots__ = ("check_at", "copied", "fd", "held", "pipe", "reading", "sock", "writing")
 
     relay: SpliceRelay
     peer: SplicingEndpoint
@@ -139,6 +154,7 @@ class SplicingEndpoint(RelayEndpoint):
         self.sock: socket.socket | None = None
         self.fd = -1
         self.pipe: tuple[int, int, int] | None = None
+        self.copied = _EMPTY
         self.held = 0
         self.reading = False
         self.writing = False
@@ -189,9 +205,8 @@ class SplicingEndpoint(RelayEndpoint):
         pipe = self.pipe
         if pipe is None:
             pipe = self.pipe = POOL.take()
-            if pipe is None:  # no fd for a pipe: look again shortly
-                self.read_on(False)
-                self.relay.loop.call_later(0.05, self._resume)
+            if pipe is None:  # no fd for a pipe: copy this read
+                self.copy()
                 return
         room = pipe[2] - self.held
         if room <= 0:
@@ -215,9 +230,24 @@ class SplicingEndpoint(RelayEndpoint):
         if not self.peer.writing:  # else the peer's writability calls deliver
             self.deliver()
 
-    def _resume(self) -> None:
-        if not self.read_done and not self.lost:
-            self.read_on(True)
+    def copy(self) -> None:
+        """No pipe: read into ``copied`` and pass it on; read again once it has all gone out."""
+        try:
+            data = self.sock.recv(COPY_SIZE)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.gone(e)
+            return
+        self.read_on(False)
+        if data:
+            self.received += len(data)
+            self.held = len(data)
+            self.copied = memoryview(data)
+        else:
+            self.read_done = True
+        if not self.peer.writing:
+            self.deliver()
 
     def deliver(self) -> None:
         """Splice what the pipe holds into the peer; wait for room, or end the direction."""
@@ -236,6 +266,16 @@ class SplicingEndpoint(RelayEndpoint):
                 peer.gone(e)
                 return
             self.held -= sent
+        elif self.held:  # copied for want of a pipe
+            try:
+                sent = peer.sock.send(self.copied)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                peer.gone(e)
+                return
+            self.held -= sent
+            self.copied = self.copied[sent:] if self.held else _EMPTY
         if self.held:
             peer.write_on(True)
             if sent and not self.read_done and pipe and self.held <= pipe[2] // 2:  # room
@@ -285,7 +325,10 @@ class SplicingEndpoint(RelayEndpoint):
     def drop_pipe(self) -> None:
         """The peer is closed: what this side's pipe holds is lost."""
         pipe = self.pipe
-        if pipe is not None:
+        self.copied = _EMPTY
+        if pipe is None:
+            self.held = 0
+        else:
             self.pipe = None
             if self.held:
                 self.held = 0
@@ -390,12 +433,14 @@ class SpliceRelay(Relay):
             return
         try:
             cfd = os.dup(csock.fileno())
-        except OSError:
+        except OSError as e:
+            _no_dup(e)
             return  # no fd to spare: stay on the copying relay
         try:
             tfd = os.dup(tsock.fileno())
-        except OSError:
+        except OSError as e:
             os.close(cfd)
+            _no_dup(e)
             return
         self.spliced = True
         client.take(ct, csock.family, cfd)

@@ -51,6 +51,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -62,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from socksd.config import Config, ConfigError
+from socksd.fdlimit import ACCEPT_PAUSE, is_shortage, out_of_files
 from socksd.sessionview import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -379,16 +381,28 @@ class ControlServer:
         log.info("control socket on %s", self.listener.path)
 
     def _accept_loop(self) -> None:
+        """Wait for a client with poll(), then accept. Not a blocking accept(): the kernel takes
+        a descriptor for it before it waits, so out of descriptors this thread would hold the
+        one libuv frees and takes back to turn connections away (uvloop's listener then spins)."""
         sock = self.listener.sock
-        sock.settimeout(None)  # blocks: no wake-ups while nobody asks; close() shuts it down
+        sock.setblocking(False)
+        waiter = select.poll()
+        waiter.register(sock, select.POLLIN)
         while not self._stop.is_set():
             try:
+                waiter.poll()  # no wake-ups while nobody asks; close() shuts it down (POLLHUP)
                 conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
             except OSError as e:
                 if self._stop.is_set() or e.errno == errno.EBADF:
                     return
-                _log(logging.ERROR, "control socket: accept failed: %s", e.strerror or e)
-                self._stop.wait(1.0)
+                if is_shortage(e):
+                    with _FORK_GUARD:
+                        out_of_files("control socket", e, f"accepting again in {ACCEPT_PAUSE:g}s")
+                else:
+                    _log(logging.ERROR, "control socket: accept failed: %s", e.strerror or e)
+                self._stop.wait(ACCEPT_PAUSE)
                 continue
             if not self._slots.acquire(blocking=False):
                 with conn:

@@ -6,13 +6,17 @@ accepts connections (scripts wait for that line; with port 0 it shows the port p
 aborts what is left.
 
 Out of file descriptors (EMFILE, ENFILE): uvloop (libuv) accepts and closes the waiting
-connections at once and goes on serving. asyncio's selector loop stops accepting for one second
+connections at once (with a descriptor it keeps in reserve for that) and goes on serving; nothing
+is logged, libuv does not say. Should another thread take the reserve's slot at that instant,
+libuv cannot reopen it and the listener spins while no descriptor is free, so socksd's threads do
+not wait in a blocking accept() (which holds a descriptor: the control socket polls first). asyncio's selector loop stops accepting for one second
 (``ACCEPT_RETRY_DELAY``) and tries again, which is the right idea, but up to Python 3.14 it keeps
 calling ``accept()`` after the first failure, up to ``backlog`` times in the same burst, logging a
 traceback and scheduling one more retry each time: thousands of log lines and timers a second. On
 that loop the listening socket is an :class:`AcceptSocket`, which answers "nothing waiting" for
 the rest of the burst after the first failure, so asyncio backs off once; its log entry becomes one
-line (:func:`quiet_accept_errors`). Connections arriving meanwhile wait in the kernel's backlog.
+line a minute (:func:`quiet_accept_errors`, through ``fdlimit.out_of_files``). Connections
+arriving meanwhile wait in the kernel's backlog.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from asyncio.selector_events import BaseSelectorEventLoop
 from typing import Any
 
 from socksd.config import Config, ConfigError, ListenAddress
+from socksd.fdlimit import is_shortage, out_of_files
 from socksd.protocol import format_hostport
 from socksd.server.handshake.session import Session
 from socksd.server.process.context import ServerContext
@@ -114,8 +119,11 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]
     """Exception handler: asyncio's accept back-off in one log line, the rest as usual."""
     exc = context.get("exception")
     if context.get("message") == "socket.accept() out of system resource":
-        strerror = getattr(exc, "strerror", None) or str(exc)
-        log.error("accept: %s; not accepting new connections for 1s", strerror)
+        if isinstance(exc, OSError) and is_shortage(exc):
+            out_of_files("accept", exc, "new connections wait in the listen queue")
+        else:
+            strerror = getattr(exc, "strerror", None) or str(exc)
+            log.error("accept: %s; not accepting new connections for 1s", strerror)
         return
     handle = context.get("handle")
     if isinstance(exc, ValueError) and "_start_serving" in repr(handle):
