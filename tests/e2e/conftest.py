@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -106,3 +107,12 @@ def udp_echo() -> Iterator[UdpEchoServer]:
     server = UdpEchoServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def held() -> Iterator[list[socket.socket]]:
+    """Client connections a test holds open; closed at teardown."""
+    socks: list[socket.socket] = []
+    yield socks
+    for sock in socks:
+        sock.close()

@@ -21,10 +21,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from tests.e2e.admin_support import (
     closed_before_negotiation,
@@ -79,14 +77,6 @@ def _shared_total(redis: RedisServer, key: str) -> int:
         return sum(int(v) for v in client.hgetall(f"socksd:n:ip:{key}").values())
     finally:
         client.close()
-
-
-@pytest.fixture
-def held() -> Iterator[list[socket.socket]]:
-    socks: list[socket.socket] = []
-    yield socks
-    for sock in socks:
-        sock.close()
 
 
 def _refill(node: ServerProcess, port: int, held: list[socket.socket], count: int) -> None:

@@ -13,7 +13,7 @@ Without the shared check each worker would admit N sessions of its own (4N over 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,14 +35,6 @@ def users(tmp_path: Path) -> Path:
     add_user(path, "alice", "pw-alice")
     add_user(path, "bob", "pw-bob")
     return path
-
-
-@pytest.fixture
-def held() -> Iterator[list[socket.socket]]:
-    socks: list[socket.socket] = []
-    yield socks
-    for sock in socks:
-        sock.close()
 
 
 def _body(store: str, users: Path) -> str:

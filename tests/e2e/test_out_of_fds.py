@@ -17,7 +17,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,15 +81,6 @@ def limited(socksd: Callable[..., ServerProcess]) -> Callable[..., ServerProcess
         )  # fmt: skip
 
     return start
-
-
-@pytest.fixture
-def held() -> Iterator[list[socket.socket]]:
-    """Client connections a test holds open; closed at teardown."""
-    socks: list[socket.socket] = []
-    yield socks
-    for sock in socks:
-        sock.close()
 
 
 def fill(server: ServerProcess, held: list[socket.socket], spare: int) -> None:
