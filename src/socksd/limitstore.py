@@ -20,8 +20,9 @@ and limit are checked first; a session the local check admits is then checked in
 store, with the address's failed-login block in the same call. A synchronous store (host)
 answers at once; Redis answers within ``TIMEOUT`` (50 ms), the session's reading paused
 meanwhile. A store that cannot answer (Redis down or slow, the host table full) answers
-``None``: the session is admitted on the local limits. ``max_sessions`` is checked in the same
-call (the store's total of all sessions, key ``all``), before the address's count.
+``None``: the session is admitted on the local limits. ``max_sessions``, when the admin set it
+(``Config.shared_max_sessions``), is checked in the same call (the store's total of all sessions,
+key ``all``, counted always), before the address's count.
 ``max_sessions_per_user`` is checked the same way at the request. The store's per-user counts
 also share a user's ``[bandwidth]`` rate: each process gives its buckets for the user the part
 ``rate * (its sessions of the user) / (the shared total)`` (``socksd.limits.Limits.share``),
