@@ -109,6 +109,14 @@ class HttpHandshake(Handshake):
         session.transport.pause_reading()
         session.task = asyncio.get_running_loop().create_task(self._login(event))
 
+    def timed_out(self, timeout: float) -> None:
+        """408 while the head is not whole (RFC 9110 15.5.9); later the login or the request
+        is under way, with its own answer."""
+        if not self.requested:
+            self.codec.state = State.CLOSED
+            detail = f"no complete request head within {timeout:g}s"
+            self.session.transport.write(http_connect.error_response(408, detail))
+
     def _refuse(self, response: bytes, error: str) -> None:
         self.codec.state = State.CLOSED
         self.session.transport.write(response)

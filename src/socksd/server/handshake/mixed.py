@@ -130,6 +130,9 @@ class Handshake(asyncio.Protocol):
         """Act on the whole request the parser read."""
         raise NotImplementedError
 
+    def timed_out(self, timeout: float) -> None:
+        """The handshake timeout ended the session: say so if the protocol can (closed next)."""
+
     def data_received(self, data: bytes) -> None:
         if not self.requested:
             self.feed(data)

@@ -525,6 +525,11 @@ class Session(asyncio.Protocol):
         if self.header is not None:
             self._bad_header(f"no complete PROXY header within {timeout:g}s")
         elif not self.closed and self.relay is None:
+            from socksd.server.handshake.mixed import Handshake
+
+            handshake = self.transport.get_protocol()
+            if isinstance(handshake, Handshake):  # SOCKS4 or HTTP: its farewell, if any
+                handshake.timed_out(timeout)
             self.close(f"handshake not done within {timeout:g}s")
 
     # -- outcomes ----------------------------------------------------------------------------
