@@ -106,6 +106,15 @@ TOTAL_REFUSAL = Refusal(None, "max_sessions", limit="max_sessions")
 refuses beyond it on its own count before any checkpoint, ``Session.connection_made``)."""
 
 
+def user_limit_refusal(open_sessions: int) -> Refusal:
+    """A user at ``max_sessions_per_user`` (here, or on every worker and node together): REP 0x01."""
+    return Refusal(
+        ReplyCode.GENERAL_FAILURE,
+        f"user has {open_sessions} sessions open (max_sessions_per_user)",
+        limit="max_sessions_per_user",
+    )
+
+
 def rule_field(decision: Decision) -> str:
     """The access-log ``rule`` field of a decision: ``N``, ``default`` or ``protect_local``."""
     return decision.label.removeprefix("rule ")
@@ -269,11 +278,7 @@ class Admission:
                 self.client,
                 self.limits.max_per_user,
             )
-            return Refusal(
-                ReplyCode.GENERAL_FAILURE,
-                f"user has {self.limits.max_per_user} sessions open (max_sessions_per_user)",
-                limit="max_sessions_per_user",
-            )
+            return user_limit_refusal(self.limits.max_per_user)
         if kind == "ip":
             self.shared_ip = True
         else:
@@ -324,11 +329,7 @@ class Admission:
                     self.client,
                     count - 1,
                 )
-                return Refusal(
-                    ReplyCode.GENERAL_FAILURE,
-                    f"user has {count - 1} sessions open (max_sessions_per_user)",
-                    limit="max_sessions_per_user",
-                )
+                return user_limit_refusal(count - 1)
         return None
 
     def _allowed(self, rules: RuleSet, decision: Decision) -> None:
