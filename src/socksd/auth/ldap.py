@@ -67,7 +67,8 @@ from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import parse_dn
 
 from socksd.auth.ldapconfig import LdapSettings, LdapUrl, check_ldap
-from socksd.auth.stores import NO_GROUPS, WRONG, CheckResult, unavailable, unusable_login
+from socksd.auth.stores import WRONG, CheckResult, unavailable, unusable_login
+from socksd.rules.match import NO_GROUPS
 
 log = logging.getLogger("socksd.auth.ldap")
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from socksd.auth.ldapconfig import LdapSettings
+from socksd.rules.match import NO_GROUPS  # a user in no directory group (htpasswd, PAM)
 
 DIRECTORY_PREFIXES = ("pam:", "ldap://", "ldaps://")
 """``users`` values that name a directory of users rather than an htpasswd file."""
@@ -38,10 +39,6 @@ class UserStoreError(ValueError):
     def __init__(self, message: str, *, keyed: bool = False) -> None:
         super().__init__(message)
         self.keyed = keyed
-
-
-NO_GROUPS: frozenset[str] = frozenset()
-"""A user in no directory group (every user of an htpasswd file or PAM)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import bcrypt
 
 from socksd.auth.htpasswd import DEFAULT_ROUNDS, MAX_PASSWORD_BYTES, UserFile
-from socksd.auth.stores import NO_GROUPS, RIGHT, WRONG, CheckResult, unavailable
+from socksd.auth.stores import RIGHT, WRONG, CheckResult, unavailable
 
 if TYPE_CHECKING:
     from socksd.auth.stores import UserStore
@@ -213,15 +213,14 @@ class UserPassAuthenticator:
         if max_pending < 1:
             raise ValueError("max_pending must be >= 1")
         self._own_executor = executor is None
-        self._threads = users.threads
         self._executor = executor or CheckPool(users.threads, f"socksd-{users.kind}")
         self._slots = asyncio.Semaphore(max_pending)
         self._key = secrets.token_bytes(32)
         self._cache_size = cache_size
         self._clock = clock
         # user name -> (token checked against, HMAC of the password that matched, time of the
-        # check, the user's groups)
-        self._cache: OrderedDict[str, tuple[bytes, bytes, float, frozenset[str]]] = OrderedDict()
+        # check, its verdict: right, with the user's groups)
+        self._cache: OrderedDict[str, tuple[bytes, bytes, float, CheckResult]] = OrderedDict()
         # keyed hash of (user name, password) -> the check in flight for that login
         self._pending: dict[bytes, asyncio.Future[CheckResult]] = {}
         self._store = users
@@ -234,7 +233,7 @@ class UserPassAuthenticator:
     def fits(self, users: UserStore) -> bool:
         """True if ``users`` can replace the store (``replace_users``): the same kind, and the
         same number of threads as the pool was made for."""
-        return users.kind == self._store.kind and users.threads == self._threads
+        return users.kind == self._store.kind and users.threads == self._store.threads
 
     def describe(self) -> str:
         """The store checked against, for log lines."""
@@ -255,8 +254,7 @@ class UserPassAuthenticator:
         once), with the groups found then; None if it does not."""
         if self._store.refuse(username, password):
             return None
-        name = _name(username)
-        token = self._store.token(name)
+        name, token = self._lookup(username)
         if name is None or token is None:
             return None
         return self._cache_hit(name, token, password)
@@ -273,8 +271,7 @@ class UserPassAuthenticator:
         store = self._store
         if store.refuse(username, password):
             return WRONG
-        name = _name(username)
-        token = store.token(name)
+        name, token = self._lookup(username)
         if name is not None and token is not None:
             hit = self._cache_hit(name, token, password)
             if hit is not None:
@@ -287,6 +284,11 @@ class UserPassAuthenticator:
             task.add_done_callback(lambda _: self._pending.pop(key, None))
         # shielded: a caller that goes away leaves the check to those sharing it
         return await asyncio.shield(task)
+
+    def _lookup(self, username: bytes) -> tuple[str | None, bytes | None]:
+        """The user name (None: not UTF-8) and what a verified login of it is cached against."""
+        name = _name(username)
+        return name, self._store.token(name)
 
     def _pending_key(self, username: bytes, password: bytes) -> bytes:
         """A keyed hash of the login (no plaintext kept for the checks in flight)."""
@@ -305,7 +307,7 @@ class UserPassAuthenticator:
         verdict = await self._check(store, name, token, password, client)
         if verdict.ok and self._cache_size and name is not None and token is not None:
             mac = hmac.new(self._key, password, hashlib.sha256).digest()
-            self._cache[name] = (token, mac, self._clock(), verdict.groups)
+            self._cache[name] = (token, mac, self._clock(), verdict)
             self._cache.move_to_end(name)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -324,7 +326,7 @@ class UserPassAuthenticator:
         if not hmac.compare_digest(cached[1], mac):
             return None
         self._cache.move_to_end(name)
-        return RIGHT if cached[3] is NO_GROUPS else CheckResult(True, cached[3])
+        return cached[3]
 
     async def _check(
         self,
