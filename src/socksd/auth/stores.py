@@ -115,7 +115,7 @@ class UserStore(Protocol):
     ) -> CheckResult:
         """Whether ``password`` is right for ``name`` (None: not UTF-8), asked from ``client``
         (the client's address, for PAM_RHOST; None: not known); blocks (a worker thread runs
-        it) and never raises."""
+        it); an exception is answered as the store unavailable (by the authenticator)."""
         ...
 
     def close(self) -> None:
