@@ -63,6 +63,9 @@ FULL = -2
 
 TOTAL = ("all", "")
 """The (kind, key) under which a store counts every session (``max_sessions``)."""
+WANT_TOTAL = frozenset({"user"})
+"""The kinds whose shared totals the Redis store's ``acquire`` answers even without a limit
+(bandwidth shares)."""
 
 Verdict = int | None
 """ADMIT, REFUSE, BLOCKED, FULL, or None: the store cannot answer now (decide on local limits)."""
@@ -191,6 +194,10 @@ def _key_hash(kind: str, key: str) -> int:
     return value if value > _TOMB else value + 2
 
 
+_TOTAL_HASH = _key_hash(*TOTAL)
+"""The host table's key of the total of all sessions (hashed once)."""
+
+
 class HostStore(LimitStore):
     """Counts shared by the workers of one host, in a shared memory table (see the module).
 
@@ -276,7 +283,7 @@ class HostStore(LimitStore):
                 return BLOCKED
             all_at = None
             if total is not None:
-                all_at = self._find(_key_hash(*TOTAL), True)
+                all_at = self._find(_TOTAL_HASH, True)
                 if all_at is None:
                     return None
                 all_counts = list(self._counts.unpack_from(self._map, all_at + _HEAD.size))
@@ -297,12 +304,12 @@ class HostStore(LimitStore):
 
     def release(self, kind: str, key: str, *, total: bool = False) -> None:
         with self._locked():
-            self._release(kind, key)
+            self._release(_key_hash(kind, key))
             if total:
-                self._release(*TOTAL)
+                self._release(_TOTAL_HASH)
 
-    def _release(self, kind: str, key: str) -> None:
-        offset = self._find(_key_hash(kind, key), False)
+    def _release(self, h: int) -> None:
+        offset = self._find(h, False)
         if offset is None:
             return
         counts = list(self._counts.unpack_from(self._map, offset + _HEAD.size))
@@ -502,12 +509,11 @@ class RedisStore(LimitStore):
         self.timeout = timeout
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.prefix = "socksd:"
+        self._total_key = self._hash_key(*TOTAL)
         self.held: dict[str, int] = {}
         """This node's open sessions per count hash key."""
         self.totals: dict[str, int] = {}
-        """The fleet's total of a count hash key as last answered (``want_total`` kinds only)."""
-        self.want_total: set[str] = {"user"}
-        """The kinds whose totals ``acquire`` answers even without a limit (bandwidth shares)."""
+        """The fleet's total of a count hash key as last answered (``WANT_TOTAL`` kinds only)."""
         self.up = False
         self._deltas: dict[str, int] = {}
         self._dirty: set[str] = set()
@@ -543,9 +549,9 @@ class RedisStore(LimitStore):
             ("add", _ADD),
             ("set", _SET),
             ("totals", _TOTALS),
+            ("failed", _FAILED),
         ):
             self._scripts[name] = self._client.register_script(text)
-        self._scripts["failed"] = self._client.register_script(_FAILED)
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -595,7 +601,7 @@ class RedisStore(LimitStore):
         total: int | None = None,
     ) -> Verdict | Awaitable[Verdict]:
         hkey = self._hash_key(kind, key)
-        akey = self._hash_key(*TOTAL) if total is not None else ""
+        akey = self._total_key if total is not None else ""
         if not self.up:
             for counted in (hkey, akey) if akey else (hkey,):
                 self.held[counted] = self.held.get(counted, 0) + 1
@@ -606,7 +612,7 @@ class RedisStore(LimitStore):
             akey,
             limit=limit,
             most=total or 0,
-            want_total=kind in self.want_total,
+            want_total=kind in WANT_TOTAL,
             block_key=block_key,
             max_failures=max_failures,
         )
@@ -656,7 +662,7 @@ class RedisStore(LimitStore):
     def release(self, kind: str, key: str, *, total: bool = False) -> None:
         self._release(self._hash_key(kind, key))
         if total:
-            self._release(self._hash_key(*TOTAL))
+            self._release(self._total_key)
         if self._wake is not None:
             self._wake.set()
 
