@@ -282,9 +282,9 @@ class Admission:
         if kind == "ip":
             self.shared_ip = True
         else:
+            assert self.user is not None  # asked by shared_request, after authorize
             self.shared_user = True
-            if self.user is not None:
-                self.limits.share(self.user, time.monotonic())
+            self.limits.share(self.user, time.monotonic())
         return None
 
     # -- request ------------------------------------------------------------------------------
@@ -472,10 +472,10 @@ class Admission:
             self.release_shared()
 
     def release_shared(self) -> None:
-        """Give back what the shared store counts for the session (once)."""
+        """Give back what the shared store counts for the session (once; ``limits.store`` is
+        set)."""
         store = self.limits.store
-        if store is None:
-            return
+        assert store is not None
         if self.shared_ip:
             self.shared_ip = False
             store.release("ip", self.host, total=True)

@@ -177,13 +177,14 @@ class Session(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.record = record = SessionRecord(_format_peer(peer), time.time())
         metrics = ctx.metrics
+        host = str(peer[0]) if isinstance(peer, tuple) else ""
         if len(ctx.sessions) >= ctx.config.max_sessions:
             ctx.refused_sessions += 1
             if metrics is not None:
                 metrics.refused("max_sessions")
             ctx.refusals.refused(
                 "max_sessions",
-                str(peer[0]) if isinstance(peer, tuple) else "",
+                host,
                 "refusing %s: %d sessions open (max_sessions)",
                 record.client,
                 len(ctx.sessions),
@@ -191,7 +192,6 @@ class Session(asyncio.Protocol):
             self.closed = self._finished = True
             transport.abort()
             return
-        host = str(peer[0]) if isinstance(peer, tuple) else ""
         if ctx.proxy_from and not host:
             # Reset before it was accepted (HAProxy ends its health checks with a reset): who
             # it came from, and so whether a header is due, is not known. Nothing to serve.
@@ -525,10 +525,8 @@ class Session(asyncio.Protocol):
         if self.header is not None:
             self._bad_header(f"no complete PROXY header within {timeout:g}s")
         elif not self.closed and self.relay is None:
-            from socksd.server.handshake.mixed import Handshake
-
             handshake = self.transport.get_protocol()
-            if isinstance(handshake, Handshake):  # SOCKS4 or HTTP: its farewell, if any
+            if isinstance(handshake, mixed.Handshake):  # SOCKS4 or HTTP: its farewell, if any
                 handshake.timed_out(timeout)
             self.close(f"handshake not done within {timeout:g}s")
 
