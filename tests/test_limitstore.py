@@ -414,3 +414,14 @@ def test_a_store_gives_each_worker_all_of_max_sessions() -> None:
     assert supervisor.for_worker(config).max_sessions == 100
     supervisor.config = local = Config(workers=4, max_sessions=100)
     assert supervisor.for_worker(local).max_sessions == 25
+
+
+def test_a_reload_that_sets_max_sessions_shares_it_between_workers() -> None:
+    """Set by a reload (not at start), max_sessions is the store's total too: no split."""
+    from socksd.server.process.workers import Supervisor
+
+    started = build_config({"workers": 4, "limits_store": "host"}, {})  # default: split
+    supervisor = Supervisor.__new__(Supervisor)  # for_worker only reads config and count
+    supervisor.config, supervisor.count = started, 4
+    reloaded = build_config({"workers": 4, "max_sessions": 100, "limits_store": "host"}, {})
+    assert supervisor.for_worker(reloaded).max_sessions == 100

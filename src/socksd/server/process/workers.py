@@ -135,7 +135,11 @@ class Supervisor:
     def for_worker(self, config: Config) -> Config:
         """``config`` with each worker's share of ``max_sessions`` (all of it with a limit
         store: the store counts the total), and the running listen."""
-        per_worker = -(-config.max_sessions // sessions_split(self.config))
+        # the running workers and store (restart-only), the new max_sessions (a reload may set it)
+        running = dataclasses.replace(
+            config, workers=self.config.workers, limits_store=self.config.limits_store
+        )
+        per_worker = -(-config.max_sessions // sessions_split(running))
         return dataclasses.replace(
             config, max_sessions=per_worker, listen=self.config.listen, workers=self.config.workers
         )
