@@ -30,7 +30,7 @@ from tests.e2e.admin_support import (
     connect_from,
     socks_reply,
 )
-from tests.e2e.support import SourceServer, add_user, read_reply, recv_exact, userpass
+from tests.e2e.support import SourceServer, add_user, addr_bytes, read_reply, recv_exact, userpass
 from tests.helpers import wait_for
 from tests.servers import EchoServer, RedisServer, ServerProcess
 
@@ -42,8 +42,11 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def _session(server: ServerProcess, port: int, source: str = "127.0.0.1") -> socket.socket | None:
-    """A CONNECT to the echo server held open; None when the proxy closed it (refused)."""
+def _session(
+    server: ServerProcess, port: int, source: str = "127.0.0.1", target: str = "127.0.0.1"
+) -> socket.socket | None:
+    """A CONNECT to the echo server (on ``target``) held open; None when the proxy closed it
+    (refused)."""
     sock = connect_from(server, source)
     try:
         sock.sendall(b"\x05\x01\x00")
@@ -52,7 +55,7 @@ def _session(server: ServerProcess, port: int, source: str = "127.0.0.1") -> soc
             sock.close()
             return None
         assert greeting == b"\x05\x00"
-        sock.sendall(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
+        sock.sendall(b"\x05\x01\x00" + addr_bytes(target, port))
         raw, _, _ = read_reply(sock)
         assert raw[1] == 0, raw
         return sock
