@@ -17,6 +17,7 @@ from tests.e2e.support import (
     add_user,
     has_ipv6,
 )
+from tests.netns import network_namespace
 from tests.servers import EchoServer, ServerProcess, StubDns, start_server
 
 
@@ -116,3 +117,11 @@ def held() -> Iterator[list[socket.socket]]:
     yield socks
     for sock in socks:
         sock.close()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """The test runs in its own network namespace with the TEST-NET addresses of
+    ``tests.netns`` on its ``lo`` (before any server is started); a module may override it."""
+    with network_namespace() as name:
+        yield name

@@ -6,24 +6,15 @@ over both workers; the refusal log names the address."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from tests.e2e.admin_support import config_server
 from tests.e2e.test_fleet import _children, _session
-from tests.netns import CLIENT_A, CLIENT_B, PROXY, TARGET, network_namespace
+from tests.netns import CLIENT_A, CLIENT_B, PROXY, TARGET
 from tests.servers import EchoServer, ServerProcess
 
 LIMIT = 3
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """The test runs in its own network namespace (before any server is started)."""
-    with network_namespace() as name:
-        yield name
 
 
 def test_each_remote_address_has_its_own_shared_count(

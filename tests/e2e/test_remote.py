@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,17 +32,10 @@ from tests.e2e.support import (
     udp_header,
     wait_for,
 )
-from tests.netns import CLIENT_A, CLIENT_B, PROXY, TARGET, network_namespace
+from tests.netns import CLIENT_A, CLIENT_B, PROXY, TARGET
 from tests.servers import EchoServer, ServerProcess
 
 OPEN_TARGETS = '[[rules]]\naction = "allow"\nto = ["198.51.100.0/24"]\n'
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """The test runs in its own network namespace (before any server is started)."""
-    with network_namespace() as name:
-        yield name
 
 
 @pytest.fixture
